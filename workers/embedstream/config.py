@@ -1,0 +1,152 @@
+"""Typed, frozen settings: defaults < config file (TOML) < ``EMBEDSTREAM_*`` environment variables.
+
+Nested fields use a double underscore in the environment, e.g.
+``EMBEDSTREAM_KAFKA__BOOTSTRAP_SERVERS=broker:9092``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from embedstream.errors import ConfigError
+
+ENV_PREFIX = "EMBEDSTREAM_"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Frozen):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "embedstream-image"
+    input_topic: str = "images"
+    output_topic: str = "embeddings.image"
+    dead_letter_topic: str = "deadletter.image"
+    client_id: str = "embedstream"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    # A short session keeps group joins and failover in seconds, not the client's ~25 s default.
+    session_timeout_ms: int = Field(default=6000, ge=1000)
+    heartbeat_interval_ms: int = Field(default=1000, ge=100)
+    max_poll_interval_ms: int = Field(default=300_000, ge=1000)
+    fetch_max_bytes: int = Field(default=52_428_800, ge=1024)
+    max_partition_fetch_bytes: int = Field(default=10_485_760, ge=1024)
+    producer_linger_ms: int = Field(default=5, ge=0)
+    producer_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "none"
+    producer_max_request_bytes: int = Field(default=10_485_760, ge=1024)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _heartbeat_below_session(self) -> KafkaSettings:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
+        return self
+
+
+class TritonSettings(_Frozen):
+    url: str = "127.0.0.1:8001"
+    protocol: Literal["grpc", "http"] = "grpc"
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    ssl: bool = False
+    root_certificates: Path | None = None
+    # Bounded retries before the worker gives up on a batch; each waits longer, with jitter.
+    max_retries: int = Field(default=5, ge=0)
+    retry_backoff_s: float = Field(default=0.5, gt=0)
+
+
+class EncoderSettings(_Frozen):
+    family: str = "cnn"
+    arch: str = "mobilenetv3_small_100"
+    # "random" (explicit opt-in), "pretrained" (needs a model hub), or a checkpoint path.
+    weights: str = "random"
+    seed: int = 0
+    version: str = "1"
+    model_name: str | None = None
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+
+
+class BatchSettings(_Frozen):
+    max_size: int = Field(default=32, ge=1)
+    max_wait_ms: int = Field(default=20, ge=0)
+
+
+class ImageLimits(_Frozen):
+    max_message_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(default=40_000_000, ge=1)
+    max_side: int = Field(default=16_384, ge=1)
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    worker_id: str = Field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
+    kafka: KafkaSettings = KafkaSettings()
+    triton: TritonSettings = TritonSettings()
+    encoder: EncoderSettings = EncoderSettings()
+    batch: BatchSettings = BatchSettings()
+    limits: ImageLimits = ImageLimits()
+    commit_interval_ms: int = Field(default=1000, ge=0)
+
+    @model_validator(mode="after")
+    def _batch_fits_model(self) -> Settings:
+        if self.batch.max_size > self.encoder.max_batch_size:
+            raise ValueError(
+                f"batch.max_size ({self.batch.max_size}) exceeds encoder.max_batch_size "
+                f"({self.encoder.max_batch_size})"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over the file (passed as init kwargs), so a deployment can override one knob.
+        return env_settings, init_settings
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Read settings from an optional TOML file, then the environment; raise ConfigError on bad values."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    data = _merge(data, overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"invalid configuration{f' in {path}' if path else ''}:\n" + "\n".join(lines)) from None
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,1 @@
+"""Decoders: raw message bytes -> a typed record ready for the model, or a BadRecord value."""

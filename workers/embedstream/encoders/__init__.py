@@ -1,0 +1,16 @@
+"""Encoder specs and the families that build them; importing a family registers it."""
+
+from embedstream.encoders import cnn
+from embedstream.encoders._registry import EncoderFamily, get_family, list_families, register_family
+from embedstream.encoders._spec import EncoderSpec, ImagePreprocessing, TensorSpec
+
+__all__ = [
+    "EncoderFamily",
+    "EncoderSpec",
+    "ImagePreprocessing",
+    "TensorSpec",
+    "cnn",
+    "get_family",
+    "list_families",
+    "register_family",
+]

@@ -1,0 +1,51 @@
+"""Encoder families register themselves here; the CLI and tests look them up by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from embedstream.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from embedstream.encoders._spec import EncoderSpec
+
+
+@dataclass(frozen=True)
+class EncoderFamily:
+    """How to describe and build the encoders of one family (cnn, transformer, ...).
+
+    ``describe`` returns the spec without running the model; ``build`` returns the
+    servable ``torch.nn.Module`` whose forward takes the spec's inputs and returns the
+    embedding, preprocessing that belongs on the server (normalisation) included.
+    """
+
+    name: str
+    describe: Callable[..., EncoderSpec]
+    build: Callable[..., torch.nn.Module]
+    example_inputs: Callable[[EncoderSpec, int], tuple[torch.Tensor, ...]]
+
+
+_FAMILIES: dict[str, EncoderFamily] = {}
+
+
+def register_family(family: EncoderFamily) -> EncoderFamily:
+    if family.name in _FAMILIES:
+        raise ConfigError(f"encoder family {family.name!r} registered twice")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> EncoderFamily:
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        known = ", ".join(sorted(_FAMILIES)) or "none"
+        raise ConfigError(f"unknown encoder family {name!r} (known: {known})") from None
+
+
+def list_families() -> list[str]:
+    return sorted(_FAMILIES)

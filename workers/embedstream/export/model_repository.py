@@ -1,0 +1,57 @@
+"""Write ``<repo>/<model>/config.pbtxt`` and ``<repo>/<model>/1/model.pt`` (+ ``model.py``).
+
+The artifact is TorchScript: the same file runs in Triton's Python backend (local, CPU or GPU)
+and in the libtorch backend of a stock Triton image.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from embedstream.config import EncoderSettings
+from embedstream.encoders import EncoderSpec, get_family
+from embedstream.errors import ModelMismatchError
+from embedstream.export.triton_config import ExportTarget, render_config
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+TRITON_VERSION_DIR = "1"
+
+
+def export_model(settings: EncoderSettings, repo: Path, target: ExportTarget | None = None) -> EncoderSpec:
+    target = target or ExportTarget()
+    family = get_family(settings.family)
+    spec = family.describe(settings)
+    module = family.build(settings)
+    scripted = _trace(module, family.example_inputs(spec, 2), spec)
+    model_dir = Path(repo) / spec.name
+    version_dir = model_dir / TRITON_VERSION_DIR
+    if version_dir.exists():
+        shutil.rmtree(version_dir)
+    version_dir.mkdir(parents=True)
+    scripted.save(str(version_dir / MODEL_FILE))
+    if target.backend == "python":
+        template = resources.files("embedstream.export").joinpath("triton_python_model.py")
+        (version_dir / "model.py").write_text(template.read_text())
+    (model_dir / "config.pbtxt").write_text(render_config(spec, target))
+    (model_dir / "spec.json").write_bytes(spec.to_json())
+    log.info("exported %s (%s/%s) to %s", spec.name, target.backend, target.kind, model_dir)
+    return spec
+
+
+def _trace(module: torch.nn.Module, example: tuple[torch.Tensor, ...], spec: EncoderSpec) -> torch.jit.ScriptModule:
+    with torch.inference_mode():
+        traced = torch.jit.trace(module, example, check_trace=False)
+        # A trace can silently bake in the example's batch size; run another size to be sure it did not.
+        probe = tuple(torch.cat([t, t[:1]]) for t in example)
+        out = traced(*probe)
+    expected = (probe[0].shape[0], spec.embedding_dim)
+    if tuple(out.shape) != expected:
+        raise ModelMismatchError(f"traced {spec.name} returns {tuple(out.shape)} for a batch of 3, not {expected}")
+    return traced

@@ -1,0 +1,71 @@
+"""Render a Triton ``config.pbtxt`` from an encoder spec."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from embedstream.encoders import EncoderSpec
+
+Backend = Literal["python", "pytorch"]
+Kind = Literal["cpu", "gpu"]
+
+
+@dataclass(frozen=True)
+class ExportTarget:
+    """Where the exported model will run.
+
+    ``python`` serves the TorchScript file through Triton's Python backend (the local CPU server
+    from PyPI ships only that backend; it also runs on GPU). ``pytorch`` is the libtorch backend of
+    the stock ``nvcr.io/nvidia/tritonserver`` image, loading the same ``model.pt``.
+    """
+
+    backend: Backend = "python"
+    kind: Kind = "cpu"
+    instances: int = 1
+    torch_threads: int = 2
+    max_queue_delay_us: int = 2000
+
+
+def _preferred_sizes(max_batch: int) -> list[int]:
+    sizes = [s for s in (8, 16, 32, 64, 128) if s <= max_batch]
+    if max_batch not in sizes:
+        sizes.append(max_batch)
+    return sizes[-2:]
+
+
+def _tensor_block(kind: str, tensors: tuple) -> str:
+    items = []
+    for t in tensors:
+        dims = ", ".join(str(d) for d in t.dims)
+        items.append(f'  {{\n    name: "{t.name}"\n    data_type: TYPE_{t.dtype}\n    dims: [ {dims} ]\n  }}')
+    return f"{kind} [\n" + ",\n".join(items) + "\n]"
+
+
+def _param(key: str, value: str) -> str:
+    # json.dumps yields a double-quoted string whose escapes protobuf text format also accepts.
+    return f'parameters {{\n  key: "{key}"\n  value: {{ string_value: {json.dumps(value)} }}\n}}'
+
+
+def render_config(spec: EncoderSpec, target: ExportTarget) -> str:
+    lines = [
+        f'name: "{spec.name}"',
+        f'backend: "{target.backend}"',
+        f"max_batch_size: {spec.max_batch_size}",
+        _tensor_block("input", spec.inputs),
+        _tensor_block("output", spec.outputs),
+        "dynamic_batching {\n"
+        f"  preferred_batch_size: [ {', '.join(str(s) for s in _preferred_sizes(spec.max_batch_size))} ]\n"
+        f"  max_queue_delay_microseconds: {target.max_queue_delay_us}\n"
+        "}",
+        "instance_group [\n"
+        f"  {{\n    count: {target.instances}\n    kind: KIND_{target.kind.upper()}\n  }}\n"
+        "]",
+        "version_policy: { latest { num_versions: 1 } }",
+        _param("embedstream.spec", spec.to_json().decode()),
+        _param("torch_num_threads", str(target.torch_threads)),
+    ]
+    if target.backend == "pytorch":
+        lines.append(_param("INFERENCE_MODE", "true"))
+    return "\n".join(lines) + "\n"

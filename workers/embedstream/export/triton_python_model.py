@@ -1,0 +1,51 @@
+"""Triton Python-backend model: serves the TorchScript ``model.pt`` beside this file.
+
+Copied verbatim into every exported model version directory; it depends on nothing from
+embedstream, only on torch and numpy in the server's Python environment.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        torch.set_num_threads(int(params.get("torch_num_threads", "1")))
+        if args.get("model_instance_kind") == "GPU":
+            self.device = torch.device(f"cuda:{args['model_instance_device_id']}")
+        else:
+            self.device = torch.device("cpu")
+        path = os.path.join(args["model_repository"], args["model_version"], "model.pt")
+        self.model = torch.jit.load(path, map_location=self.device).eval()
+        self.input_names = [t["name"] for t in config["input"]]
+        self.output_name = config["output"][0]["name"]
+
+    def execute(self, requests):
+        # Triton's dynamic batcher hands over several requests at once: run them as one batch.
+        per_request = [
+            [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names] for r in requests
+        ]
+        sizes = [arrays[0].shape[0] for arrays in per_request]
+        try:
+            stacked = [
+                torch.from_numpy(np.concatenate([arrays[i] for arrays in per_request])).to(self.device)
+                for i in range(len(self.input_names))
+            ]
+            with torch.inference_mode():
+                out = self.model(*stacked).float().cpu().numpy()
+        except Exception as exc:  # a bad batch fails its requests, never the server
+            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))] * len(
+                requests
+            )
+        responses, start = [], 0
+        for n in sizes:
+            tensor = pb_utils.Tensor(self.output_name, np.ascontiguousarray(out[start : start + n]))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+            start += n
+        return responses

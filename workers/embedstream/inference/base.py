@@ -1,0 +1,21 @@
+"""What the worker needs from an inference backend."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from embedstream.encoders import EncoderSpec
+
+
+class InferenceBackend(Protocol):
+    spec: EncoderSpec
+
+    def verify(self, batch_size: int) -> None:
+        """Fail with ModelMismatchError if the served model cannot take batches as the spec says."""
+
+    def infer(self, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
+        """Run one batch; returns the (N, embedding_dim) float32 embeddings."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,157 @@
+"""Inference on a Triton server over gRPC or HTTP, with a start-up check of the served model."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from embedstream.config import TritonSettings
+from embedstream.encoders import EncoderSpec
+from embedstream.errors import BackendError, ModelMismatchError
+
+log = logging.getLogger(__name__)
+
+_RETRIABLE_GRPC = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED"}
+_NUMPY_DTYPE = {"UINT8": np.uint8, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
+
+
+class TritonBackend:
+    def __init__(
+        self,
+        settings: TritonSettings,
+        spec: EncoderSpec,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.spec = spec
+        self._settings = settings
+        self._sleep = sleep
+        if settings.protocol == "grpc":
+            import tritonclient.grpc as tc
+
+            self._tc: Any = tc
+            self._client: Any = tc.InferenceServerClient(
+                settings.url,
+                ssl=settings.ssl,
+                root_certificates=str(settings.root_certificates) if settings.root_certificates else None,
+            )
+        else:
+            import tritonclient.http as tc
+
+            self._tc = tc
+            self._client = tc.InferenceServerClient(
+                settings.url,
+                ssl=settings.ssl,
+                connection_timeout=settings.request_timeout_s,
+                network_timeout=settings.request_timeout_s,
+            )
+
+    # -- start-up -----------------------------------------------------------------------------------
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if self._client.is_model_ready(self.spec.name):
+                    return
+            except Exception as exc:  # connection refused and friends: the server is not up yet
+                log.debug("triton not ready: %s", exc)
+            if time.monotonic() > deadline:
+                raise BackendError(
+                    f"model {self.spec.name!r} not ready on {self._settings.url} after {timeout_s:.0f}s",
+                    retriable=True,
+                )
+            self._sleep(0.5)
+
+    def served_config(self) -> dict[str, Any]:
+        if self._settings.protocol == "grpc":
+            return self._client.get_model_config(self.spec.name, as_json=True)["config"]
+        return self._client.get_model_config(self.spec.name)
+
+    def verify(self, batch_size: int) -> None:
+        """Compare the served model's config with the spec; raise ModelMismatchError on any difference."""
+        cfg = self.served_config()
+        problems: list[str] = []
+        max_batch = int(cfg.get("max_batch_size", 0))
+        if max_batch < batch_size:
+            problems.append(f"max_batch_size {max_batch} < worker batch size {batch_size}")
+        served_in = {t["name"]: t for t in cfg.get("input", [])}
+        served_out = {t["name"]: t for t in cfg.get("output", [])}
+        for want, served, kind in [(self.spec.inputs, served_in, "input"), (self.spec.outputs, served_out, "output")]:
+            for t in want:
+                got = served.get(t.name)
+                if got is None:
+                    problems.append(f"{kind} {t.name!r} missing (served: {sorted(served)})")
+                    continue
+                dims = tuple(int(d) for d in got.get("dims", []))
+                if got.get("data_type") != f"TYPE_{t.dtype}" or dims != t.dims:
+                    problems.append(
+                        f"{kind} {t.name!r} is {got.get('data_type')}{list(dims)}, expected TYPE_{t.dtype}{list(t.dims)}"
+                    )
+        served_spec = cfg.get("parameters", {}).get("embedstream.spec", {}).get("string_value")
+        if served_spec:
+            theirs = EncoderSpec.from_json(served_spec)
+            if theirs.preprocessing != self.spec.preprocessing or theirs.version != self.spec.version:
+                problems.append(f"served spec differs: {theirs} != {self.spec}")
+        if problems:
+            raise ModelMismatchError(
+                f"Triton model {self.spec.name!r} at {self._settings.url} does not match the worker's "
+                "encoder spec:\n  " + "\n  ".join(problems)
+            )
+
+    # -- inference ----------------------------------------------------------------------------------
+
+    def infer(self, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
+        attempt = 0
+        while True:
+            try:
+                return self._infer_once(inputs)
+            except BackendError as exc:
+                if not exc.retriable or attempt >= self._settings.max_retries:
+                    raise
+                delay = self._settings.retry_backoff_s * (2**attempt) * (0.5 + random.random())
+                log.warning("triton inference failed (%s); retry %d in %.2fs", exc, attempt + 1, delay)
+                self._sleep(delay)
+                attempt += 1
+
+    def _infer_once(self, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
+        tc = self._tc
+        req = []
+        for spec, arr in zip(self.spec.inputs, inputs, strict=True):
+            arr = np.ascontiguousarray(arr, dtype=_NUMPY_DTYPE[spec.dtype])
+            inp = tc.InferInput(spec.name, list(arr.shape), spec.dtype)
+            inp.set_data_from_numpy(arr)
+            req.append(inp)
+        out_name = self.spec.embedding_output.name
+        kwargs: dict[str, Any] = {}
+        if self._settings.protocol == "grpc":
+            kwargs["client_timeout"] = self._settings.request_timeout_s
+        try:
+            result = self._client.infer(
+                self.spec.name, req, outputs=[tc.InferRequestedOutput(out_name)], **kwargs
+            )
+        except Exception as exc:
+            raise _classify(exc) from exc
+        out = result.as_numpy(out_name)
+        if out is None or out.shape[0] != inputs[0].shape[0]:
+            raise BackendError(f"Triton returned no or wrong-sized {out_name!r}", retriable=False)
+        return out
+
+
+def _classify(exc: Exception) -> BackendError:
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(exc, InferenceServerException):
+        status = str(exc.status() or "")
+        msg = exc.message() or str(exc)
+        unavailable = "unavailable" in msg.lower() or "not ready" in msg.lower() or "unknown model" in msg.lower()
+        retriable = status in _RETRIABLE_GRPC or status.startswith("5") or status == "" or unavailable
+        return BackendError(f"{status or 'error'}: {msg}", retriable=retriable)
+    # Socket-level failures (refused, reset, timed out) mean the server is away, not the input bad.
+    return BackendError(f"{type(exc).__name__}: {exc}", retriable=True)
+
+

@@ -1,0 +1,76 @@
+"""The whole embedded stack for demos, tests and ``embedstream up``: broker + exported models + Triton."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+from embedstream.config import Settings, load_settings
+from embedstream.encoders import EncoderSpec
+from embedstream.export import ExportTarget, export_model
+from embedstream.kafka_io import ensure_topics
+from embedstream.runtime.broker import LocalBroker
+from embedstream.runtime.triton import LocalTriton
+
+log = logging.getLogger(__name__)
+
+
+class LocalStack:
+    """Starts in order (broker, model export, Triton, topics) and stops in reverse, even half-started."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        workdir: Path | None = None,
+        partitions: int = 4,
+        broker_port: int | None = None,
+        triton_ports: tuple[int | None, int | None, int | None] = (None, None, None),
+    ) -> None:
+        self.base_settings = settings or load_settings()
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="embedstream-"))
+        self.partitions = partitions
+        self.broker = LocalBroker(self.workdir, broker_port)
+        self.model_repository = self.workdir / "models"
+        self.triton: LocalTriton | None = None
+        self._triton_ports = triton_ports
+        self.specs: list[EncoderSpec] = []
+
+    def start(self) -> LocalStack:
+        try:
+            self.broker.start()
+            self.specs = [export_model(self.base_settings.encoder, self.model_repository, ExportTarget())]
+            http, grpc, metrics = self._triton_ports
+            self.triton = LocalTriton(self.workdir, self.model_repository, http, grpc, metrics).start()
+            k = self.settings.kafka
+            ensure_topics(
+                k, {k.input_topic: self.partitions, k.output_topic: self.partitions, k.dead_letter_topic: 1}
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def settings(self) -> Settings:
+        """The base settings pointed at this stack's broker and Triton."""
+        data = self.base_settings.model_dump()
+        data["kafka"]["bootstrap_servers"] = self.broker.bootstrap
+        if self.triton is not None:
+            proto = self.base_settings.triton.protocol
+            data["triton"]["url"] = self.triton.grpc_url if proto == "grpc" else self.triton.http_url
+        return Settings(**data)
+
+    def stop(self) -> None:
+        if self.triton is not None:
+            self.triton.stop()
+        self.broker.stop()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

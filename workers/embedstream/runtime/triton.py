@@ -1,0 +1,121 @@
+"""A local CPU Triton Inference Server, from the ``nvidia-pytriton`` wheel, with its Python backend."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import urllib.request
+from pathlib import Path
+
+from embedstream.errors import RuntimeStartError
+from embedstream.runtime.process import ChildProcess, free_port
+
+log = logging.getLogger(__name__)
+
+
+def _pytriton_root() -> Path:
+    try:
+        import pytriton
+    except ImportError:
+        raise RuntimeStartError(
+            "no local Triton: install the 'nvidia-pytriton' package (pip install 'embedstream[local]')"
+        ) from None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    if not (root / "bin" / "tritonserver").is_file():
+        raise RuntimeStartError(f"nvidia-pytriton is installed but has no tritonserver binary under {root}")
+    return root
+
+
+def _build_backend_dir(root: Path, dest: Path) -> Path:
+    """Triton wants backends/python/{libtriton_python.so, utils, stub}; the wheel keeps stubs per Python."""
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise RuntimeStartError(f"nvidia-pytriton ships no Python backend stub for Python {py} ({stub})")
+    target = dest / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for src in (root / "backends/python/libtriton_python.so", root / "backends/python/triton_python_backend_utils.py", stub):
+        shutil.copy2(src, target / src.name)
+    return dest
+
+
+class LocalTriton:
+    def __init__(
+        self,
+        workdir: Path,
+        model_repository: Path,
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.model_repository = Path(model_repository)
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        root = _pytriton_root()
+        backends = _build_backend_dir(root, self.workdir / "triton-backends")
+        libs = root.parent.parent / "nvidia_pytriton.libs"
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
+        # The backend stub embeds Python and finds its prefix through the `python3` on PATH:
+        # put this environment's first so model.py imports this environment's torch and numpy.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        self._proc = ChildProcess(
+            "triton server",
+            [
+                str(root / "bin" / "tritonserver"),
+                f"--model-repository={self.model_repository}",
+                f"--backend-directory={backends}",
+                "--http-address=127.0.0.1",
+                f"--http-port={self.http_port}",
+                "--grpc-address=127.0.0.1",
+                f"--grpc-port={self.grpc_port}",
+                "--metrics-address=127.0.0.1",
+                f"--metrics-port={self.metrics_port}",
+                "--allow-gpu-metrics=false",
+                "--exit-on-error=true",
+                "--log-verbose=0",
+            ],
+            self.workdir / "logs" / "triton.log",
+            env=env,
+        )
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self, timeout_s: float = 180.0) -> LocalTriton:
+        self._proc.start()
+        self._proc.wait_until(self.ready, timeout_s, "ready on /v2/health/ready")
+        log.info("triton ready: grpc %s, http %s", self.grpc_url, self.http_url)
+        return self
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def alive(self) -> bool:
+        return self._proc.alive()
+
+    def stop(self) -> None:
+        self._proc.stop(timeout_s=20)
+
+    def kill(self) -> None:
+        self._proc.kill()
+
+    def tail(self) -> str:
+        return self._proc.tail()

@@ -1,0 +1,1 @@
+"""Where results go: Arrow-encoded embeddings and dead letters."""

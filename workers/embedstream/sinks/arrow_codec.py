@@ -1,0 +1,111 @@
+"""The Arrow contract of the output topic: schema, encoder and the ``decode_embeddings`` helper.
+
+One Kafka message on an output topic holds one Arrow IPC *stream* (schema + record batches)
+with one row per input message. ``schemas/embedding.arrow.json`` describes the same schema in
+language-neutral form; a test holds this module to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+CONTENT_TYPE = "application/vnd.apache.arrow.stream"
+
+# Columns every modality carries, in order; the modality's own columns follow, then `embedding`.
+COMMON_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("key", pa.binary(), nullable=True),
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("source_topic", pa.string(), nullable=False),
+    pa.field("source_partition", pa.int32(), nullable=False),
+    pa.field("source_offset", pa.int64(), nullable=False),
+    pa.field("event_time", pa.timestamp("ms", tz="UTC"), nullable=False),
+    pa.field("model_name", pa.string(), nullable=False),
+    pa.field("model_version", pa.string(), nullable=False),
+)
+
+MODALITY_FIELDS: dict[str, tuple[pa.Field, ...]] = {
+    "image": (
+        pa.field("source_width", pa.int32(), nullable=False),
+        pa.field("source_height", pa.int32(), nullable=False),
+    ),
+}
+
+
+def output_schema(modality: str, model_name: str, model_version: str, dim: int) -> pa.Schema:
+    fields = [
+        *COMMON_FIELDS,
+        *MODALITY_FIELDS.get(modality, ()),
+        pa.field("embedding", pa.list_(pa.field("item", pa.float32(), nullable=False), dim), nullable=False),
+    ]
+    metadata = {
+        "embedstream.schema_version": SCHEMA_VERSION,
+        "embedstream.modality": modality,
+        "embedstream.model_name": model_name,
+        "embedstream.model_version": model_version,
+        "embedstream.embedding_dim": str(dim),
+    }
+    return pa.schema(fields, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class RowMeta:
+    """Per-row provenance carried from the input message to the output row."""
+
+    key: bytes | None
+    id: str
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    extra: tuple[int | float | str, ...] = ()
+
+
+def encode_batch(schema: pa.Schema, rows: Sequence[RowMeta], embeddings: np.ndarray) -> bytes:
+    """Rows + an (N, dim) float32 array -> one Arrow IPC stream. The embedding buffer is not copied."""
+    dim = schema.field("embedding").type.list_size
+    if embeddings.shape != (len(rows), dim):
+        raise ValueError(f"embeddings shape {embeddings.shape} does not match {len(rows)} rows x {dim}")
+    flat = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1)
+    model_name = schema.metadata[b"embedstream.model_name"].decode()
+    model_version = schema.metadata[b"embedstream.model_version"].decode()
+    n = len(rows)
+    columns: list[pa.Array] = [
+        pa.array([r.key for r in rows], pa.binary()),
+        pa.array([r.id for r in rows], pa.string()),
+        pa.array([r.topic for r in rows], pa.string()),
+        pa.array([r.partition for r in rows], pa.int32()),
+        pa.array([r.offset for r in rows], pa.int64()),
+        pa.array([r.timestamp_ms for r in rows], pa.timestamp("ms", tz="UTC")),
+        pa.array([model_name] * n, pa.string()),
+        pa.array([model_version] * n, pa.string()),
+    ]
+    extra_fields = schema.names[len(COMMON_FIELDS) : -1]
+    for i, name in enumerate(extra_fields):
+        columns.append(pa.array([r.extra[i] for r in rows], schema.field(name).type))
+    columns.append(pa.FixedSizeListArray.from_arrays(pa.array(flat), dim))
+    batch = pa.RecordBatch.from_arrays(columns, schema=schema)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def decode_embeddings(value: bytes) -> pa.Table:
+    """Decode one output-topic message value into an Arrow table (any consumer can use this)."""
+    table = pa.ipc.open_stream(pa.py_buffer(value)).read_all()
+    version = (table.schema.metadata or {}).get(b"embedstream.schema_version", b"?").decode()
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"unsupported embedstream schema version {version!r} (this reader: {SCHEMA_VERSION})")
+    return table
+
+
+def embeddings_matrix(table: pa.Table) -> np.ndarray:
+    """The ``embedding`` column as an (N, dim) float32 array, without copying when possible."""
+    col = table.column("embedding").combine_chunks()
+    dim = col.type.list_size
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
