@@ -7,10 +7,10 @@ Nested fields use a double underscore in the environment, e.g.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -90,9 +90,7 @@ class ImageLimits(_Frozen):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True, extra="forbid"
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True, extra="forbid")
 
     worker_id: str = Field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
     kafka: KafkaSettings = KafkaSettings()
@@ -101,13 +99,15 @@ class Settings(BaseSettings):
     batch: BatchSettings = BatchSettings()
     limits: ImageLimits = ImageLimits()
     commit_interval_ms: int = Field(default=1000, ge=0)
+    # Liveness/readiness HTTP endpoint; port 0 picks a free one, None disables it.
+    health_host: str = "0.0.0.0"
+    health_port: int | None = Field(default=8080, ge=0, le=65535)
 
     @model_validator(mode="after")
     def _batch_fits_model(self) -> Settings:
         if self.batch.max_size > self.encoder.max_batch_size:
             raise ValueError(
-                f"batch.max_size ({self.batch.max_size}) exceeds encoder.max_batch_size "
-                f"({self.encoder.max_batch_size})"
+                f"batch.max_size ({self.batch.max_size}) exceeds encoder.max_batch_size ({self.encoder.max_batch_size})"
             )
         return self
 
@@ -150,3 +150,32 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def dump_toml(settings: Settings) -> str:
+    """Render settings as a TOML config file that ``load_settings`` reads back to equal settings."""
+    lines: list[str] = []
+    data = settings.model_dump(mode="json")
+    for name, value in data.items():
+        if not isinstance(value, dict) and value is not None:
+            lines.append(f"{name} = {_toml_value(value)}")
+    for name, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{name}]")
+            raw = getattr(settings, name)
+            for key, item in value.items():
+                secret = getattr(raw, key)
+                if isinstance(secret, SecretStr):
+                    item = secret.get_secret_value()
+                if item is not None:
+                    lines.append(f"{key} = {_toml_value(item)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    # JSON strings, numbers and arrays of them are valid TOML.
+    return json.dumps(value)

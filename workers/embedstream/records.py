@@ -15,6 +15,7 @@ Reason = Literal[
     "undecodable",
     "unsupported_format",
     "decompression_bomb",
+    "inference_rejected",
 ]
 REASONS: tuple[str, ...] = Reason.__args__  # type: ignore[attr-defined]
 

@@ -82,6 +82,4 @@ def _tensor(raw: dict[str, Any]) -> TensorSpec:
 
 
 def _image_prep(raw: dict[str, Any]) -> ImagePreprocessing:
-    return ImagePreprocessing(
-        **{**raw, "mean": tuple(raw["mean"]), "std": tuple(raw["std"])}
-    )
+    return ImagePreprocessing(**{**raw, "mean": tuple(raw["mean"]), "std": tuple(raw["std"])})

@@ -63,7 +63,7 @@ def describe(settings: EncoderSettings) -> EncoderSpec:
     prep = ImagePreprocessing(
         height=height,
         width=width,
-        resize_shorter_to=int(math.floor(min(height, width) / crop_pct)),
+        resize_shorter_to=math.floor(min(height, width) / crop_pct),
         interpolation=str(data_cfg.get("interpolation") or "bilinear"),
         mean=tuple(float(v) for v in data_cfg["mean"]),
         std=tuple(float(v) for v in data_cfg["std"]),
@@ -132,6 +132,4 @@ def example_inputs(spec: EncoderSpec, batch: int) -> tuple[torch.Tensor, ...]:
     return (torch.randint(0, 256, (batch, *spec.inputs[0].dims), dtype=torch.uint8),)
 
 
-FAMILY = register_family(
-    EncoderFamily(name="cnn", describe=describe, build=build, example_inputs=example_inputs)
-)
+FAMILY = register_family(EncoderFamily(name="cnn", describe=describe, build=build, example_inputs=example_inputs))

@@ -59,9 +59,7 @@ def render_config(spec: EncoderSpec, target: ExportTarget) -> str:
         f"  preferred_batch_size: [ {', '.join(str(s) for s in _preferred_sizes(spec.max_batch_size))} ]\n"
         f"  max_queue_delay_microseconds: {target.max_queue_delay_us}\n"
         "}",
-        "instance_group [\n"
-        f"  {{\n    count: {target.instances}\n    kind: KIND_{target.kind.upper()}\n  }}\n"
-        "]",
+        f"instance_group [\n  {{\n    count: {target.instances}\n    kind: KIND_{target.kind.upper()}\n  }}\n]",
         "version_policy: { latest { num_versions: 1 } }",
         _param("embedstream.spec", spec.to_json().decode()),
         _param("torch_num_threads", str(target.torch_threads)),

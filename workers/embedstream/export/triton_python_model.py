@@ -6,6 +6,7 @@ embedstream, only on torch and numpy in the server's Python environment.
 
 import json
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 
 class TritonPythonModel:
-    def initialize(self, args):
+    def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         torch.set_num_threads(int(params.get("torch_num_threads", "1")))
@@ -26,7 +27,7 @@ class TritonPythonModel:
         self.input_names = [t["name"] for t in config["input"]]
         self.output_name = config["output"][0]["name"]
 
-    def execute(self, requests):
+    def execute(self, requests: list[Any]) -> list[Any]:
         # Triton's dynamic batcher hands over several requests at once: run them as one batch.
         per_request = [
             [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names] for r in requests

@@ -89,9 +89,8 @@ class TritonBackend:
                     continue
                 dims = tuple(int(d) for d in got.get("dims", []))
                 if got.get("data_type") != f"TYPE_{t.dtype}" or dims != t.dims:
-                    problems.append(
-                        f"{kind} {t.name!r} is {got.get('data_type')}{list(dims)}, expected TYPE_{t.dtype}{list(t.dims)}"
-                    )
+                    served_as = f"{got.get('data_type')}{list(dims)}"
+                    problems.append(f"{kind} {t.name!r} is {served_as}, expected TYPE_{t.dtype}{list(t.dims)}")
         served_spec = cfg.get("parameters", {}).get("embedstream.spec", {}).get("string_value")
         if served_spec:
             theirs = EncoderSpec.from_json(served_spec)
@@ -131,15 +130,16 @@ class TritonBackend:
         if self._settings.protocol == "grpc":
             kwargs["client_timeout"] = self._settings.request_timeout_s
         try:
-            result = self._client.infer(
-                self.spec.name, req, outputs=[tc.InferRequestedOutput(out_name)], **kwargs
-            )
+            result = self._client.infer(self.spec.name, req, outputs=[tc.InferRequestedOutput(out_name)], **kwargs)
         except Exception as exc:
             raise _classify(exc) from exc
         out = result.as_numpy(out_name)
         if out is None or out.shape[0] != inputs[0].shape[0]:
             raise BackendError(f"Triton returned no or wrong-sized {out_name!r}", retriable=False)
         return out
+
+    def close(self) -> None:
+        self._client.close()
 
 
 def _classify(exc: Exception) -> BackendError:
@@ -153,5 +153,3 @@ def _classify(exc: Exception) -> BackendError:
         return BackendError(f"{status or 'error'}: {msg}", retriable=retriable)
     # Socket-level failures (refused, reset, timed out) mean the server is away, not the input bad.
     return BackendError(f"{type(exc).__name__}: {exc}", retriable=True)
-
-

@@ -44,9 +44,7 @@ class LocalStack:
             http, grpc, metrics = self._triton_ports
             self.triton = LocalTriton(self.workdir, self.model_repository, http, grpc, metrics).start()
             k = self.settings.kafka
-            ensure_topics(
-                k, {k.input_topic: self.partitions, k.output_topic: self.partitions, k.dead_letter_topic: 1}
-            )
+            ensure_topics(k, {k.input_topic: self.partitions, k.output_topic: self.partitions, k.dead_letter_topic: 1})
         except BaseException:
             self.stop()
             raise

@@ -36,7 +36,11 @@ def _build_backend_dir(root: Path, dest: Path) -> Path:
         raise RuntimeStartError(f"nvidia-pytriton ships no Python backend stub for Python {py} ({stub})")
     target = dest / "python"
     target.mkdir(parents=True, exist_ok=True)
-    for src in (root / "backends/python/libtriton_python.so", root / "backends/python/triton_python_backend_utils.py", stub):
+    for src in (
+        root / "backends/python/libtriton_python.so",
+        root / "backends/python/triton_python_backend_utils.py",
+        stub,
+    ):
         shutil.copy2(src, target / src.name)
     return dest
 

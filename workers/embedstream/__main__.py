@@ -1,0 +1,3 @@
+from embedstream.cli import main
+
+raise SystemExit(main())

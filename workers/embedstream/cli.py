@@ -1,0 +1,198 @@
+"""The ``embedstream`` command. Every flag falls back to an environment variable, shown in --help."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from embedstream.errors import EmbedstreamError
+
+log = logging.getLogger("embedstream")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"EMBEDSTREAM_{name}", default)
+
+
+def _flag(p: argparse.ArgumentParser, flag: str, env: str, help: str, **kw: object) -> None:
+    default = _env(env, kw.pop("default", None))  # type: ignore[arg-type]
+    p.add_argument(flag, default=default, help=f"{help} [env EMBEDSTREAM_{env}; default: %(default)s]", **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedstream", description=__doc__)
+    _flag(parser, "--log-level", "LOG_LEVEL", "logging level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("worker", help="run a worker against the broker and Triton in the config")
+    _flag(p, "--config", "CONFIG", "TOML config file")
+
+    p = sub.add_parser("export-models", help="export the configured encoder into a Triton model repository")
+    _flag(p, "--config", "CONFIG", "TOML config file")
+    _flag(p, "--repo", "MODEL_REPOSITORY", "model repository directory", default="model_repository")
+    _flag(
+        p,
+        "--backend",
+        "TRITON_BACKEND",
+        "Triton backend: python (any Triton) or pytorch (stock image)",
+        default="python",
+        choices=["python", "pytorch"],
+    )
+    _flag(p, "--kind", "TRITON_KIND", "instance kind", default="cpu", choices=["cpu", "gpu"])
+    _flag(p, "--instances", "TRITON_INSTANCES", "model instances per device", default="1", type=int)
+    _flag(p, "--torch-threads", "TORCH_THREADS", "torch threads per instance", default="2", type=int)
+
+    for name, help_text in (
+        ("up", "start the embedded stack and a worker; keep running until Ctrl-C"),
+        ("demo", "run the main job on the embedded stack and print a summary"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        _flag(p, "--config", "CONFIG", "TOML config file")
+        _flag(p, "--partitions", "PARTITIONS", "partitions of the input/output topics", default="4", type=int)
+        _flag(p, "--workdir", "WORKDIR", "directory for logs and the model repository", default=".embedstream")
+        if name == "demo":
+            _flag(p, "--count", "DEMO_COUNT", "sample images to produce", default="300", type=int)
+            _flag(p, "--bad-every", "DEMO_BAD_EVERY", "make every Nth image corrupt (0: none)", default="50", type=int)
+        else:
+            _flag(p, "--broker-port", "BROKER_PORT", "broker port (0: any free port)", default="9092", type=int)
+            _flag(p, "--workers", "WORKERS", "worker processes in the consumer group", default="1", type=int)
+
+    p = sub.add_parser("produce-samples", help="produce generated sample images to a topic")
+    _flag(p, "--bootstrap", "KAFKA__BOOTSTRAP_SERVERS", "Kafka bootstrap servers", default="127.0.0.1:9092")
+    _flag(p, "--topic", "KAFKA__INPUT_TOPIC", "input topic", default="images")
+    _flag(p, "--count", "DEMO_COUNT", "how many", default="100", type=int)
+    _flag(p, "--bad-every", "DEMO_BAD_EVERY", "make every Nth image corrupt (0: none)", default="0", type=int)
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kafka-python logs every connection at INFO; its warnings are what an operator needs.
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("received %s: finishing in-flight work", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from embedstream.config import load_settings
+    from embedstream.service import run_worker
+
+    settings = load_settings(args.config)
+    stats = run_worker(settings, _stop_on_signals())
+    log.info("worker stopped: %s", stats)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from embedstream.config import load_settings
+    from embedstream.export import ExportTarget, export_model
+
+    settings = load_settings(args.config)
+    target = ExportTarget(
+        backend=args.backend, kind=args.kind, instances=args.instances, torch_threads=args.torch_threads
+    )
+    spec = export_model(settings.encoder, Path(args.repo), target)
+    print(f"exported {spec.name} (dim {spec.embedding_dim}, {args.backend}/{args.kind}) to {args.repo}/{spec.name}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from embedstream.config import load_settings
+    from embedstream.demo import print_summary, run_demo
+
+    console = Console()
+    settings = load_settings(args.config)
+    summary = run_demo(settings, args.count, args.bad_every, args.partitions, Path(args.workdir), console)
+    print_summary(summary, console)
+    lost = summary.produced - summary.embedded - summary.dead_lettered
+    if lost:
+        console.print(f"[red]{lost} messages unaccounted for[/]")
+        return 1
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from embedstream.config import load_settings
+    from embedstream.runtime.stack import LocalStack
+    from embedstream.runtime.worker_process import WorkerProcess
+
+    stop = _stop_on_signals()
+    settings = load_settings(args.config)
+    with LocalStack(
+        settings, workdir=Path(args.workdir), partitions=args.partitions, broker_port=args.broker_port or None
+    ) as stack:
+        s = stack.settings
+        workers = [WorkerProcess(s, stack.workdir, f"worker-{i}").start() for i in range(args.workers)]
+        try:
+            assert stack.triton is not None
+            print(f"kafka bootstrap   {s.kafka.bootstrap_servers}")
+            print(f"triton grpc/http  {stack.triton.grpc_url}  {stack.triton.http_url}")
+            print(f"triton metrics    {stack.triton.metrics_url}")
+            print(
+                f"topics            in={s.kafka.input_topic} out={s.kafka.output_topic} "
+                f"dead-letter={s.kafka.dead_letter_topic}"
+            )
+            print(f"logs              {stack.workdir / 'logs'}")
+            print(f"try: embedstream produce-samples --bootstrap {s.kafka.bootstrap_servers} --count 50")
+            print("running; Ctrl-C stops everything")
+            while not stop.wait(1.0):
+                for w in workers:
+                    if not w.alive():
+                        log.error("%s exited; restarting it. Last log lines:\n%s", w.name, w.tail())
+                        w.start()
+        finally:
+            for w in workers:
+                w.terminate()
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from embedstream.demo import produce
+    from embedstream.samples import samples
+
+    n = produce(args.bootstrap, args.topic, list(samples(args.count, bad_every=args.bad_every)))
+    print(f"produced {n} images to {args.topic}")
+    return 0
+
+
+COMMANDS = {
+    "worker": cmd_worker,
+    "export-models": cmd_export,
+    "demo": cmd_demo,
+    "up": cmd_up,
+    "produce-samples": cmd_produce,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except EmbedstreamError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

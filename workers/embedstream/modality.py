@@ -1,0 +1,59 @@
+"""What the worker loop needs from a modality: decode one message, stack a batch, describe a row."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from embedstream.config import Settings
+from embedstream.decode.image import decode_image
+from embedstream.encoders import EncoderSpec
+from embedstream.errors import ConfigError
+from embedstream.records import BadRecord, DecodedImage, SourceMessage
+from embedstream.sinks.arrow_codec import RowMeta
+
+
+class Modality(Protocol):
+    name: str
+
+    def decode(self, msg: SourceMessage) -> Any | BadRecord: ...
+
+    def stack(self, items: Sequence[Any]) -> tuple[np.ndarray, ...]: ...
+
+    def row(self, item: Any) -> RowMeta: ...
+
+
+class ImageModality:
+    name = "image"
+
+    def __init__(self, spec: EncoderSpec, settings: Settings) -> None:
+        if spec.preprocessing is None:
+            raise ConfigError(f"encoder {spec.name} has no image preprocessing")
+        self._prep = spec.preprocessing
+        self._limits = settings.limits
+
+    def decode(self, msg: SourceMessage) -> DecodedImage | BadRecord:
+        return decode_image(msg, self._prep, self._limits)
+
+    def stack(self, items: Sequence[DecodedImage]) -> tuple[np.ndarray, ...]:
+        return (np.stack([it.pixels for it in items]),)
+
+    def row(self, item: DecodedImage) -> RowMeta:
+        src = item.source
+        return RowMeta(
+            key=src.key,
+            id=item.id,
+            topic=src.topic,
+            partition=src.partition,
+            offset=src.offset,
+            timestamp_ms=item.event_time_ms,
+            extra=(item.source_width, item.source_height),
+        )
+
+
+def modality_for(spec: EncoderSpec, settings: Settings) -> Modality:
+    if spec.modality == "image":
+        return ImageModality(spec, settings)
+    raise ConfigError(f"no worker for modality {spec.modality!r} yet")
