@@ -10,8 +10,12 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from embedstream.errors import EmbedstreamError
+
+if TYPE_CHECKING:
+    from embedstream.config import Settings
 
 log = logging.getLogger("embedstream")
 
@@ -112,14 +116,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_settings(path: str | None) -> Settings:
+    """Settings for the embedded stack: with no weights configured, random ones, said out loud."""
+    from embedstream.config import load_settings
+
+    settings = load_settings(path)
+    if settings.encoder.weights is None:
+        log.warning("encoder.weights not set: the local stack uses random weights (set it to a checkpoint path)")
+        settings = load_settings(path, encoder={"weights": "random"})
+    return settings
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from embedstream.config import load_settings
     from embedstream.demo import print_summary, run_demo
 
     console = Console()
-    settings = load_settings(args.config)
+    settings = _local_settings(args.config)
     summary = run_demo(settings, args.count, args.bad_every, args.partitions, Path(args.workdir), console)
     print_summary(summary, console)
     lost = summary.produced - summary.embedded - summary.dead_lettered
@@ -130,12 +144,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from embedstream.config import load_settings
     from embedstream.runtime.stack import LocalStack
     from embedstream.runtime.worker_process import WorkerProcess
 
     stop = _stop_on_signals()
-    settings = load_settings(args.config)
+    settings = _local_settings(args.config)
     with LocalStack(
         settings, workdir=Path(args.workdir), partitions=args.partitions, broker_port=args.broker_port or None
     ) as stack:

@@ -69,8 +69,9 @@ class TritonSettings(_Frozen):
 class EncoderSettings(_Frozen):
     family: str = "cnn"
     arch: str = "mobilenetv3_small_100"
-    # "random" (explicit opt-in), "pretrained" (needs a model hub), or a checkpoint path.
-    weights: str = "random"
+    # A checkpoint path (.safetensors or a weights-only torch file), "pretrained" (needs a model
+    # hub), or "random" (explicit opt-in: embeddings then carry no meaning). Needed to export only.
+    weights: str | None = None
     seed: int = 0
     version: str = "1"
     model_name: str | None = None

@@ -26,6 +26,8 @@ class OffsetTracker:
 
     def track(self, tp: TopicPartition, offset: int) -> None:
         st = self._parts.setdefault(tp, _PartitionState())
+        # The first offset seen is where this worker's position started: nothing below it is ours to commit.
+        self._committed.setdefault(tp, offset)
         st.pending.add(offset)
         heapq.heappush(st.heap, offset)
         st.high_water = max(st.high_water, offset)
@@ -45,7 +47,7 @@ class OffsetTracker:
             while st.heap and st.heap[0] not in st.pending:
                 heapq.heappop(st.heap)
             nxt = st.heap[0] if st.heap else st.high_water + 1
-            if st.high_water >= 0 and nxt > self._committed.get(tp, -1):
+            if nxt > self._committed.get(tp, nxt):
                 out[tp] = nxt
         return out
 

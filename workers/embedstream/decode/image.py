@@ -41,7 +41,9 @@ def decode_image(msg: SourceMessage, prep: ImagePreprocessing, limits: ImageLimi
         pixels, width, height = _pixels(data, prep, limits)
     except _Rejected as rej:
         return BadRecord(msg, rej.reason, str(rej))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return BadRecord(msg, "decompression_bomb", str(exc), type(exc).__name__)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         return BadRecord(msg, "undecodable", f"cannot decode image: {exc}", type(exc).__name__)
     return DecodedImage(msg, ident, event_time, pixels, width, height)
 

@@ -87,6 +87,11 @@ def build_backbone(settings: EncoderSettings) -> torch.nn.Module:
     import timm
 
     weights = settings.weights
+    if weights is None:
+        raise ConfigError(
+            "encoder.weights is not set: give a checkpoint path, 'pretrained' (downloads from the model hub), "
+            "or 'random' (embeddings without meaning, for trying the pipeline)"
+        )
     if weights == "pretrained":
         model = timm.create_model(settings.arch, pretrained=True, num_classes=0)
     elif weights == "random":

@@ -1,0 +1,1 @@
+"""Test tiers: tests/unit (no processes), tests/integration (a real local broker and Triton)."""

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from kafka import KafkaProducer
+
+from embedstream.readback import Readback, TopicReader
+
+
+def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all", max_request_size=16 << 20)
+    for key, value in messages:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def read_all(settings, expected: int, timeout_s: float = 180.0) -> Readback:
+    k = settings.kafka
+    reader = TopicReader(k.bootstrap_servers, k.output_topic, k.dead_letter_topic)
+    try:
+        return reader.read_until(expected, timeout_s)
+    finally:
+        reader.close()
+
+
+def wait_for_rows(settings, at_least: int, timeout_s: float = 120.0) -> int:
+    k = settings.kafka
+    reader = TopicReader(k.bootstrap_servers, k.output_topic, k.dead_letter_topic)
+    try:
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        while seen < at_least and time.monotonic() < deadline:
+            seen += reader.poll(0.2)
+        return seen
+    finally:
+        reader.close()
+
+
+def accounting(produced_keys: list[bytes], result: Readback) -> dict[str, int]:
+    """produced / embedded / dead-lettered / duplicates / missing, by message key."""
+    table = result.table()
+    out_keys = Counter(table.column("key").to_pylist()) if table.num_rows else Counter()
+    dlq_keys = Counter(d.key for d in result.dead_letters)
+    seen = out_keys + dlq_keys
+    return {
+        "produced": len(produced_keys),
+        "embedded": len(out_keys),
+        "dead_lettered": len(dlq_keys),
+        "duplicates": sum(n - 1 for n in seen.values() if n > 1),
+        "missing": sum(1 for k in produced_keys if k not in seen),
+    }
+
+
+def read_until_complete(settings, produced_keys: list[bytes], timeout_s: float = 180.0, settle_s: float = 2.0):
+    """Read until every produced key is seen (as a row or a dead letter), then a little longer for late duplicates."""
+    k = settings.kafka
+    reader = TopicReader(k.bootstrap_servers, k.output_topic, k.dead_letter_topic)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and accounting(produced_keys, reader.result)["missing"]:
+            reader.poll(0.3)
+        settle = time.monotonic() + settle_s
+        while time.monotonic() < settle:
+            reader.poll(0.3)
+        return reader.result
+    finally:
+        reader.close()

@@ -1,0 +1,126 @@
+"""The image path end to end on the real local broker and Triton, worker as a separate process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embedstream.decode.image import decode_image
+from embedstream.records import DecodedImage, SourceMessage
+from embedstream.runtime.worker_process import WorkerProcess
+from embedstream.samples import corrupt, samples
+from embedstream.service import encoder_spec
+from embedstream.sinks.deadletter import REASON, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, WORKER_ID
+
+from .helpers import accounting, produce, read_all, read_until_complete, wait_for_rows
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_every_image_is_embedded_once_and_matches_the_bare_model(lane, reference_model):
+    n = 520
+    batch = list(samples(n, prefix="e2e"))
+    produce(lane.bootstrap, lane.settings.kafka.input_topic, [(s.key, s.value) for s in batch])
+    worker = WorkerProcess(lane.settings, lane.workdir).start()
+    try:
+        result = read_all(lane.settings, n)
+    finally:
+        worker.terminate()
+
+    counts = accounting([s.key for s in batch], result)
+    assert counts == {"produced": n, "embedded": n, "dead_lettered": 0, "duplicates": 0, "missing": 0}, counts
+    table = result.table()
+    assert table.num_rows == n
+    # Every source offset of every partition is accounted for exactly once.
+    by_part: dict[int, list[int]] = {}
+    for p, o in zip(
+        table.column("source_partition").to_pylist(), table.column("source_offset").to_pylist(), strict=True
+    ):
+        by_part.setdefault(p, []).append(o)
+    assert sum(len(v) for v in by_part.values()) == n
+    for offsets in by_part.values():
+        assert sorted(offsets) == list(range(len(offsets)))
+    assert set(table.column("model_name").to_pylist()) == {"image-mobilenetv3_small_100"}
+    assert table.schema.metadata[b"embedstream.embedding_dim"] == b"1024"
+
+    # Same preprocessed pixels through the bare model in-process: the served embedding must agree.
+    spec = encoder_spec(lane.settings)
+    value_by_key = {s.key: s.value for s in batch}
+    keys = table.column("key").to_pylist()
+    emb = table.column("embedding").combine_chunks().values.to_numpy().reshape(n, -1)
+    pick = np.arange(0, n, 5)
+    pixels = []
+    for i in pick:
+        dec = decode_image(
+            SourceMessage("t", 0, 0, keys[i], value_by_key[keys[i]], 0), spec.preprocessing, lane.settings.limits
+        )
+        assert isinstance(dec, DecodedImage)
+        pixels.append(dec.pixels)
+    with torch.inference_mode():
+        want = reference_model(torch.from_numpy(np.stack(pixels))).numpy()
+    got = emb[pick]
+    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cos.min() >= 0.999, cos.min()
+
+
+def test_corrupt_images_go_to_the_dead_letter_topic_and_neighbours_are_embedded(lane):
+    good = list(samples(60, prefix="good"))
+    bad = {
+        b"bad-truncated": corrupt(1),
+        b"bad-garbage": b"\x00\x01not an image",
+        b"bad-empty": b"",
+        b"bad-envelope": b'{"image": 12}',
+    }
+    messages: list[tuple[bytes, bytes]] = []
+    bad_items = list(bad.items())
+    for i, s in enumerate(good):
+        messages.append((s.key, s.value))
+        if i % 15 == 7:
+            messages.append(bad_items.pop())
+    assert not bad_items
+    produce(lane.bootstrap, lane.settings.kafka.input_topic, messages)
+    worker = WorkerProcess(lane.settings, lane.workdir).start()
+    try:
+        result = read_all(lane.settings, len(messages))
+    finally:
+        worker.terminate()
+
+    assert sorted(result.table().column("key").to_pylist()) == sorted(s.key for s in good)
+    dlq = {d.key: d for d in result.dead_letters}
+    assert set(dlq) == set(bad)
+    expected_reason = {
+        b"bad-truncated": "undecodable",
+        b"bad-garbage": "undecodable",
+        b"bad-empty": "empty",
+        b"bad-envelope": "invalid_envelope",
+    }
+    for key, d in dlq.items():
+        assert d.reason == expected_reason[key]
+        assert d.value == bad[key], "dead letters keep the original bytes"
+        assert d.headers[SOURCE_TOPIC].decode() == lane.settings.kafka.input_topic
+        assert int(d.headers[SOURCE_PARTITION]) in (0, 1, 2)
+        assert int(d.headers[SOURCE_OFFSET]) >= 0
+        assert d.headers[WORKER_ID] == b"worker-0"
+        assert d.headers[REASON]
+
+
+def test_killed_worker_restarts_without_losing_anything(lane):
+    n = 400
+    batch = list(samples(n, prefix="kill"))
+    produce(lane.bootstrap, lane.settings.kafka.input_topic, [(s.key, s.value) for s in batch])
+    first = WorkerProcess(lane.settings, lane.workdir, "worker-a").start()
+    try:
+        seen_before_kill = wait_for_rows(lane.settings, 60)
+    finally:
+        first.kill()  # SIGKILL: no drain, no commit
+    assert 60 <= seen_before_kill < n, "the kill must land mid-stream"
+    second = WorkerProcess(lane.settings, lane.workdir, "worker-b").start()
+    try:
+        result = read_until_complete(lane.settings, [s.key for s in batch])
+    finally:
+        second.terminate()
+    counts = accounting([s.key for s in batch], result)
+    print("kill/restart:", counts)
+    assert counts["missing"] == 0, counts
+    assert counts["embedded"] == n and counts["dead_lettered"] == 0
