@@ -37,7 +37,7 @@ def test_bad_values_give_a_clear_config_error(tmp_path, body, needle):
 
 
 def test_missing_file_is_named():
-    with pytest.raises(ConfigError, match="nope.toml"):
+    with pytest.raises(ConfigError, match=r"nope\.toml"):
         load_settings("nope.toml")
 
 

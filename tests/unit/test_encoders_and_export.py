@@ -79,7 +79,7 @@ def test_cnn_loads_a_safetensors_checkpoint(tmp_path):
 
 
 def test_weights_must_be_chosen_explicitly():
-    with pytest.raises(ConfigError, match="encoder.weights is not set"):
+    with pytest.raises(ConfigError, match=r"encoder\.weights is not set"):
         get_family("cnn").build(EncoderSettings(arch="mobilenetv3_small_050"))
 
 
