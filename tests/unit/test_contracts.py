@@ -107,11 +107,6 @@ def test_unwrap_defaults_the_id_to_the_key_and_the_time_to_the_timestamp():
     assert (full.id, full.event_time_ms) == ("own", 5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in envelope.unwrap: event_time_ms >= 2**63 is accepted, then encode_batch raises OverflowError "
-    "on the int64 timestamp column (worker crash instead of dead letter); the schema caps it at int64 max",
-)
 def test_event_time_beyond_int64_is_rejected_like_the_schema_says(envelope_validator):
     doc = {"image": IMG_B64, "event_time_ms": 2**63}
     assert not envelope_validator.is_valid(doc)

@@ -16,6 +16,7 @@ from embedstream.records import BadRecord, SourceMessage
 
 JSON_CONTENT_TYPE = b"application/json"
 ALLOWED_KEYS = frozenset({"id", "image", "event_time_ms", "metadata"})
+_MAX_INT64 = 2**63 - 1  # the Arrow timestamp column is int64
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,8 @@ def unwrap(msg: SourceMessage, payload_field: str = "image") -> Unwrapped | BadR
     if not isinstance(ident, str) or not ident:
         return bad("'id' must be a non-empty string")
     event_time = doc.get("event_time_ms", msg.timestamp_ms)
-    if not isinstance(event_time, int) or isinstance(event_time, bool) or event_time < 0:
-        return bad("'event_time_ms' must be a non-negative integer")
+    if not isinstance(event_time, int) or isinstance(event_time, bool) or not 0 <= event_time <= _MAX_INT64:
+        return bad("'event_time_ms' must be an integer from 0 to 2**63-1")
     if "metadata" in doc and not isinstance(doc["metadata"], dict):
         return bad("'metadata' must be an object")
     return Unwrapped(payload=payload, id=ident, event_time_ms=event_time)
