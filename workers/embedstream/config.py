@@ -39,7 +39,8 @@ class KafkaSettings(_Frozen):
     max_partition_fetch_bytes: int = Field(default=10_485_760, ge=1024)
     producer_linger_ms: int = Field(default=5, ge=0)
     producer_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "none"
-    producer_max_request_bytes: int = Field(default=10_485_760, ge=1024)
+    # Above limits.max_message_bytes, so a dead letter (original bytes + headers) still fits.
+    producer_max_request_bytes: int = Field(default=11_534_336, ge=1024)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
@@ -81,10 +82,12 @@ class EncoderSettings(_Frozen):
 class BatchSettings(_Frozen):
     max_size: int = Field(default=32, ge=1)
     max_wait_ms: int = Field(default=20, ge=0)
+    # Batches at Triton at once: 2 lets decoding the next batch overlap inference of this one.
+    max_in_flight: int = Field(default=2, ge=1, le=64)
 
 
 class ImageLimits(_Frozen):
-    max_message_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_message_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     max_pixels: int = Field(default=40_000_000, ge=1)
     max_side: int = Field(default=16_384, ge=1)
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")

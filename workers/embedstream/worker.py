@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.producer.future import FutureRecordMetadata
@@ -27,11 +29,18 @@ from embedstream.modality import Modality
 from embedstream.offsets import OffsetTracker
 from embedstream.records import BadRecord, SourceMessage
 from embedstream.sinks.arrow_codec import CONTENT_TYPE, SCHEMA_VERSION, encode_batch, output_schema
-from embedstream.sinks.deadletter import dead_letter_headers
+from embedstream.sinks.deadletter import VALUE_DROPPED, dead_letter_headers
 
 log = logging.getLogger(__name__)
 
+_DLQ_HEADROOM = 64 * 1024  # room for headers and record framing
 _PendingSend = tuple[FutureRecordMetadata, list[tuple[TopicPartition, int]]]
+
+
+@dataclass
+class _Inferred:
+    ok: list[tuple[list[Any], np.ndarray]] = field(default_factory=list)
+    rejected: list[tuple[Any, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -76,6 +85,9 @@ class Worker:
         self._pending: list[_PendingSend] = []
         self._last_commit = clock()
         self.assigned: list[TopicPartition] | None = None  # None until the group assigned us
+        # Inference runs on threads (the RPC releases the GIL) so decoding the next batch overlaps it.
+        self._executor = ThreadPoolExecutor(settings.batch.max_in_flight, thread_name_prefix="infer")
+        self._inflight: deque[Future[_Inferred]] = deque()
 
     # -- main loop ----------------------------------------------------------------------------------
 
@@ -92,13 +104,19 @@ class Worker:
         return self.stats
 
     def step(self) -> None:
-        timeout_s = self._batcher.wait_left() if len(self._batcher) else 0.2
+        if self._inflight:
+            timeout_s = 0.005  # come back soon to publish what the inference threads finish
+        elif len(self._batcher):
+            timeout_s = self._batcher.wait_left()
+        else:
+            timeout_s = 0.2
         polled = self._consumer.poll(timeout_ms=max(1, int(timeout_s * 1000)), max_records=self._batcher.room)
         for records in polled.values():
             for rec in records:
                 self._accept(_source(rec))
         while self._batcher.due():
-            self._process(self._batcher.take())
+            self._submit(self._batcher.take())
+        self._reap(block=False)
         self._collect_acks(block=False)
         if self._clock() - self._last_commit >= self.settings.commit_interval_ms / 1000:
             self._commit()
@@ -106,7 +124,8 @@ class Worker:
     def _drain(self) -> None:
         """Finish what was consumed, wait for the broker's acks, commit: nothing half-done is left."""
         while len(self._batcher):
-            self._process(self._batcher.take())
+            self._submit(self._batcher.take())
+        self._reap(block=True)
         self._collect_acks(block=True)
         self._commit()
 
@@ -121,14 +140,42 @@ class Worker:
         else:
             self._batcher.add(item)
 
-    def _process(self, items: Sequence[Any]) -> None:
-        try:
-            embeddings = self._backend.infer(self._modality.stack(items))
-        except BackendError as exc:
-            if exc.retriable:
-                raise
-            self._split_poison(items, exc)
-            return
+    def _submit(self, items: Sequence[Any]) -> None:
+        """Hand a batch to the inference threads; at most ``max_in_flight`` wait there at once."""
+        while len(self._inflight) >= self.settings.batch.max_in_flight:
+            self._complete(self._inflight.popleft().result())
+        self._inflight.append(self._executor.submit(self._infer_splitting, list(items)))
+
+    def _reap(self, block: bool) -> None:
+        """Publish finished batches in submission order, so rows of a partition leave in offset order."""
+        while self._inflight and (block or self._inflight[0].done()):
+            self._complete(self._inflight.popleft().result())
+
+    def _infer_splitting(self, items: list[Any]) -> _Inferred:
+        """Runs on an inference thread. A batch Triton refuses is halved until the refused record is alone."""
+        out = _Inferred()
+        parts = [items]
+        while parts:
+            part = parts.pop()
+            try:
+                out.ok.append((part, self._backend.infer(self._modality.stack(part))))
+            except BackendError as exc:
+                if exc.retriable:
+                    raise
+                if len(part) == 1:
+                    out.rejected.append((part[0], str(exc)))
+                else:
+                    mid = len(part) // 2
+                    parts += [part[mid:], part[:mid]]
+        return out
+
+    def _complete(self, result: _Inferred) -> None:
+        for part, embeddings in result.ok:
+            self._publish(part, embeddings)
+        for item, why in result.rejected:
+            self._dead_letter(BadRecord(item.source, "inference_rejected", why, "BackendError"))
+
+    def _publish(self, items: Sequence[Any], embeddings: np.ndarray) -> None:
         self.stats.batches += 1
         by_partition: dict[tuple[str, int], list[int]] = defaultdict(list)
         for i, it in enumerate(items):
@@ -146,25 +193,16 @@ class Worker:
             self.stats.output_messages += 1
             self.stats.embedded += len(rows)
 
-    def _split_poison(self, items: Sequence[Any], exc: BackendError) -> None:
-        """Triton refused the batch: halve it until the record it refuses is alone, then dead-letter that."""
-        if len(items) == 1:
-            bad = BadRecord(items[0].source, "inference_rejected", str(exc), "BackendError")
-            self._dead_letter(bad)
-            return
-        mid = len(items) // 2
-        self._process(items[:mid])
-        self._process(items[mid:])
-
     def _dead_letter(self, bad: BadRecord) -> None:
         src = bad.source
         log.info("dead letter %s: %s (%s)", src.coordinates, bad.reason, bad.message[:200])
-        fut = self._producer.send(
-            self.settings.kafka.dead_letter_topic,
-            value=src.value,
-            key=src.key,
-            headers=dead_letter_headers(bad, self.settings.worker_id),
-        )
+        headers = dead_letter_headers(bad, self.settings.worker_id)
+        value = src.value
+        if len(value) + _DLQ_HEADROOM > self.settings.kafka.producer_max_request_bytes:
+            # Too big to re-publish whole: keep the coordinates so it can be fetched from the source topic.
+            headers.append((VALUE_DROPPED, str(len(value)).encode()))
+            value = b""
+        fut = self._producer.send(self.settings.kafka.dead_letter_topic, value=value, key=src.key, headers=headers)
         self._pending.append((fut, [(TopicPartition(src.topic, src.partition), src.offset)]))
         self.stats.dead_lettered += 1
         self.stats.dead_letter_reasons[bad.reason] += 1
@@ -193,6 +231,7 @@ class Worker:
         self.stats.commits += 1
 
     def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
         self._producer.close(timeout=10)
         self._backend.close()
 

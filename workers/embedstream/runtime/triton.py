@@ -67,6 +67,8 @@ class LocalTriton:
         # The backend stub embeds Python and finds its prefix through the `python3` on PATH:
         # put this environment's first so model.py imports this environment's torch and numpy.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        # The local server shares its cores with the worker: spinning OpenMP threads would starve it.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self._proc = ChildProcess(
             "triton server",
             [

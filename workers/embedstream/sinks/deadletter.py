@@ -15,6 +15,8 @@ SOURCE_TOPIC = HEADER_PREFIX + "source_topic"
 SOURCE_PARTITION = HEADER_PREFIX + "source_partition"
 SOURCE_OFFSET = HEADER_PREFIX + "source_offset"
 WORKER_ID = HEADER_PREFIX + "worker_id"
+# Only when the original value was too large to re-publish: its size in bytes (the value is then empty).
+VALUE_DROPPED = HEADER_PREFIX + "value_dropped"
 
 MAX_MESSAGE_CHARS = 512
 
