@@ -1,0 +1,153 @@
+"""The worker loop against in-memory Kafka and inference stand-ins: offsets, dead letters, poison batches."""
+
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+from kafka.structs import TopicPartition
+from PIL import Image
+
+from embedstream.config import load_settings
+from embedstream.encoders import EncoderSpec, ImagePreprocessing, TensorSpec
+from embedstream.modality import ImageModality
+from embedstream.sinks.arrow_codec import decode_embeddings
+from embedstream.sinks.deadletter import REASON, SOURCE_OFFSET, VALUE_DROPPED
+from embedstream.testing import FakeBackend, FakeConsumer, FakeProducer
+from embedstream.worker import Worker
+
+SPEC = EncoderSpec(
+    name="image-test",
+    version="1",
+    modality="image",
+    family="cnn",
+    source="test",
+    inputs=(TensorSpec("pixels__0", "UINT8", (16, 16, 3)),),
+    outputs=(TensorSpec("embedding__0", "FP32", (6,)),),
+    embedding_dim=6,
+    max_batch_size=8,
+    preprocessing=ImagePreprocessing(16, 16, 16, "bilinear", (0.5,) * 3, (0.5,) * 3),
+)
+
+
+def png(color: int, size=(20, 16)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (color, color, color)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_worker(records, producer=None, backend=None, **overrides):
+    settings = load_settings(
+        batch={"max_size": 4, "max_wait_ms": 0, **overrides.pop("batch", {})},
+        encoder={"max_batch_size": 8},
+        commit_interval_ms=0,
+        worker_id="w-test",
+        **overrides,
+    )
+    consumer = FakeConsumer(records)
+    producer = producer or FakeProducer()
+    backend = backend or FakeBackend(SPEC)
+    return Worker(settings, ImageModality(SPEC, settings), backend, consumer, producer), consumer, producer
+
+
+def run_until_drained(worker, consumer, steps=50):
+    for _ in range(steps):
+        worker.step()
+        if consumer.drained() and not worker.status()["in_flight"]:
+            break
+    worker._drain()
+
+
+def rows(producer, topic="embeddings.image"):
+    tables = [decode_embeddings(v) for _, v, _ in producer.sent[topic]]
+    return [r for t in tables for r in t.to_pylist()]
+
+
+def test_all_good_messages_become_rows_and_offsets_are_committed_to_the_end():
+    worker, consumer, producer = make_worker({0: [(b"a%d" % i, png(i)) for i in range(7)], 1: [(b"b", png(50))]})
+    run_until_drained(worker, consumer)
+    out = rows(producer)
+    assert sorted(r["key"] for r in out) == sorted([b"a%d" % i for i in range(7)] + [b"b"])
+    assert consumer.committed == {TopicPartition("images", 0): 7, TopicPartition("images", 1): 1}
+    first = next(r for r in out if r["key"] == b"a3")
+    np.testing.assert_allclose(first["embedding"], [3.0] * 6)
+    assert first["source_width"] == 20 and first["source_height"] == 16
+
+
+def test_nothing_is_committed_before_the_broker_acknowledges():
+    worker, consumer, producer = make_worker({0: [(b"k%d" % i, png(i)) for i in range(4)]})
+    for _ in range(500):  # inference runs on a thread: step until its result is published
+        worker.step()
+        if producer.sent["embeddings.image"]:
+            break
+        time.sleep(0.002)
+    assert producer.sent["embeddings.image"], "the batch was published"
+    assert consumer.committed == {}, "but not acknowledged, so not committed"
+    producer.flush()
+    worker.step()
+    assert consumer.committed == {TopicPartition("images", 0): 4}
+
+
+def test_bad_input_goes_to_dead_letters_and_neighbours_still_flow():
+    msgs = [(b"g0", png(1)), (b"bad", b"garbage"), (b"g1", png(2)), (b"empty", b"")]
+    worker, consumer, producer = make_worker({0: msgs})
+    run_until_drained(worker, consumer)
+    assert sorted(r["key"] for r in rows(producer)) == [b"g0", b"g1"]
+    dlq = {k: dict(h) for k, _, h in producer.sent["deadletter.image"]}
+    assert dlq[b"bad"][REASON] == b"undecodable" and dlq[b"bad"][SOURCE_OFFSET] == b"1"
+    assert dlq[b"empty"][REASON] == b"empty"
+    assert consumer.committed == {TopicPartition("images", 0): 4}
+
+
+def test_a_poison_record_refused_by_the_model_is_isolated_and_the_rest_embedded():
+    msgs = [(b"k%d" % i, png(i * 10)) for i in range(8)]
+    msgs[5] = (b"poison", png(77))
+    backend = FakeBackend(SPEC, poison_value=77)
+    worker, consumer, producer = make_worker({0: msgs}, backend=backend)
+    run_until_drained(worker, consumer)
+    assert sorted(r["key"] for r in rows(producer)) == sorted(k for k, _ in msgs if k != b"poison")
+    ((key, _, headers),) = producer.sent["deadletter.image"]
+    assert key == b"poison" and dict(headers)[REASON] == b"inference_rejected"
+    assert consumer.committed == {TopicPartition("images", 0): 8}
+
+
+def test_a_failed_write_stops_the_worker_without_committing():
+    from embedstream.errors import DeliveryError
+
+    producer = FakeProducer(fail_topics={"embeddings.image"})
+    worker, consumer, producer = make_worker({0: [(b"k", png(1))]}, producer=producer)
+    with pytest.raises(DeliveryError):
+        run_until_drained(worker, consumer)
+    assert consumer.committed == {}
+
+
+def test_dead_letter_too_large_to_republish_keeps_coordinates_not_bytes():
+    big = b"\xff\xd8" + b"x" * 40_000
+    worker, consumer, producer = make_worker(
+        {0: [(b"big", big)]},
+        kafka={"producer_max_request_bytes": 50_000},
+        limits={"max_message_bytes": 1_000},
+    )
+    run_until_drained(worker, consumer)
+    ((_, value, headers),) = producer.sent["deadletter.image"]
+    assert value == b"" and dict(headers)[VALUE_DROPPED] == str(len(big)).encode()
+    assert dict(headers)[REASON] == b"oversize"
+
+
+def test_run_stops_on_request_and_commits_everything_done():
+    worker, consumer, producer = make_worker({0: [(b"k%d" % i, png(i)) for i in range(10)]})
+    producer.ack_immediately = True
+    stop = threading.Event()
+    real_step = worker.step
+
+    def step_then_stop():
+        real_step()
+        if consumer.drained():
+            stop.set()
+
+    worker.step = step_then_stop
+    worker.run(stop)
+    assert consumer.closed
+    assert consumer.committed == {TopicPartition("images", 0): 10}
+    assert len(rows(producer)) == 10
