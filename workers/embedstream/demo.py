@@ -97,15 +97,13 @@ def run_demo(
 
 
 def print_summary(summary: DemoSummary, console: Console) -> None:
-    table = Table(title="embedstream demo")
-    for col in ("messages in", "embeddings out", "dead-lettered", "throughput", "latency p50", "latency p99"):
-        table.add_column(col, justify="right")
-    table.add_row(
-        str(summary.produced),
-        str(summary.embedded),
-        str(summary.dead_lettered),
-        f"{summary.throughput:.1f} msg/s",
-        f"{summary.latency_p50_ms:.0f} ms",
-        f"{summary.latency_p99_ms:.0f} ms",
-    )
+    table = Table(title="embedstream demo", show_header=False)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("messages in", str(summary.produced))
+    table.add_row("embeddings out", str(summary.embedded))
+    table.add_row("dead-lettered", str(summary.dead_lettered))
+    table.add_row("unaccounted for", str(summary.produced - summary.embedded - summary.dead_lettered))
+    table.add_row("throughput", f"{summary.throughput:.1f} msg/s")
+    table.add_row("latency p50 / p99", f"{summary.latency_p50_ms:.0f} / {summary.latency_p99_ms:.0f} ms")
     console.print(table)

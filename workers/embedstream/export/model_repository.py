@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -46,7 +47,9 @@ def export_model(settings: EncoderSettings, repo: Path, target: ExportTarget | N
 
 
 def _trace(module: torch.nn.Module, example: tuple[torch.Tensor, ...], spec: EncoderSpec) -> torch.jit.ScriptModule:
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        # TorchScript is deprecated in torch but is what Triton's libtorch backend loads.
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(module, example, check_trace=False)
         # A trace can silently bake in the example's batch size; run another size to be sure it did not.
         probe = tuple(torch.cat([t, t[:1]]) for t in example)

@@ -52,6 +52,8 @@ class LocalBroker:
     def _answers_metadata(self) -> bool:
         from kafka import KafkaAdminClient
 
+        if not port_open(self.port):  # spares the client's connection-refused error logs while starting
+            return False
         admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000)
         try:
             admin.list_topics()
