@@ -64,7 +64,11 @@ def test_every_image_is_embedded_once_and_matches_the_bare_model(lane, reference
     assert cos.min() >= 0.999, cos.min()
 
 
-def test_corrupt_images_go_to_the_dead_letter_topic_and_neighbours_are_embedded(lane):
+def test_corrupt_images_go_to_the_dead_letter_topic_and_neighbours_are_embedded(lane, stack):
+    # This test also covers Triton's HTTP protocol (the others use gRPC).
+    settings = lane.settings.model_copy(
+        update={"triton": lane.settings.triton.model_copy(update={"url": stack.triton.http_url, "protocol": "http"})}
+    )
     good = list(samples(60, prefix="good"))
     bad = {
         b"bad-truncated": corrupt(1),
@@ -79,10 +83,10 @@ def test_corrupt_images_go_to_the_dead_letter_topic_and_neighbours_are_embedded(
         if i % 15 == 7:
             messages.append(bad_items.pop())
     assert not bad_items
-    produce(lane.bootstrap, lane.settings.kafka.input_topic, messages)
-    worker = WorkerProcess(lane.settings, lane.workdir).start()
+    produce(lane.bootstrap, settings.kafka.input_topic, messages)
+    worker = WorkerProcess(settings, lane.workdir).start()
     try:
-        result = read_all(lane.settings, len(messages))
+        result = read_all(settings, len(messages))
     finally:
         worker.terminate()
 

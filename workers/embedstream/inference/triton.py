@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,23 +33,34 @@ class TritonBackend:
         self._sleep = sleep
         if settings.protocol == "grpc":
             import tritonclient.grpc as tc
-
-            self._tc: Any = tc
-            self._client: Any = tc.InferenceServerClient(
-                settings.url,
-                ssl=settings.ssl,
-                root_certificates=str(settings.root_certificates) if settings.root_certificates else None,
-            )
         else:
             import tritonclient.http as tc
+        self._tc: Any = tc
+        # The HTTP client runs on gevent and must not be shared between threads; the worker calls
+        # infer from several, so each thread gets its own client (gRPC's is thread-safe, but one
+        # rule for both keeps this simple).
+        self._local = threading.local()
+        self._clients: list[Any] = []
+        self._clients_lock = threading.Lock()
 
-            self._tc = tc
-            self._client = tc.InferenceServerClient(
-                settings.url,
-                ssl=settings.ssl,
-                connection_timeout=settings.request_timeout_s,
-                network_timeout=settings.request_timeout_s,
-            )
+    @property
+    def _client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._new_client()
+            self._local.client = client
+            with self._clients_lock:
+                self._clients.append(client)
+        return client
+
+    def _new_client(self) -> Any:
+        st = self._settings
+        if st.protocol == "grpc":
+            certs = str(st.root_certificates) if st.root_certificates else None
+            return self._tc.InferenceServerClient(st.url, ssl=st.ssl, root_certificates=certs)
+        return self._tc.InferenceServerClient(
+            st.url, ssl=st.ssl, connection_timeout=st.request_timeout_s, network_timeout=st.request_timeout_s
+        )
 
     # -- start-up -----------------------------------------------------------------------------------
 
@@ -139,7 +151,13 @@ class TritonBackend:
         return out
 
     def close(self) -> None:
-        self._client.close()
+        with self._clients_lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            try:
+                client.close()
+            except Exception as exc:  # a client of a finished thread may already be gone
+                log.debug("closing triton client: %s", exc)
 
 
 def _classify(exc: Exception) -> BackendError:
