@@ -11,7 +11,7 @@ from PIL import Image
 
 from embedstream.config import load_settings
 from embedstream.encoders import EncoderSpec, ImagePreprocessing, TensorSpec
-from embedstream.modality import ImageModality
+from embedstream.modalities.image import ImageModality
 from embedstream.sinks.arrow_codec import decode_embeddings
 from embedstream.sinks.deadletter import REASON, SOURCE_OFFSET, VALUE_DROPPED
 from embedstream.testing import FakeBackend, FakeConsumer, FakeProducer

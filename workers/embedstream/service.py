@@ -10,7 +10,7 @@ from embedstream.encoders import EncoderSpec, get_family
 from embedstream.health import HealthServer
 from embedstream.inference.triton import TritonBackend
 from embedstream.kafka_io import make_consumer, make_producer
-from embedstream.modality import modality_for
+from embedstream.modalities import modality_for
 from embedstream.worker import Worker, WorkerStats
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from embedstream.batcher import MicroBatcher
 from embedstream.config import Settings
 from embedstream.errors import BackendError, DeliveryError
 from embedstream.inference import InferenceBackend
-from embedstream.modality import Modality
+from embedstream.modalities import Modality
 from embedstream.offsets import OffsetTracker
 from embedstream.records import BadRecord, SourceMessage
 from embedstream.sinks.arrow_codec import CONTENT_TYPE, SCHEMA_VERSION, encode_batch, output_schema

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -18,17 +19,24 @@ log = logging.getLogger(__name__)
 
 
 class LocalStack:
-    """Starts in order (broker, model export, Triton, topics) and stops in reverse, even half-started."""
+    """Starts in order (broker, model export, Triton, topics) and stops in reverse, even half-started.
+
+    ``settings`` is one worker configuration or several (one per modality/encoder): every encoder is
+    exported into one model repository served by one Triton, and every pipeline's topics are created.
+    """
 
     def __init__(
         self,
-        settings: Settings | None = None,
+        settings: Settings | Sequence[Settings] | None = None,
         workdir: Path | None = None,
         partitions: int = 4,
         broker_port: int | None = None,
         triton_ports: tuple[int | None, int | None, int | None] = (None, None, None),
     ) -> None:
-        self.base_settings = settings or load_settings()
+        if settings is None:
+            settings = load_settings()
+        self.pipelines: list[Settings] = [settings] if isinstance(settings, Settings) else list(settings)
+        self.base_settings = self.pipelines[0]
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="embedstream-"))
         self.partitions = partitions
         self.broker = LocalBroker(self.workdir, broker_port)
@@ -40,11 +48,17 @@ class LocalStack:
     def start(self) -> LocalStack:
         try:
             self.broker.start()
-            self.specs = [export_model(self.base_settings.encoder, self.model_repository, ExportTarget())]
+            exported: dict[str, EncoderSpec] = {}
+            for pipeline in self.pipelines:
+                spec = export_model(pipeline.encoder, self.model_repository, ExportTarget())
+                exported.setdefault(spec.name, spec)
+            self.specs = list(exported.values())
             http, grpc, metrics = self._triton_ports
             self.triton = LocalTriton(self.workdir, self.model_repository, http, grpc, metrics).start()
-            k = self.settings.kafka
-            ensure_topics(k, {k.input_topic: self.partitions, k.output_topic: self.partitions, k.dead_letter_topic: 1})
+            for pipeline in self.all_settings:
+                k = pipeline.kafka
+                topics = {k.input_topic: self.partitions, k.output_topic: self.partitions, k.dead_letter_topic: 1}
+                ensure_topics(k, topics)
         except BaseException:
             self.stop()
             raise
@@ -52,11 +66,19 @@ class LocalStack:
 
     @property
     def settings(self) -> Settings:
-        """The base settings pointed at this stack's broker and Triton."""
-        data = self.base_settings.model_dump()
+        """The first pipeline's settings pointed at this stack's broker and Triton."""
+        return self.local_settings(self.base_settings)
+
+    @property
+    def all_settings(self) -> list[Settings]:
+        """Every pipeline's settings pointed at this stack's broker and Triton."""
+        return [self.local_settings(p) for p in self.pipelines]
+
+    def local_settings(self, settings: Settings) -> Settings:
+        data = settings.model_dump()
         data["kafka"]["bootstrap_servers"] = self.broker.bootstrap
         if self.triton is not None:
-            proto = self.base_settings.triton.protocol
+            proto = settings.triton.protocol
             data["triton"]["url"] = self.triton.grpc_url if proto == "grpc" else self.triton.http_url
         return Settings(**data)
 

@@ -1,9 +1,8 @@
-"""What the worker loop needs from a modality: decode one message, stack a batch, describe a row."""
+"""Images: JPEG/PNG/WebP bytes (raw or in a JSON envelope) -> uint8 pixels at the model's input size."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
 
 import numpy as np
 
@@ -11,18 +10,9 @@ from embedstream.config import Settings
 from embedstream.decode.image import decode_image
 from embedstream.encoders import EncoderSpec
 from embedstream.errors import ConfigError
+from embedstream.modalities import register_modality
 from embedstream.records import BadRecord, DecodedImage, SourceMessage
 from embedstream.sinks.arrow_codec import RowMeta
-
-
-class Modality(Protocol):
-    name: str
-
-    def decode(self, msg: SourceMessage) -> Any | BadRecord: ...
-
-    def stack(self, items: Sequence[Any]) -> tuple[np.ndarray, ...]: ...
-
-    def row(self, item: Any) -> RowMeta: ...
 
 
 class ImageModality:
@@ -53,7 +43,4 @@ class ImageModality:
         )
 
 
-def modality_for(spec: EncoderSpec, settings: Settings) -> Modality:
-    if spec.modality == "image":
-        return ImageModality(spec, settings)
-    raise ConfigError(f"no worker for modality {spec.modality!r} yet")
+register_modality("image", ImageModality)
