@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--topic", "KAFKA__INPUT_TOPIC", "input topic", default="images")
     _flag(p, "--count", "DEMO_COUNT", "how many", default="100", type=int)
     _flag(p, "--bad-every", "DEMO_BAD_EVERY", "make every Nth image corrupt (0: none)", default="0", type=int)
+    for module in COMMAND_MODULES:
+        COMMANDS.update(importlib.import_module(module).register(sub, _flag))
     return parser
 
 
@@ -186,7 +189,11 @@ def cmd_produce(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {
+# Command groups that live beside their code; each module's register(subparsers, flag) adds its
+# subcommands and returns their handlers.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "worker": cmd_worker,
     "export-models": cmd_export,
     "demo": cmd_demo,

@@ -114,14 +114,14 @@ class FakeBackend:
     def verify(self, batch_size: int) -> None:
         return None
 
-    def infer(self, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
+    def infer(self, inputs: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
         pixels = inputs[0]
         self.calls.append(len(pixels))
         if self.poison_value is not None and (pixels == self.poison_value).all(axis=(1, 2, 3)).any():
             raise BackendError("INVALID_ARG: model refused an input", retriable=False)
         means = pixels.reshape(len(pixels), -1, 3).mean(axis=1).astype(np.float32)
         reps = -(-self.spec.embedding_dim // 3)
-        return np.tile(means, reps)[:, : self.spec.embedding_dim]
+        return {self.spec.embedding_output.name: np.tile(means, reps)[:, : self.spec.embedding_dim]}
 
     def close(self) -> None:
         return None

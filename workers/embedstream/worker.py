@@ -28,7 +28,7 @@ from embedstream.inference import InferenceBackend
 from embedstream.modalities import Modality
 from embedstream.offsets import OffsetTracker
 from embedstream.records import BadRecord, SourceMessage
-from embedstream.sinks.arrow_codec import CONTENT_TYPE, SCHEMA_VERSION, encode_batch, output_schema
+from embedstream.sinks.arrow_codec import CONTENT_TYPE, SCHEMA_VERSION, encode_batch, model_field, output_schema
 from embedstream.sinks.deadletter import VALUE_DROPPED, dead_letter_headers
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ _PendingSend = tuple[FutureRecordMetadata, list[tuple[TopicPartition, int]]]
 
 @dataclass
 class _Inferred:
-    ok: list[tuple[list[Any], np.ndarray]] = field(default_factory=list)
+    ok: list[tuple[list[Any], dict[str, np.ndarray]]] = field(default_factory=list)
     rejected: list[tuple[Any, str]] = field(default_factory=list)
 
 
@@ -72,7 +72,14 @@ class Worker:
         self._producer = producer
         self._clock = clock
         spec = backend.spec
-        self._schema = output_schema(modality.name, spec.name, spec.version, spec.embedding_dim)
+        self._model_columns = {o.name: o.column for o in spec.outputs[1:] if o.column}
+        self._schema = output_schema(
+            modality.name,
+            spec.name,
+            spec.version,
+            spec.embedding_dim,
+            [model_field(o.column, o.dtype) for o in spec.outputs[1:] if o.column],
+        )
         self._out_headers = [
             ("content-type", CONTENT_TYPE.encode()),
             ("embedstream.schema_version", SCHEMA_VERSION.encode()),
@@ -170,19 +177,21 @@ class Worker:
         return out
 
     def _complete(self, result: _Inferred) -> None:
-        for part, embeddings in result.ok:
-            self._publish(part, embeddings)
+        for part, outputs in result.ok:
+            self._publish(part, outputs)
         for item, why in result.rejected:
             self._dead_letter(BadRecord(item.source, "inference_rejected", why, "BackendError"))
 
-    def _publish(self, items: Sequence[Any], embeddings: np.ndarray) -> None:
+    def _publish(self, items: Sequence[Any], outputs: dict[str, np.ndarray]) -> None:
+        embeddings = outputs[self._backend.spec.embedding_output.name]
         self.stats.batches += 1
         by_partition: dict[tuple[str, int], list[int]] = defaultdict(list)
         for i, it in enumerate(items):
             by_partition[(it.source.topic, it.source.partition)].append(i)
         for (topic, partition), idx in by_partition.items():
             rows = [self._modality.row(items[i]) for i in idx]
-            value = encode_batch(self._schema, rows, embeddings[idx])
+            extra = {column: outputs[name][idx] for name, column in self._model_columns.items()}
+            value = encode_batch(self._schema, rows, embeddings[idx], extra)
             fut = self._producer.send(
                 self.settings.kafka.output_topic,
                 value=value,

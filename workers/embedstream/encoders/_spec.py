@@ -13,16 +13,21 @@ from typing import Any, Literal
 import orjson
 
 Modality = Literal["image", "text", "timeseries"]
-TritonDType = Literal["UINT8", "INT32", "INT64", "FP32"]
+TritonDType = Literal["UINT8", "INT32", "INT64", "FP32", "BOOL"]
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One model input or output, without the batch dimension."""
+    """One model input or output, without the batch dimension.
+
+    For outputs after the first (the embedding), ``column`` names the per-row Arrow column the
+    value lands in (e.g. an autoencoder's ``reconstruction_error``); such outputs have dims ``(1,)``.
+    """
 
     name: str
     dtype: TritonDType
     dims: tuple[int, ...]
+    column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class EncoderSpec:
 
 
 def _tensor(raw: dict[str, Any]) -> TensorSpec:
-    return TensorSpec(name=raw["name"], dtype=raw["dtype"], dims=tuple(raw["dims"]))
+    return TensorSpec(name=raw["name"], dtype=raw["dtype"], dims=tuple(raw["dims"]), column=raw.get("column"))
 
 
 def _image_prep(raw: dict[str, Any]) -> ImagePreprocessing:

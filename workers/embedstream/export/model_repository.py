@@ -54,6 +54,7 @@ def _trace(module: torch.nn.Module, example: tuple[torch.Tensor, ...], spec: Enc
         # A trace can silently bake in the example's batch size; run another size to be sure it did not.
         probe = tuple(torch.cat([t, t[:1]]) for t in example)
         out = traced(*probe)
+        out = out[0] if isinstance(out, (tuple, list)) else out
     expected = (probe[0].shape[0], spec.embedding_dim)
     if tuple(out.shape) != expected:
         raise ModelMismatchError(f"traced {spec.name} returns {tuple(out.shape)} for a batch of 3, not {expected}")

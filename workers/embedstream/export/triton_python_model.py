@@ -25,7 +25,7 @@ class TritonPythonModel:
         path = os.path.join(args["model_repository"], args["model_version"], "model.pt")
         self.model = torch.jit.load(path, map_location=self.device).eval()
         self.input_names = [t["name"] for t in config["input"]]
-        self.output_name = config["output"][0]["name"]
+        self.output_names = [t["name"] for t in config["output"]]
 
     def execute(self, requests: list[Any]) -> list[Any]:
         # Triton's dynamic batcher hands over several requests at once: run them as one batch.
@@ -39,14 +39,18 @@ class TritonPythonModel:
                 for i in range(len(self.input_names))
             ]
             with torch.inference_mode():
-                out = self.model(*stacked).float().cpu().numpy()
+                result = self.model(*stacked)
+            outs = [t.cpu().numpy() for t in (result if isinstance(result, (tuple, list)) else (result,))]
         except Exception as exc:  # a bad batch fails its requests, never the server
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))] * len(
                 requests
             )
         responses, start = [], 0
         for n in sizes:
-            tensor = pb_utils.Tensor(self.output_name, np.ascontiguousarray(out[start : start + n]))
-            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+            tensors = [
+                pb_utils.Tensor(name, np.ascontiguousarray(out[start : start + n]))
+                for name, out in zip(self.output_names, outs, strict=True)
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += n
         return responses

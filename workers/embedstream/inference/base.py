@@ -15,7 +15,7 @@ class InferenceBackend(Protocol):
     def verify(self, batch_size: int) -> None:
         """Fail with ModelMismatchError if the served model cannot take batches as the spec says."""
 
-    def infer(self, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
-        """Run one batch; returns the (N, embedding_dim) float32 embeddings."""
+    def infer(self, inputs: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
+        """Run one batch; returns every output of the spec by name, the (N, dim) embedding first."""
 
     def close(self) -> None: ...

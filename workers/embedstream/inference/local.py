@@ -16,10 +16,11 @@ class TorchBackend:
     def verify(self, batch_size: int) -> None:
         return None
 
-    def infer(self, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
+    def infer(self, inputs: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             out = self._module(*(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs))
-        return out.float().numpy()
+        outs = out if isinstance(out, tuple) else (out,)
+        return {spec.name: t.numpy() for spec, t in zip(self.spec.outputs, outs, strict=True)}
 
     def close(self) -> None:
         return None

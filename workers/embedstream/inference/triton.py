@@ -18,7 +18,7 @@ from embedstream.errors import BackendError, ModelMismatchError
 log = logging.getLogger(__name__)
 
 _RETRIABLE_GRPC = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED"}
-_NUMPY_DTYPE = {"UINT8": np.uint8, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
+_NUMPY_DTYPE = {"UINT8": np.uint8, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}
 
 
 class TritonBackend:
@@ -116,7 +116,7 @@ class TritonBackend:
 
     # -- inference ----------------------------------------------------------------------------------
 
-    def infer(self, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
+    def infer(self, inputs: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
         attempt = 0
         while True:
             try:
@@ -129,7 +129,7 @@ class TritonBackend:
                 self._sleep(delay)
                 attempt += 1
 
-    def _infer_once(self, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
+    def _infer_once(self, inputs: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
         tc = self._tc
         req = []
         for spec, arr in zip(self.spec.inputs, inputs, strict=True):
@@ -137,18 +137,22 @@ class TritonBackend:
             inp = tc.InferInput(spec.name, list(arr.shape), spec.dtype)
             inp.set_data_from_numpy(arr)
             req.append(inp)
-        out_name = self.spec.embedding_output.name
         kwargs: dict[str, Any] = {}
         if self._settings.protocol == "grpc":
             kwargs["client_timeout"] = self._settings.request_timeout_s
         try:
-            result = self._client.infer(self.spec.name, req, outputs=[tc.InferRequestedOutput(out_name)], **kwargs)
+            result = self._client.infer(
+                self.spec.name, req, outputs=[tc.InferRequestedOutput(o.name) for o in self.spec.outputs], **kwargs
+            )
         except Exception as exc:
             raise _classify(exc) from exc
-        out = result.as_numpy(out_name)
-        if out is None or out.shape[0] != inputs[0].shape[0]:
-            raise BackendError(f"Triton returned no or wrong-sized {out_name!r}", retriable=False)
-        return out
+        outputs: dict[str, np.ndarray] = {}
+        for o in self.spec.outputs:
+            arr = result.as_numpy(o.name)
+            if arr is None or arr.shape[0] != inputs[0].shape[0]:
+                raise BackendError(f"Triton returned no or wrong-sized {o.name!r}", retriable=False)
+            outputs[o.name] = arr
+        return outputs
 
     def close(self) -> None:
         with self._clients_lock:

@@ -7,7 +7,7 @@ language-neutral form; a test holds this module to it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,10 +36,21 @@ MODALITY_FIELDS: dict[str, tuple[pa.Field, ...]] = {
 }
 
 
-def output_schema(modality: str, model_name: str, model_version: str, dim: int) -> pa.Schema:
+_ARROW_TYPE = {"FP32": pa.float32(), "BOOL": pa.bool_(), "INT32": pa.int32(), "INT64": pa.int64()}
+
+
+def model_field(column: str, triton_dtype: str) -> pa.Field:
+    """A per-row column filled from a model output other than the embedding."""
+    return pa.field(column, _ARROW_TYPE[triton_dtype], nullable=False)
+
+
+def output_schema(
+    modality: str, model_name: str, model_version: str, dim: int, model_fields: Sequence[pa.Field] = ()
+) -> pa.Schema:
     fields = [
         *COMMON_FIELDS,
         *MODALITY_FIELDS.get(modality, ()),
+        *model_fields,
         pa.field("embedding", pa.list_(pa.field("item", pa.float32(), nullable=False), dim), nullable=False),
     ]
     metadata = {
@@ -65,8 +76,17 @@ class RowMeta:
     extra: tuple[int | float | str, ...] = ()
 
 
-def encode_batch(schema: pa.Schema, rows: Sequence[RowMeta], embeddings: np.ndarray) -> bytes:
-    """Rows + an (N, dim) float32 array -> one Arrow IPC stream. The embedding buffer is not copied."""
+def encode_batch(
+    schema: pa.Schema,
+    rows: Sequence[RowMeta],
+    embeddings: np.ndarray,
+    model_columns: Mapping[str, np.ndarray] | None = None,
+) -> bytes:
+    """Rows + an (N, dim) float32 array -> one Arrow IPC stream. The embedding buffer is not copied.
+
+    ``model_columns`` fills the schema's model fields (other model outputs, one value per row).
+    """
+    model_columns = model_columns or {}
     dim = schema.field("embedding").type.list_size
     if embeddings.shape != (len(rows), dim):
         raise ValueError(f"embeddings shape {embeddings.shape} does not match {len(rows)} rows x {dim}")
@@ -86,7 +106,10 @@ def encode_batch(schema: pa.Schema, rows: Sequence[RowMeta], embeddings: np.ndar
     ]
     extra_fields = schema.names[len(COMMON_FIELDS) : -1]
     for i, name in enumerate(extra_fields):
-        columns.append(pa.array([r.extra[i] for r in rows], schema.field(name).type))
+        if name in model_columns:
+            columns.append(pa.array(np.asarray(model_columns[name]).reshape(n), schema.field(name).type))
+        else:
+            columns.append(pa.array([r.extra[i] for r in rows], schema.field(name).type))
     columns.append(pa.FixedSizeListArray.from_arrays(pa.array(flat), dim))
     batch = pa.RecordBatch.from_arrays(columns, schema=schema)
     sink = pa.BufferOutputStream()
