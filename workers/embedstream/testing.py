@@ -34,11 +34,24 @@ class FakeConsumer:
         self.commit_calls: list[dict[TopicPartition, int]] = []
         self.listener: Any = None
         self.closed = False
+        self.paused_partitions: set[TopicPartition] = set()
 
     def subscribe(self, topics: list[str], listener: Any = None) -> None:
         self.listener = listener
         if listener is not None:
             listener.on_partitions_assigned([TopicPartition(self.topic, p) for p in self._queues])
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(self.topic, p) for p in self._queues}
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused_partitions.update(partitions)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self.paused_partitions.difference_update(partitions)
+
+    def paused(self) -> set[TopicPartition]:
+        return set(self.paused_partitions)
 
     def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Any]]:
         budget = max_records or 500
@@ -46,6 +59,8 @@ class FakeConsumer:
         for p, queue in self._queues.items():
             if budget <= 0:
                 break
+            if TopicPartition(self.topic, p) in self.paused_partitions:
+                continue
             take, self._queues[p] = queue[:budget], queue[budget:]
             if take:
                 out[TopicPartition(self.topic, p)] = take
@@ -110,6 +125,7 @@ class FakeBackend:
         self.spec = spec
         self.poison_value = poison_value
         self.calls: list[int] = []
+        self.down = False  # while True every call fails as if the server were unreachable
 
     def verify(self, batch_size: int) -> None:
         return None
@@ -117,11 +133,16 @@ class FakeBackend:
     def infer(self, inputs: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
         pixels = inputs[0]
         self.calls.append(len(pixels))
+        if self.down:
+            raise BackendError("UNAVAILABLE: connection refused", retriable=True)
         if self.poison_value is not None and (pixels == self.poison_value).all(axis=(1, 2, 3)).any():
             raise BackendError("INVALID_ARG: model refused an input", retriable=False)
         means = pixels.reshape(len(pixels), -1, 3).mean(axis=1).astype(np.float32)
         reps = -(-self.spec.embedding_dim // 3)
         return {self.spec.embedding_output.name: np.tile(means, reps)[:, : self.spec.embedding_dim]}
+
+    def ready(self) -> bool:
+        return not self.down
 
     def close(self) -> None:
         return None

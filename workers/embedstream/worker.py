@@ -27,6 +27,7 @@ from embedstream.errors import BackendError, DeliveryError
 from embedstream.inference import InferenceBackend
 from embedstream.modalities import Modality
 from embedstream.offsets import OffsetTracker
+from embedstream.outage import OutageGate
 from embedstream.records import BadRecord, SourceMessage
 from embedstream.sinks.arrow_codec import CONTENT_TYPE, SCHEMA_VERSION, encode_batch, model_field, output_schema
 from embedstream.sinks.deadletter import VALUE_DROPPED, dead_letter_headers
@@ -51,6 +52,7 @@ class WorkerStats:
     batches: int = 0
     output_messages: int = 0
     commits: int = 0
+    outages: int = 0
     dead_letter_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -94,7 +96,8 @@ class Worker:
         self.assigned: list[TopicPartition] | None = None  # None until the group assigned us
         # Inference runs on threads (the RPC releases the GIL) so decoding the next batch overlaps it.
         self._executor = ThreadPoolExecutor(settings.batch.max_in_flight, thread_name_prefix="infer")
-        self._inflight: deque[Future[_Inferred]] = deque()
+        self._inflight: deque[tuple[list[Any], Future[_Inferred]]] = deque()
+        self._outage = OutageGate(clock)
 
     # -- main loop ----------------------------------------------------------------------------------
 
@@ -111,6 +114,8 @@ class Worker:
         return self.stats
 
     def step(self) -> None:
+        if self._outage.probe_due():
+            self._probe_backend()
         if self._inflight:
             timeout_s = 0.005  # come back soon to publish what the inference threads finish
         elif len(self._batcher):
@@ -129,10 +134,18 @@ class Worker:
             self._commit()
 
     def _drain(self) -> None:
-        """Finish what was consumed, wait for the broker's acks, commit: nothing half-done is left."""
+        """Finish what was consumed, wait for the broker's acks, commit: nothing half-done is left.
+
+        During a backend outage the held messages cannot be finished: they stay uncommitted, and
+        whoever owns their partitions next re-reads them.
+        """
         while len(self._batcher):
             self._submit(self._batcher.take())
         self._reap(block=True)
+        if self._outage.active:
+            log.warning(
+                "leaving %d messages unembedded (backend down); they will be re-read", self._outage.held_messages
+            )
         self._collect_acks(block=True)
         self._commit()
 
@@ -149,14 +162,43 @@ class Worker:
 
     def _submit(self, items: Sequence[Any]) -> None:
         """Hand a batch to the inference threads; at most ``max_in_flight`` wait there at once."""
+        if self._outage.active:
+            self._outage.hold(list(items))
+            return
         while len(self._inflight) >= self.settings.batch.max_in_flight:
-            self._complete(self._inflight.popleft().result())
-        self._inflight.append(self._executor.submit(self._infer_splitting, list(items)))
+            self._finish(*self._inflight.popleft())
+        batch = list(items)
+        self._inflight.append((batch, self._executor.submit(self._infer_splitting, batch)))
 
     def _reap(self, block: bool) -> None:
         """Publish finished batches in submission order, so rows of a partition leave in offset order."""
-        while self._inflight and (block or self._inflight[0].done()):
-            self._complete(self._inflight.popleft().result())
+        while self._inflight and (block or self._inflight[0][1].done()):
+            self._finish(*self._inflight.popleft())
+
+    def _finish(self, batch: list[Any], future: Future[_Inferred]) -> None:
+        try:
+            result = future.result()
+        except BackendError as exc:  # only retriable ones get here, after the backend's own retries
+            self._enter_outage(str(exc), batch)
+            return
+        self._complete(result)
+
+    def _enter_outage(self, reason: str, batch: list[Any]) -> None:
+        if self._outage.enter(reason):
+            self.stats.outages += 1
+            log.warning("inference backend unavailable (%s): pausing consumption until it is back", reason)
+            self._consumer.pause(*self._consumer.assignment())
+        self._outage.hold(batch)
+
+    def _probe_backend(self) -> None:
+        if not self._backend.ready():
+            self._outage.probe_failed()
+            return
+        batches, lasted = self._outage.release()
+        log.warning("inference backend is back after %.1fs: resuming %d held batches", lasted, len(batches))
+        self._consumer.resume(*self._consumer.paused())
+        for batch in batches:
+            self._submit(batch)
 
     def _infer_splitting(self, items: list[Any]) -> _Inferred:
         """Runs on an inference thread. A batch Triton refuses is halved until the refused record is alone."""
@@ -248,7 +290,10 @@ class Worker:
         assigned = self.assigned
         return {
             "worker_id": self.settings.worker_id,
-            "ready": assigned is not None,
+            "ready": assigned is not None and not self._outage.active,
+            "degraded": self._outage.active,
+            "degraded_reason": self._outage.reason,
+            "outages": self.stats.outages,
             "assigned": sorted(f"{tp.topic}/{tp.partition}" for tp in assigned or []),
             "consumed": self.stats.consumed,
             "embedded": self.stats.embedded,
@@ -258,7 +303,15 @@ class Worker:
 
     def on_revoked(self, partitions: list[TopicPartition]) -> None:
         self._drain()
+        dropped = self._outage.drop_partitions(partitions)
+        if dropped:
+            log.warning("dropped %d held messages of revoked partitions; their new owner re-reads them", dropped)
         self._tracker.forget(list(partitions))
+
+    def on_assigned(self, partitions: list[TopicPartition]) -> None:
+        self.assigned = list(partitions)
+        if self._outage.active and partitions:
+            self._consumer.pause(*partitions)  # still no backend: take the partitions, do not read them yet
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -271,7 +324,7 @@ class _Rebalance(ConsumerRebalanceListener):
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("partitions assigned: %s", sorted(assigned))
-        self._worker.assigned = list(assigned)
+        self._worker.on_assigned(list(assigned))
 
 
 def _source(rec: Any) -> SourceMessage:

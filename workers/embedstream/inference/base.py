@@ -18,4 +18,7 @@ class InferenceBackend(Protocol):
     def infer(self, inputs: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
         """Run one batch; returns every output of the spec by name, the (N, dim) embedding first."""
 
+    def ready(self) -> bool:
+        """Whether the backend can take requests now (probed during an outage)."""
+
     def close(self) -> None: ...

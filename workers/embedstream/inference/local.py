@@ -22,5 +22,8 @@ class TorchBackend:
         outs = out if isinstance(out, tuple) else (out,)
         return {spec.name: t.numpy() for spec, t in zip(self.spec.outputs, outs, strict=True)}
 
+    def ready(self) -> bool:
+        return True
+
     def close(self) -> None:
         return None

@@ -79,6 +79,12 @@ class TritonBackend:
                 )
             self._sleep(0.5)
 
+    def ready(self) -> bool:
+        try:
+            return bool(self._client.is_model_ready(self.spec.name))
+        except Exception:  # refused, reset, timed out: not ready
+            return False
+
     def served_config(self) -> dict[str, Any]:
         if self._settings.protocol == "grpc":
             return self._client.get_model_config(self.spec.name, as_json=True)["config"]
