@@ -18,7 +18,7 @@ def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> 
 
 def read_all(settings, expected: int, timeout_s: float = 180.0) -> Readback:
     k = settings.kafka
-    reader = TopicReader(k.bootstrap_servers, k.output_topic, k.dead_letter_topic)
+    reader = TopicReader(k.bootstrap_servers, k.output_topic, k.dead_letter_topic, k.delivery == "exactly_once")
     try:
         return reader.read_until(expected, timeout_s)
     finally:
@@ -27,7 +27,7 @@ def read_all(settings, expected: int, timeout_s: float = 180.0) -> Readback:
 
 def wait_for_rows(settings, at_least: int, timeout_s: float = 120.0) -> int:
     k = settings.kafka
-    reader = TopicReader(k.bootstrap_servers, k.output_topic, k.dead_letter_topic)
+    reader = TopicReader(k.bootstrap_servers, k.output_topic, k.dead_letter_topic, k.delivery == "exactly_once")
     try:
         deadline = time.monotonic() + timeout_s
         seen = 0
@@ -56,7 +56,7 @@ def accounting(produced_keys: list[bytes], result: Readback) -> dict[str, int]:
 def read_until_complete(settings, produced_keys: list[bytes], timeout_s: float = 180.0, settle_s: float = 2.0):
     """Read until every produced key is seen (as a row or a dead letter), then a little longer for late duplicates."""
     k = settings.kafka
-    reader = TopicReader(k.bootstrap_servers, k.output_topic, k.dead_letter_topic)
+    reader = TopicReader(k.bootstrap_servers, k.output_topic, k.dead_letter_topic, k.delivery == "exactly_once")
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and accounting(produced_keys, reader.result)["missing"]:

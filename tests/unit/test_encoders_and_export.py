@@ -13,6 +13,11 @@ from embedstream.export import ExportTarget, export_model, render_config
 
 # A small setting per family keeps the unit tier fast; new families add a line here.
 SMALL = {"cnn": EncoderSettings(family="cnn", arch="mobilenetv3_small_050", weights="random", max_batch_size=16)}
+SMALL["transformer"] = EncoderSettings(family="transformer", arch="all-MiniLM-L6-v2", max_batch_size=16)
+
+# Time-series families take their sizes from arch (w<window>c<channels>h<hidden>[l<latent>]) with random weights.
+SMALL["lstm"] = EncoderSettings(family="lstm", arch="w16c3h8", weights="random", max_batch_size=16)
+SMALL["autoencoder"] = EncoderSettings(family="autoencoder", arch="w16c3h16l4", weights="random", max_batch_size=16)
 
 
 @pytest.fixture(params=list_families())
@@ -53,8 +58,12 @@ def test_exported_torchscript_equals_the_module(family_settings, tmp_path):
     with torch.inference_mode():
         want = fam.build(family_settings)(*inputs)
         got = scripted(*inputs)
-    assert got.shape == (5, spec.embedding_dim)
-    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+    # Models with extra outputs (the autoencoder) return a tuple in spec.outputs order: compare each.
+    got, want = ((x,) if isinstance(x, torch.Tensor) else tuple(x) for x in (got, want))
+    assert len(got) == len(spec.outputs)
+    assert got[0].shape == (5, spec.embedding_dim)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.numpy().astype(np.float32), w.numpy().astype(np.float32), rtol=1e-4, atol=1e-4)
     assert (tmp_path / spec.name / "1" / "model.py").is_file()
 
 

@@ -112,3 +112,33 @@ def test_gate_backs_off_and_drops_revoked_partitions():
     assert gate.drop_partitions([TopicPartition("images", 1)]) == 2
     batches, lasted = gate.release()
     assert [len(b) for b in batches] == [1] and lasted == 1.5 and not gate.active
+
+
+def test_exactly_once_commits_offsets_inside_the_producer_transaction():
+    import threading
+
+    settings = load_settings(
+        batch={"max_size": 4, "max_wait_ms": 0},
+        encoder={"max_batch_size": 8},
+        commit_interval_ms=0,
+        worker_id="w",
+        kafka={"delivery": "exactly_once", "group_id": "g-eos"},
+    )
+    consumer = FakeConsumer({0: [(b"k%d" % i, png(i)) for i in range(9)] + [(b"bad", b"nope")]})
+    producer = FakeProducer()
+    worker = Worker(settings, ImageModality(SPEC, settings), FakeBackend(SPEC), consumer, producer)
+    stop = threading.Event()
+    real_step = worker.step
+
+    def step_then_stop():
+        real_step()
+        if consumer.drained():
+            stop.set()
+
+    worker.step = step_then_stop
+    worker.run(stop)
+    assert consumer.commit_calls == [], "offsets travel only inside transactions"
+    committed = [t for t in producer.transactions if t["offsets"]]
+    assert committed and committed[-1]["offsets"] == {TP0: 10}
+    assert all(t["group"] == "g-eos" for t in committed)
+    assert sum(t["sends"] for t in producer.transactions) == len(producer.sent["embeddings.image"]) + 1

@@ -31,6 +31,14 @@ class KafkaSettings(_Frozen):
     dead_letter_topic: str = "deadletter.image"
     client_id: str = "embedstream"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    # at_least_once: commit consumer offsets after the outputs are acknowledged (duplicates possible
+    # after a crash). exactly_once: outputs and offsets in one Kafka transaction; readers of the
+    # output topics must use isolation_level=read_committed.
+    delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    # Defaults to "<group_id>-<worker_id>"; give each replica a stable one (e.g. the pod name of a
+    # StatefulSet) so a restarted worker fences its predecessor's open transaction at once.
+    transactional_id: str | None = None
+    transaction_timeout_ms: int = Field(default=60_000, ge=1000)
     # A short session keeps group joins and failover in seconds, not the client's ~25 s default.
     session_timeout_ms: int = Field(default=6000, ge=1000)
     heartbeat_interval_ms: int = Field(default=1000, ge=100)
@@ -93,6 +101,28 @@ class ImageLimits(_Frozen):
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
 
 
+class TextLimits(_Frozen):
+    # Checked before decoding: a text this large would be tokenized in full only to be truncated.
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1)
+
+
+class TimeSeriesSettings(_Frozen):
+    """Windowing of observation streams (the window length and channel count come from the model).
+
+    See ``modalities/timeseries.py`` for the rules on late points, eviction and restarts.
+    """
+
+    # Points between the ends of consecutive windows of one series; None: the window length
+    # (tumbling windows). Must not exceed the window length: every point lands in some window.
+    stride: int | None = Field(default=None, ge=1)
+    # Open series held per worker (LRU beyond): bounds memory at max_series x window length points.
+    max_series: int = Field(default=10_000, ge=1)
+    # Evict a series whose newest point is this far (event time) behind the newest point of its
+    # partition, so a series that went quiet does not hold the partition's commits back; None: never.
+    idle_evict_ms: int | None = Field(default=None, ge=1)
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True, extra="forbid")
 
@@ -102,6 +132,8 @@ class Settings(BaseSettings):
     encoder: EncoderSettings = EncoderSettings()
     batch: BatchSettings = BatchSettings()
     limits: ImageLimits = ImageLimits()
+    timeseries: TimeSeriesSettings = TimeSeriesSettings()
+    text: TextLimits = TextLimits()
     commit_interval_ms: int = Field(default=1000, ge=0)
     # Liveness/readiness HTTP endpoint; port 0 picks a free one, None disables it.
     health_host: str = "0.0.0.0"

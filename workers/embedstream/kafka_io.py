@@ -29,6 +29,7 @@ def _security(k: KafkaSettings) -> dict[str, Any]:
 
 def make_consumer(k: KafkaSettings, client_id: str) -> KafkaConsumer:
     return KafkaConsumer(
+        isolation_level="read_committed" if k.delivery == "exactly_once" else "read_uncommitted",
         bootstrap_servers=k.bootstrap_servers,
         group_id=k.group_id,
         client_id=client_id,
@@ -43,8 +44,15 @@ def make_consumer(k: KafkaSettings, client_id: str) -> KafkaConsumer:
     )
 
 
-def make_producer(k: KafkaSettings, client_id: str) -> KafkaProducer:
+def make_producer(k: KafkaSettings, client_id: str, worker_id: str = "") -> KafkaProducer:
+    transactional: dict[str, Any] = {}
+    if k.delivery == "exactly_once":
+        transactional = {
+            "transactional_id": k.transactional_id or f"{k.group_id}-{worker_id}",
+            "transaction_timeout_ms": k.transaction_timeout_ms,
+        }
     return KafkaProducer(
+        **transactional,
         bootstrap_servers=k.bootstrap_servers,
         client_id=client_id,
         acks="all",

@@ -42,10 +42,16 @@ class Readback:
 class TopicReader:
     """A group-less consumer over every partition of the output and dead-letter topics."""
 
-    def __init__(self, bootstrap: str, output_topic: str, dead_letter_topic: str) -> None:
+    def __init__(
+        self, bootstrap: str, output_topic: str, dead_letter_topic: str, read_committed: bool = False
+    ) -> None:
         self._out, self._dlq = output_topic, dead_letter_topic
         self._consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest"
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            group_id=None,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed" if read_committed else "read_uncommitted",
         )
         parts = [TopicPartition(t, p) for t in (output_topic, dead_letter_topic) for p in sorted(self._partitions(t))]
         self._consumer.assign(parts)

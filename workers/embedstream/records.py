@@ -16,6 +16,13 @@ Reason = Literal[
     "unsupported_format",
     "decompression_bomb",
     "inference_rejected",
+    "invalid_utf8",
+    # time series (schemas/timeseries-*.schema.json)
+    "invalid_timeseries",
+    "non_finite",
+    "wrong_shape",
+    "late",
+    "evicted",
 ]
 REASONS: tuple[str, ...] = Reason.__args__  # type: ignore[attr-defined]
 

@@ -31,7 +31,7 @@ def create_worker(settings: Settings, ready_timeout_s: float = 120.0) -> Worker:
         modality_for(spec, settings),
         backend,
         make_consumer(settings.kafka, client_id),
-        make_producer(settings.kafka, client_id),
+        make_producer(settings.kafka, client_id, settings.worker_id),
     )
 
 

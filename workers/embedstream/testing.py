@@ -117,6 +117,29 @@ class FakeProducer:
     def close(self, timeout: float | None = None) -> None:
         self.flush()
 
+    # -- transactions: records what each committed transaction carried --------------------------------
+
+    def init_transactions(self) -> None:
+        self.transactions: list[dict[str, Any]] = []
+        self._open: dict[str, Any] | None = None
+
+    def begin_transaction(self) -> None:
+        self._open = {"sends": sum(len(v) for v in self.sent.values()), "offsets": {}, "group": None}
+
+    def send_offsets_to_transaction(self, offsets: dict[TopicPartition, OffsetAndMetadata], group_id: str) -> None:
+        if self._open is None:
+            raise RuntimeError("no transaction in progress")
+        self._open["offsets"] = {tp: om.offset for tp, om in offsets.items()}
+        self._open["group"] = group_id
+
+    def commit_transaction(self) -> None:
+        if self._open is None:
+            raise RuntimeError("no transaction in progress")
+        self.flush()
+        total = sum(len(v) for v in self.sent.values())
+        self.transactions.append({**self._open, "sends": total - self._open["sends"]})
+        self._open = None
+
 
 class FakeBackend:
     """Deterministic embeddings (per-channel means, repeated), and it can refuse chosen inputs like Triton."""

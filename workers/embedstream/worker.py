@@ -44,6 +44,30 @@ class _Inferred:
     rejected: list[tuple[Any, str]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A modality's decode result when a message does not map to exactly one row of its own.
+
+    Time-series observations are the case: a point joins its series' open window and only a later
+    point completes a window row that stands for many messages. ``item`` is the row this message
+    completed (None: the message was only absorbed into the modality's state); ``dead_letters``
+    are other messages the modality gave up on meanwhile (e.g. the points of an evicted series).
+    An absorbed message's offset stays unfinished until a row lists it in its ``covers`` or it is
+    dead-lettered, so the partition's commit point stays behind it and a restart re-reads it.
+    """
+
+    item: Any | None = None
+    dead_letters: tuple[BadRecord, ...] = ()
+
+
+def _covers(item: Any) -> list[tuple[TopicPartition, int]]:
+    """The input offsets a row finishes: its own message, or those the item lists (a window's points)."""
+    covers = getattr(item, "covers", None)
+    if covers is not None:
+        return list(covers)
+    return [(TopicPartition(item.source.topic, item.source.partition), item.source.offset)]
+
+
 @dataclass
 class WorkerStats:
     consumed: int = 0
@@ -98,11 +122,17 @@ class Worker:
         self._executor = ThreadPoolExecutor(settings.batch.max_in_flight, thread_name_prefix="infer")
         self._inflight: deque[tuple[list[Any], Future[_Inferred]]] = deque()
         self._outage = OutageGate(clock)
+        self._transactional = settings.kafka.delivery == "exactly_once"
+        self._sent_in_transaction = False
 
     # -- main loop ----------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> WorkerStats:
         k = self.settings.kafka
+        if self._transactional:
+            # Fences an earlier producer with this transactional id and aborts its open transaction.
+            self._producer.init_transactions()
+            self._producer.begin_transaction()
         self._consumer.subscribe([k.input_topic], listener=_Rebalance(self))
         log.info("worker %s consuming %s as group %s", self.settings.worker_id, k.input_topic, k.group_id)
         try:
@@ -155,6 +185,12 @@ class Worker:
         self.stats.consumed += 1
         self._tracker.track(TopicPartition(msg.topic, msg.partition), msg.offset)
         item = self._modality.decode(msg)
+        if isinstance(item, Deferred):
+            for bad in item.dead_letters:
+                self._dead_letter(bad)
+            if item.item is None:
+                return  # absorbed: finished later, by the row or dead letter that covers it
+            item = item.item
         if isinstance(item, BadRecord):
             self._dead_letter(item)
         else:
@@ -222,7 +258,7 @@ class Worker:
         for part, outputs in result.ok:
             self._publish(part, outputs)
         for item, why in result.rejected:
-            self._dead_letter(BadRecord(item.source, "inference_rejected", why, "BackendError"))
+            self._dead_letter(BadRecord(item.source, "inference_rejected", why, "BackendError"), _covers(item))
 
     def _publish(self, items: Sequence[Any], outputs: dict[str, np.ndarray]) -> None:
         embeddings = outputs[self._backend.spec.embedding_output.name]
@@ -240,11 +276,12 @@ class Worker:
                 key=f"{topic}/{partition}".encode(),
                 headers=[*self._out_headers, ("embedstream.rows", str(len(rows)).encode())],
             )
-            self._pending.append((fut, [(TopicPartition(topic, partition), r.offset) for r in rows]))
+            self._pending.append((fut, [c for i in idx for c in _covers(items[i])]))
             self.stats.output_messages += 1
             self.stats.embedded += len(rows)
 
-    def _dead_letter(self, bad: BadRecord) -> None:
+    def _dead_letter(self, bad: BadRecord, covers: list[tuple[TopicPartition, int]] | None = None) -> None:
+        """``covers``: the offsets this dead letter finishes, when the record stood for more than its message."""
         src = bad.source
         log.info("dead letter %s: %s (%s)", src.coordinates, bad.reason, bad.message[:200])
         headers = dead_letter_headers(bad, self.settings.worker_id)
@@ -254,7 +291,7 @@ class Worker:
             headers.append((VALUE_DROPPED, str(len(value)).encode()))
             value = b""
         fut = self._producer.send(self.settings.kafka.dead_letter_topic, value=value, key=src.key, headers=headers)
-        self._pending.append((fut, [(TopicPartition(src.topic, src.partition), src.offset)]))
+        self._pending.append((fut, covers or [(TopicPartition(src.topic, src.partition), src.offset)]))
         self.stats.dead_lettered += 1
         self.stats.dead_letter_reasons[bad.reason] += 1
 
@@ -270,9 +307,13 @@ class Worker:
                 raise DeliveryError(f"broker did not acknowledge an output message: {fut.exception}")
             for tp, off in offsets:
                 self._tracker.done(tp, off)
+            self._sent_in_transaction = True
         self._pending = still
 
     def _commit(self) -> None:
+        if self._transactional:
+            self._commit_transaction()
+            return
         offsets = self._tracker.committable()
         self._last_commit = self._clock()
         if not offsets:
@@ -280,6 +321,28 @@ class Worker:
         self._consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
         self._tracker.mark_committed(offsets)
         self.stats.commits += 1
+
+    def _commit_transaction(self) -> None:
+        """Exactly-once: every output sent since the last commit, and the offsets they finish, in one transaction.
+
+        Batches still at Triton are waited for first, so the transaction never holds half a batch;
+        work held during an outage stays out of it (its offsets are not finished).
+        """
+        self._reap(block=True)
+        self._collect_acks(block=True)
+        offsets = self._tracker.committable()
+        self._last_commit = self._clock()
+        if not offsets and not self._sent_in_transaction:
+            return
+        if offsets:
+            self._producer.send_offsets_to_transaction(
+                {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}, self.settings.kafka.group_id
+            )
+        self._producer.commit_transaction()
+        self._tracker.mark_committed(offsets)
+        self.stats.commits += 1
+        self._sent_in_transaction = False
+        self._producer.begin_transaction()
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -306,6 +369,9 @@ class Worker:
         dropped = self._outage.drop_partitions(partitions)
         if dropped:
             log.warning("dropped %d held messages of revoked partitions; their new owner re-reads them", dropped)
+        forget = getattr(self._modality, "forget", None)
+        if forget is not None:
+            forget(list(partitions))  # e.g. open windows: the new owner rebuilds them from the uncommitted log
         self._tracker.forget(list(partitions))
 
     def on_assigned(self, partitions: list[TopicPartition]) -> None:

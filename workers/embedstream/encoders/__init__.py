@@ -1,6 +1,6 @@
 """Encoder specs and the families that build them; importing a family registers it."""
 
-from embedstream.encoders import cnn
+from embedstream.encoders import autoencoder, cnn, lstm, transformer
 from embedstream.encoders._registry import EncoderFamily, get_family, list_families, register_family
 from embedstream.encoders._spec import EncoderSpec, ImagePreprocessing, TensorSpec
 
@@ -9,8 +9,11 @@ __all__ = [
     "EncoderSpec",
     "ImagePreprocessing",
     "TensorSpec",
+    "autoencoder",
     "cnn",
     "get_family",
     "list_families",
+    "lstm",
     "register_family",
+    "transformer",
 ]

@@ -35,7 +35,7 @@ class TritonPythonModel:
         sizes = [arrays[0].shape[0] for arrays in per_request]
         try:
             stacked = [
-                torch.from_numpy(np.concatenate([arrays[i] for arrays in per_request])).to(self.device)
+                torch.from_numpy(_concat_padded([arrays[i] for arrays in per_request])).to(self.device)
                 for i in range(len(self.input_names))
             ]
             with torch.inference_mode():
@@ -54,3 +54,19 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += n
         return responses
+
+
+def _concat_padded(arrays: list[np.ndarray]) -> np.ndarray:
+    """Concatenate along the batch dimension, right-padding every other dimension with zeros to the largest.
+
+    Variable-length inputs (token ids and their mask, dims -1) arrive padded to each request's own
+    longest row; zeros past a row's end are masked padding, so the merged batch means the same.
+    Fixed-shape inputs (images) all agree already and are concatenated untouched.
+    """
+    shapes = {a.shape[1:] for a in arrays}
+    if len(shapes) == 1:
+        return np.concatenate(arrays)
+    target = tuple(max(dims) for dims in zip(*shapes, strict=True))
+    return np.concatenate(
+        [np.pad(a, [(0, 0)] + [(0, t - n) for n, t in zip(a.shape[1:], target, strict=True)]) for a in arrays]
+    )

@@ -36,7 +36,11 @@ class Modality(Protocol):
 
 ModalityFactory = Callable[["EncoderSpec", "Settings"], Modality]
 _MODALITIES: dict[str, ModalityFactory] = {}
-_MODULES = {"image": "embedstream.modalities.image"}
+_MODULES = {
+    "image": "embedstream.modalities.image",
+    "text": "embedstream.modalities.text",
+    "timeseries": "embedstream.modalities.timeseries",
+}
 
 
 def register_modality(name: str, factory: ModalityFactory) -> None:

@@ -120,6 +120,10 @@ class LocalTriton:
     def stop(self) -> None:
         self._proc.stop(timeout_s=20)
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
     def kill(self) -> None:
         self._proc.kill()
 

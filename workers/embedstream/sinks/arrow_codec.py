@@ -33,6 +33,17 @@ MODALITY_FIELDS: dict[str, tuple[pa.Field, ...]] = {
         pa.field("source_width", pa.int32(), nullable=False),
         pa.field("source_height", pa.int32(), nullable=False),
     ),
+    "text": (
+        pa.field("truncated", pa.bool_(), nullable=False),
+        pa.field("token_count", pa.int32(), nullable=False),
+    ),
+    "timeseries": (
+        pa.field("series_id", pa.string(), nullable=False),
+        pa.field("window_start", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("window_end", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("points", pa.int32(), nullable=False),
+        pa.field("messages_finished", pa.int32(), nullable=False),
+    ),
 }
 
 

@@ -1,0 +1,72 @@
+"""The fault suite: its own real broker + Triton (these tests kill and freeze them), and a report.
+
+Every test streams messages with unique keys and records produced / embedded / dead-lettered /
+duplicates / missing and recovery time; the table prints at the end of the run and is written to
+``$EMBEDSTREAM_FAULT_REPORT`` (JSON) when that is set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from embedstream.config import Settings, load_settings
+from embedstream.kafka_io import ensure_topics
+from embedstream.runtime.stack import LocalStack
+
+REPORT: list[dict] = []
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def fault_stack(tmp_path_factory) -> Iterator[LocalStack]:
+    settings = load_settings(
+        encoder={"arch": "mobilenetv3_small_100", "weights": "random"},
+        # Fail fast and probe often, so outages show up and heal within a test's time.
+        triton={"request_timeout_s": 3.0, "max_retries": 1, "retry_backoff_s": 0.2},
+        commit_interval_ms=500,
+        limits={"max_message_bytes": 2 * 1024 * 1024},
+    )
+    with LocalStack(settings, workdir=tmp_path_factory.mktemp("faults")) as stack:
+        yield stack
+
+
+@pytest.fixture
+def fault_lane(fault_stack, tmp_path, request) -> tuple[Settings, Path]:
+    n = f"{request.node.name[:30]}-{next(_counter)}-{os.getpid()}"
+    base = fault_stack.settings.model_dump()
+    base["kafka"].update(
+        input_topic=f"in-{n}", output_topic=f"out-{n}", dead_letter_topic=f"dlq-{n}", group_id=f"g-{n}"
+    )
+    settings = Settings(**base)
+    k = settings.kafka
+    ensure_topics(k, {k.input_topic: 6, k.output_topic: 6, k.dead_letter_topic: 1})
+    return settings, tmp_path
+
+
+@pytest.fixture
+def report(request):
+    def record(**figures) -> None:
+        row = {"test": request.node.name, **figures}
+        REPORT.append(row)
+        print("fault report:", row)
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not REPORT:
+        return
+    cols = ["test", "produced", "embedded", "dead_lettered", "duplicates", "missing", "recovery_s"]
+    terminalreporter.section("fault suite")
+    terminalreporter.write_line(" | ".join(cols))
+    for row in REPORT:
+        terminalreporter.write_line(" | ".join(str(row.get(c, "")) for c in cols))
+    out = os.environ.get("EMBEDSTREAM_FAULT_REPORT")
+    if out:
+        Path(out).write_text(json.dumps(REPORT, indent=2))

@@ -1,0 +1,142 @@
+"""Time-series messages: one observation or one whole window per message, as JSON.
+
+``schemas/timeseries-observation.schema.json`` and ``schemas/timeseries-window.schema.json``
+describe the two shapes; a message is a window when its ``values`` is a list of lists. JSON has no
+NaN: the parser still accepts the common non-standard ``NaN``/``Infinity`` tokens (and ``null``)
+so that such values reach the check that dead-letters them as ``non_finite`` instead of being
+lumped with unparseable bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+from kafka.structs import TopicPartition
+
+from embedstream.records import BadRecord, SourceMessage
+
+OBSERVATION_KEYS = frozenset({"series_id", "timestamp_ms", "values", "metadata"})
+WINDOW_KEYS = frozenset({"series_id", "start_ms", "end_ms", "values", "metadata"})
+_MAX_INT64 = 2**63 - 1  # Arrow timestamps are int64
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One point of one series: ``values`` holds one float32 per channel."""
+
+    source: SourceMessage
+    series_id: str
+    timestamp_ms: int
+    values: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class TimeSeriesWindow:
+    """A (T x C) float32 window ready for the model.
+
+    ``source`` is the message that completed it (its own message for a window message; the newest
+    point for a window built from observations). ``covers`` are the input offsets this row
+    *finishes*: for a built window, the points that will not be part of any later window of the
+    series (see ``modalities/timeseries.py``); the worker marks them done when the row is acked.
+    """
+
+    source: SourceMessage
+    series_id: str
+    start_ms: int
+    end_ms: int
+    values: np.ndarray = field(repr=False)
+    covers: tuple[tuple[TopicPartition, int], ...]
+
+    @property
+    def points(self) -> int:
+        return int(self.values.shape[0])
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        # orjson is strict about NaN/Infinity; the stdlib parser reads them, so they can be named non_finite.
+        return json.loads(raw)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _timestamp(doc: dict[str, Any], name: str, default: int) -> int | None:
+    v = doc.get(name, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= _MAX_INT64:
+        return None
+    return v
+
+
+def parse_timeseries(
+    msg: SourceMessage, window_length: int, channels: int, max_bytes: int
+) -> Observation | TimeSeriesWindow | BadRecord:
+    """Bytes -> an observation, a window, or a BadRecord; never raises on bad input."""
+
+    def bad(reason: str, why: str, error_class: str = "ValueError") -> BadRecord:
+        return BadRecord(msg, reason, why, error_class)  # type: ignore[arg-type]
+
+    if not msg.value:
+        return bad("empty", "empty message")
+    if len(msg.value) > max_bytes:
+        return bad("oversize", f"{len(msg.value)} bytes > timeseries.max_message_bytes {max_bytes}")
+    try:
+        doc = _loads(msg.value)
+    except (ValueError, RecursionError) as exc:
+        return bad("invalid_timeseries", f"not valid JSON ({exc})", type(exc).__name__)
+    if not isinstance(doc, dict):
+        return bad("invalid_timeseries", f"expected a JSON object, got {type(doc).__name__}")
+    series_id = doc.get("series_id")
+    if not isinstance(series_id, str) or not series_id:
+        return bad("invalid_timeseries", "'series_id' must be a non-empty string")
+    if "metadata" in doc and not isinstance(doc["metadata"], dict):
+        return bad("invalid_timeseries", "'metadata' must be an object")
+    values = doc.get("values")
+    if not isinstance(values, list) or not values:
+        return bad("invalid_timeseries", "'values' must be a non-empty array")
+    is_window = isinstance(values[0], list)
+    allowed = WINDOW_KEYS if is_window else OBSERVATION_KEYS
+    unknown = set(doc) - allowed
+    if unknown:
+        kind = "window" if is_window else "observation"
+        return bad("invalid_timeseries", f"unknown fields {sorted(unknown)} for a {kind}")
+
+    rows = values if is_window else [values]
+    for row in rows:
+        if not isinstance(row, list) or not all(v is None or _is_number(v) for v in row):
+            return bad("invalid_timeseries", "'values' must hold numbers (a window: arrays of numbers)")
+    if is_window and len(rows) != window_length:
+        return bad("wrong_shape", f"window of {len(rows)} points, the model takes {window_length}")
+    widths = {len(row) for row in rows}
+    if widths != {channels}:
+        return bad("wrong_shape", f"{sorted(widths)} channels, the model takes {channels}")
+    try:
+        arr = np.array([[math.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
+    except OverflowError as exc:  # integers beyond float range
+        return bad("non_finite", f"value out of range ({exc})", "OverflowError")
+    with np.errstate(over="ignore"):
+        arr32 = arr.astype(np.float32)
+    if not np.isfinite(arr32).all():
+        n = int((~np.isfinite(arr32)).sum())
+        return bad("non_finite", f"{n} value(s) are null, NaN, infinite or beyond float32")
+
+    if not is_window:
+        ts = _timestamp(doc, "timestamp_ms", -1) if "timestamp_ms" in doc else None
+        if ts is None:
+            return bad("invalid_timeseries", "'timestamp_ms' is required: an integer from 0 to 2**63-1")
+        return Observation(msg, series_id, ts, arr32[0])
+    end = _timestamp(doc, "end_ms", msg.timestamp_ms)
+    start = _timestamp(doc, "start_ms", end if end is not None else 0)
+    if start is None or end is None or start > end:
+        return bad("invalid_timeseries", "'start_ms'/'end_ms' must be integers from 0 to 2**63-1, start <= end")
+    return TimeSeriesWindow(
+        msg, series_id, start, end, arr32, ((TopicPartition(msg.topic, msg.partition), msg.offset),)
+    )

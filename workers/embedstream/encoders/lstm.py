@@ -1,0 +1,112 @@
+"""LSTM time-series encoder: a (T x C) float32 window -> the final hidden state of the last layer.
+
+Trained by ``embedstream train`` (next-step prediction; the prediction head is not served). The
+per-channel normalisation fitted on the training data lives in the module as buffers, so the worker
+sends raw values and the server normalises.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from embedstream.encoders._registry import EncoderFamily, register_family
+from embedstream.encoders._spec import EncoderSpec, TensorSpec
+from embedstream.errors import ConfigError
+from embedstream.training.artifacts import Sidecar, load_sidecar
+
+if TYPE_CHECKING:
+    from embedstream.config import EncoderSettings
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "window__0"
+OUTPUT_NAME = "embedding__0"
+
+
+class LSTMEncoder(torch.nn.Module):
+    def __init__(
+        self, channels: int, hidden: int, layers: int = 1, mean: tuple[float, ...] = (), std: tuple[float, ...] = ()
+    ) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean or (0.0,) * channels, dtype=torch.float32).view(1, 1, -1))
+        self.register_buffer("std", torch.tensor(std or (1.0,) * channels, dtype=torch.float32).view(1, 1, -1))
+        self.lstm = torch.nn.LSTM(channels, hidden, num_layers=layers, batch_first=True)
+
+    def sequence(self, window: torch.Tensor) -> torch.Tensor:
+        """Hidden states at every step (N, T, H): what the training objective reads."""
+        out, _ = self.lstm((window - self.mean) / self.std)
+        return out
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        _, (h, _) = self.lstm((window - self.mean) / self.std)
+        return h[-1]
+
+
+def window_spec(family: str, settings: EncoderSettings, side: Sidecar, outputs: tuple[TensorSpec, ...]) -> EncoderSpec:
+    """The spec both time-series families share: one FP32 window input, sizes and provenance from the sidecar."""
+    weights = settings.weights or "random"
+    extra = {
+        "window_length": side.window_length,
+        "channels": side.channels,
+        "hidden": side.hidden,
+        "latent": side.latent,
+        "layers": side.layers,
+        "threshold": side.threshold,
+        "threshold_rule": dict(side.threshold_rule),
+    }
+    return EncoderSpec(
+        name=settings.model_name or f"ts-{family}-w{side.window_length}c{side.channels}",
+        version=settings.version,
+        modality="timeseries",
+        family=family,
+        source="random" if weights == "random" else f"embedstream-train/{Path(weights).name}",
+        inputs=(TensorSpec(INPUT_NAME, "FP32", (side.window_length, side.channels)),),
+        outputs=outputs,
+        embedding_dim=outputs[0].dims[0],
+        max_batch_size=settings.max_batch_size,
+        extra=extra,
+    )
+
+
+def load_weights(module: torch.nn.Module, weights: str) -> None:
+    """Load a safetensors file strictly: every tensor of the module, nothing pickled, nothing left out."""
+    from safetensors.torch import load_file
+
+    state = load_file(weights)
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ConfigError(f"{weights} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ConfigError(f"{weights}: tensor {k} is {tuple(v.shape)}, the model needs {tuple(own[k].shape)}")
+    module.load_state_dict(state)
+
+
+def describe(settings: EncoderSettings) -> EncoderSpec:
+    side = load_sidecar("lstm", settings.weights, settings.arch)
+    return window_spec("lstm", settings, side, (TensorSpec(OUTPUT_NAME, "FP32", (side.hidden,)),))
+
+
+def build(settings: EncoderSettings) -> torch.nn.Module:
+    side = load_sidecar("lstm", settings.weights, settings.arch)
+    if settings.weights == "random":
+        log.warning("lstm encoder uses random weights, as configured: embeddings carry no meaning")
+        torch.manual_seed(settings.seed)
+    module = LSTMEncoder(side.channels, side.hidden, side.layers, side.mean, side.std)
+    if settings.weights != "random":
+        assert settings.weights is not None
+        load_weights(module, settings.weights)
+    return module.eval()
+
+
+def example_inputs(spec: EncoderSpec, batch: int) -> tuple[torch.Tensor, ...]:
+    return (torch.randn(batch, *spec.inputs[0].dims),)
+
+
+FAMILY = register_family(EncoderFamily(name="lstm", describe=describe, build=build, example_inputs=example_inputs))

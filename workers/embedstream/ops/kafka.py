@@ -1,0 +1,195 @@
+"""Group-less Kafka access for the operations commands: bounded reads over explicit offset ranges."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.structs import TopicPartition
+
+from embedstream.config import KafkaSettings
+from embedstream.errors import ConfigError
+from embedstream.kafka_io import _security
+
+
+def make_reader(k: KafkaSettings) -> KafkaConsumer:
+    # No group: an operator's read must never take partitions from, or commit for, a worker group.
+    return KafkaConsumer(
+        bootstrap_servers=k.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        client_id=f"{k.client_id}-ops",
+        fetch_max_bytes=k.fetch_max_bytes,
+        max_partition_fetch_bytes=k.max_partition_fetch_bytes,
+        **_security(k),
+    )
+
+
+def make_writer(k: KafkaSettings) -> KafkaProducer:
+    return KafkaProducer(
+        bootstrap_servers=k.bootstrap_servers,
+        client_id=f"{k.client_id}-ops",
+        acks="all",
+        linger_ms=k.producer_linger_ms,
+        max_request_size=k.producer_max_request_bytes,
+        enable_idempotence=True,
+        **_security(k),
+    )
+
+
+def partitions_of(consumer: KafkaConsumer, topic: str, timeout_s: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            return sorted(parts)
+        if time.monotonic() > deadline:
+            raise ConfigError(f"topic {topic!r} does not exist or has no partitions")
+        # Metadata for a topic this client has not asked about yet arrives after a refresh.
+        time.sleep(0.2)
+
+
+def parse_time_ms(text: str) -> int:
+    """Epoch milliseconds, or an ISO 8601 time (naive means UTC), as epoch milliseconds."""
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"not a time: {text!r} (use ISO 8601, e.g. 2024-05-01T12:00:00Z, or epoch ms)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return int(when.timestamp() * 1000)
+
+
+@dataclass(frozen=True)
+class Span:
+    """Offsets of one partition from ``start``: up to ``end`` (exclusive) when one was asked for, else to the
+    end of the log as it was when reading started; ``high`` is the end the broker reported then."""
+
+    partition: int
+    start: int
+    end: int | None
+    high: int
+
+    @property
+    def size(self) -> int:
+        """Records expected (for progress): exact on Kafka, a lower bound where the broker under-reports ``high``."""
+        return max(0, (self.high if self.end is None else self.end) - self.start)
+
+    @property
+    def empty(self) -> bool:
+        return self.end is not None and self.end <= self.start
+
+
+def clamp_spans(
+    partitions: Iterable[int],
+    low: dict[int, int],
+    high: dict[int, int],
+    start: dict[int, int | None],
+    end: dict[int, int | None],
+) -> list[Span]:
+    """Requested spans per partition; a start before the log's beginning (retention moved it) starts there."""
+    spans = []
+    for p in partitions:
+        s = low[p] if start.get(p) is None else max(int(start[p]), low[p])  # type: ignore[arg-type]
+        e = end.get(p)
+        spans.append(Span(p, s, None if e is None else max(int(e), s), high[p]))
+    return spans
+
+
+def watermarks(consumer: KafkaConsumer, topic: str, partitions: list[int]) -> tuple[dict[int, int], dict[int, int]]:
+    tps = [TopicPartition(topic, p) for p in partitions]
+    low = consumer.beginning_offsets(tps)
+    high = consumer.end_offsets(tps)
+    return {tp.partition: low[tp] for tp in tps}, {tp.partition: high[tp] for tp in tps}
+
+
+def offsets_at(consumer: KafkaConsumer, topic: str, partitions: list[int], when_ms: int) -> dict[int, int | None]:
+    """The first offset at or after ``when_ms`` per partition; None where nothing is that recent."""
+    found = consumer.offsets_for_times({TopicPartition(topic, p): when_ms for p in partitions})
+    return {tp.partition: (None if hit is None else hit.offset) for tp, hit in found.items()}
+
+
+def read_spans(
+    consumer: KafkaConsumer,
+    topic: str,
+    spans: list[Span],
+    idle_timeout_s: float = 30.0,
+    caught_up_idle_s: float = 1.5,
+) -> Iterator[ConsumerRecord]:
+    """Every record in the spans, then stop. Offsets that are gaps (compaction, transaction markers) are skipped.
+
+    Where no end was asked for, the end is "the log now". Kafka's reported end offset says exactly where that
+    is, but some brokers under-report it (the embedded Tansu broker counts record batches), so past the
+    reported end reading goes on through records written before reading started, and a partition is done at
+    the first later record, or when it brought nothing for ``caught_up_idle_s`` after the reported end.
+    """
+    pending = {s.partition: s for s in spans if not s.empty}
+    if not pending:
+        return
+    started_ms = int(time.time() * 1000)
+    tps = {p: TopicPartition(topic, p) for p in pending}
+    consumer.assign(list(tps.values()))
+    for p, span in pending.items():
+        consumer.seek(tps[p], span.start)
+    last_record = dict.fromkeys(pending, time.monotonic())
+
+    def finish(p: int) -> None:
+        pending.pop(p, None)
+        consumer.pause(tps[p])
+
+    while pending:
+        for tp, records in consumer.poll(timeout_ms=300).items():
+            span = pending.get(tp.partition)
+            if span is None:
+                continue
+            last_record[tp.partition] = time.monotonic()
+            for rec in records:
+                beyond = span.end is None and rec.offset >= span.high and rec.timestamp > started_ms
+                if (span.end is not None and rec.offset >= span.end) or beyond:
+                    finish(tp.partition)
+                    break
+                yield rec
+        now = time.monotonic()
+        for p in list(pending):
+            span, position = pending[p], consumer.position(tps[p])
+            # position() moves past gaps too, so a span ending on a marker still completes.
+            if span.end is not None and position >= span.end:
+                finish(p)
+            elif position >= span.high and now - last_record[p] > caught_up_idle_s:
+                finish(p)
+            elif now - last_record[p] > idle_timeout_s:
+                raise TimeoutError(f"no records from {topic}[{p}] at offset {position} for {idle_timeout_s:.0f}s")
+
+
+def header_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, bytes]:
+    return {k: v for k, v in headers or []}
+
+
+class AckedSender:
+    """Sends with a bounded number of unacknowledged messages; raises on the first failed send."""
+
+    def __init__(self, producer: KafkaProducer, window: int = 500) -> None:
+        self._producer, self._window = producer, window
+        self._futures: list[Any] = []
+        self.acked = 0
+
+    def send(self, **message: Any) -> int:
+        """Queue one message; returns how many were newly acknowledged (for progress)."""
+        self._futures.append(self._producer.send(**message))
+        return self.drain() if len(self._futures) >= self._window else 0
+
+    def drain(self) -> int:
+        self._producer.flush()
+        for future in self._futures:
+            future.get(timeout=30)
+        done, self._futures = len(self._futures), []
+        self.acked += done
+        return done
