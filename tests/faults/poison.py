@@ -29,22 +29,25 @@ def bad_payloads(limits: ImageLimits) -> dict[str, bytes]:
         "undecodable": corrupt(3),
         "unsupported_format": encode(render(1, (32, 32)), "GIF"),
         "decompression_bomb": _png_header(200_000, 200_000),
+        # A good image, but pinned to a model no worker serves (see the header below).
+        "unknown_model": encode(render(2, (64, 48)), "JPEG"),
     }
 
 
-def poison_messages(total: int, rate: float, limits: ImageLimits) -> tuple[list[tuple[bytes, bytes]], dict[bytes, str]]:
+def poison_messages(total: int, rate: float, limits: ImageLimits) -> tuple[list[tuple], dict[bytes, str]]:
     """``total`` messages, ``rate`` of them bad, cycling through every class; returns them and key -> reason."""
     bad = list(bad_payloads(limits).items())
     every = max(1, round(1 / rate))
     good = iter(samples(total, prefix="mix"))
-    messages: list[tuple[bytes, bytes]] = []
+    messages: list[tuple] = []
     expected: dict[bytes, str] = {}
     for i in range(total):
         if i % every == every // 2:
             reason, value = bad[len(expected) % len(bad)]
             key = f"poison-{i:05d}-{reason}".encode()
             expected[key] = reason
-            messages.append((key, value))
+            headers = [("embedstream.model", b"image-no-such-model:7")] if reason == "unknown_model" else []
+            messages.append((key, value, headers))
         else:
             s = next(good)
             messages.append((s.key, s.value))

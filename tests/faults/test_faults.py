@@ -126,7 +126,7 @@ def test_five_percent_poison_of_every_class(fault_lane, report):
     produce(settings.kafka.bootstrap_servers, settings.kafka.input_topic, messages)
     worker = WorkerProcess(settings, workdir, "w-a").start()
     try:
-        keys = [k for k, _ in messages]
+        keys = [m[0] for m in messages]
         result = read_until_complete(settings, keys, timeout_s=240)
     finally:
         worker.terminate()

@@ -8,10 +8,11 @@ from kafka import KafkaProducer
 from embedstream.readback import Readback, TopicReader
 
 
-def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+def produce(bootstrap: str, topic: str, messages: list[tuple]) -> None:
+    """Messages are (key, value) or (key, value, headers)."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all", max_request_size=16 << 20)
-    for key, value in messages:
-        producer.send(topic, key=key, value=value)
+    for key, value, *headers in messages:
+        producer.send(topic, key=key, value=value, headers=headers[0] if headers else None)
     producer.flush()
     producer.close()
 

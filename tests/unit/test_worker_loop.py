@@ -151,3 +151,16 @@ def test_run_stops_on_request_and_commits_everything_done():
     assert consumer.closed
     assert consumer.committed == {TopicPartition("images", 0): 10}
     assert len(rows(producer)) == 10
+
+
+def test_a_message_pinned_to_another_model_is_dead_lettered():
+    msgs = [(b"ok", png(1)), (b"pinned-ok", png(2)), (b"other", png(3)), (b"old", png(4))]
+    worker, consumer, producer = make_worker({0: msgs})
+    queue = consumer._queues[0]
+    queue[1].headers = [("embedstream.model", b"image-test:1")]
+    queue[2].headers = [("embedstream.model", b"image-clip")]
+    queue[3].headers = [("embedstream.model", b"image-test:0")]
+    run_until_drained(worker, consumer)
+    assert sorted(r["key"] for r in rows(producer)) == [b"ok", b"pinned-ok"]
+    reasons = {k: dict(h)[REASON] for k, _, h in producer.sent["deadletter.image"]}
+    assert reasons == {b"other": b"unknown_model", b"old": b"unknown_model"}

@@ -16,6 +16,7 @@ Reason = Literal[
     "unsupported_format",
     "decompression_bomb",
     "inference_rejected",
+    "unknown_model",
     "invalid_utf8",
     # time series (schemas/timeseries-*.schema.json)
     "invalid_timeseries",

@@ -35,6 +35,7 @@ from embedstream.sinks.deadletter import VALUE_DROPPED, dead_letter_headers
 log = logging.getLogger(__name__)
 
 _DLQ_HEADROOM = 64 * 1024  # room for headers and record framing
+MODEL_HEADER = "embedstream.model"
 _PendingSend = tuple[FutureRecordMetadata, list[tuple[TopicPartition, int]]]
 
 
@@ -184,6 +185,10 @@ class Worker:
     def _accept(self, msg: SourceMessage) -> None:
         self.stats.consumed += 1
         self._tracker.track(TopicPartition(msg.topic, msg.partition), msg.offset)
+        wrong_model = self._wrong_model(msg)
+        if wrong_model is not None:
+            self._dead_letter(wrong_model)
+            return
         item = self._modality.decode(msg)
         if isinstance(item, Deferred):
             for bad in item.dead_letters:
@@ -195,6 +200,18 @@ class Worker:
             self._dead_letter(item)
         else:
             self._batcher.add(item)
+
+    def _wrong_model(self, msg: SourceMessage) -> BadRecord | None:
+        """A producer may pin the encoder with a ``embedstream.model`` header ("name" or "name:version")."""
+        wanted = msg.header(MODEL_HEADER)
+        if wanted is None:
+            return None
+        spec = self._backend.spec
+        name, _, version = wanted.decode("utf-8", "replace").partition(":")
+        if name == spec.name and version in ("", spec.version):
+            return None
+        served = f"{spec.name}:{spec.version}"
+        return BadRecord(msg, "unknown_model", f"message asks for model {wanted!r}; this worker serves {served}")
 
     def _submit(self, items: Sequence[Any]) -> None:
         """Hand a batch to the inference threads; at most ``max_in_flight`` wait there at once."""
