@@ -42,9 +42,7 @@ class Readback:
 class TopicReader:
     """A group-less consumer over every partition of the output and dead-letter topics."""
 
-    def __init__(
-        self, bootstrap: str, output_topic: str, dead_letter_topic: str, read_committed: bool = False
-    ) -> None:
+    def __init__(self, bootstrap: str, output_topic: str, dead_letter_topic: str, read_committed: bool = False) -> None:
         self._out, self._dlq = output_topic, dead_letter_topic
         self._consumer = KafkaConsumer(
             bootstrap_servers=bootstrap,
