@@ -62,7 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
         _flag(p, "--partitions", "PARTITIONS", "partitions of the input/output topics", default="4", type=int)
         _flag(p, "--workdir", "WORKDIR", "directory for logs and the model repository", default=".embedstream")
         if name == "demo":
-            _flag(p, "--count", "DEMO_COUNT", "sample images to produce", default="300", type=int)
+            _flag(
+                p,
+                "--count",
+                "DEMO_COUNT",
+                "sample messages per modality (time series: a third)",
+                default="300",
+                type=int,
+            )
+            _flag(
+                p,
+                "--modalities",
+                "DEMO_MODALITIES",
+                "comma-separated modalities to run",
+                default="image,text,timeseries",
+            )
             _flag(p, "--bad-every", "DEMO_BAD_EVERY", "make every Nth image corrupt (0: none)", default="50", type=int)
         else:
             _flag(p, "--broker-port", "BROKER_PORT", "broker port (0: any free port)", default="9092", type=int)
@@ -133,13 +147,18 @@ def _local_settings(path: str | None) -> Settings:
 def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from embedstream.demo import print_summary, run_demo
+    from embedstream.demo import MODALITIES, print_summary, run_demo
 
     console = Console()
     settings = _local_settings(args.config)
-    summary = run_demo(settings, args.count, args.bad_every, args.partitions, Path(args.workdir), console)
-    print_summary(summary, console)
-    lost = summary.produced - summary.embedded - summary.dead_lettered
+    modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    unknown = set(modalities) - set(MODALITIES)
+    if unknown or not modalities:
+        console.print(f"[red]--modalities takes a comma-separated subset of {', '.join(MODALITIES)}[/]")
+        return 2
+    summaries = run_demo(settings, args.count, args.bad_every, args.partitions, Path(args.workdir), console, modalities)
+    print_summary(summaries, console)
+    lost = sum(s.unaccounted for s in summaries)
     if lost:
         console.print(f"[red]{lost} messages unaccounted for[/]")
         return 1
@@ -184,7 +203,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from embedstream.demo import produce
     from embedstream.samples import samples
 
-    n = produce(args.bootstrap, args.topic, list(samples(args.count, bad_every=args.bad_every)))
+    batch = [(s.key, s.value) for s in samples(args.count, bad_every=args.bad_every)]
+    n = produce(args.bootstrap, args.topic, batch)
     print(f"produced {n} images to {args.topic}")
     return 0
 

@@ -1,4 +1,4 @@
-"""The main job on the embedded default: local stack + worker, sample images in, embeddings out."""
+"""The main job on the embedded default: local stack + one worker per modality, sample data in, embeddings out."""
 
 from __future__ import annotations
 
@@ -14,96 +14,189 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from embedstream.config import Settings
+from embedstream.demo_data import DemoTraffic, image_traffic, text_traffic, timeseries_traffic
 from embedstream.readback import Readback, TopicReader
 from embedstream.runtime.stack import LocalStack
 from embedstream.runtime.worker_process import WorkerProcess
-from embedstream.samples import Sample, samples
+
+MODALITIES = ("image", "text", "timeseries")
 
 
 @dataclass(frozen=True)
 class DemoSummary:
+    modality: str
+    model: str
     produced: int
     embedded: int
     dead_lettered: int
     seconds: float
     latency_p50_ms: float
     latency_p99_ms: float
+    anomaly_precision: float | None = None
+    anomaly_recall: float | None = None
 
     @property
     def throughput(self) -> float:
         return (self.embedded + self.dead_lettered) / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def unaccounted(self) -> int:
+        return self.produced - self.embedded - self.dead_lettered
 
-def produce(bootstrap: str, topic: str, batch: Sequence[Sample]) -> int:
+
+def produce(bootstrap: str, topic: str, batch: Sequence[tuple[bytes, bytes]]) -> int:
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all", max_request_size=16 << 20)
-    for s in batch:
-        producer.send(topic, value=s.value, key=s.key)
+    for key, value in batch:
+        producer.send(topic, value=value, key=key)
     producer.flush()
     producer.close()
     return len(batch)
 
 
-def summarize(produced: int, readback: Readback, seconds: float) -> DemoSummary:
+def summarize(traffic: DemoTraffic, model: str, readback: Readback, seconds: float) -> DemoSummary:
     # Latency: input event time (producer timestamp) to the output message's broker timestamp.
     lat = [
         ts - ev for ts, table in readback.output_times for ev in table.column("event_time").cast("int64").to_pylist()
     ]
     p50, p99 = (float(np.percentile(lat, q)) for q in (50, 99)) if lat else (0.0, 0.0)
-    return DemoSummary(produced, readback.rows, len(readback.dead_letters), seconds, p50, p99)
+    precision = recall = None
+    if traffic.labels and readback.rows:
+        from embedstream.training.synthetic import precision_recall
+
+        table = readback.table()
+        keys, flags = table.column("key").to_pylist(), table.column("anomaly").to_pylist()
+        truth = np.array([traffic.labels.get(k, False) for k in keys])
+        precision, recall = precision_recall(np.array(flags), truth)
+    return DemoSummary(
+        traffic.modality,
+        model,
+        len(traffic.messages),
+        readback.rows,
+        len(readback.dead_letters),
+        seconds,
+        p50,
+        p99,
+        precision,
+        recall,
+    )
+
+
+def build_traffic(
+    settings: Settings, modalities: Sequence[str], count: int, bad_every: int, workdir: Path
+) -> list[DemoTraffic]:
+    makers = {
+        "image": lambda: image_traffic(settings, count, bad_every),
+        "text": lambda: text_traffic(settings, count, bad_every),
+        "timeseries": lambda: timeseries_traffic(settings, max(40, count // 3), workdir),
+    }
+    return [makers[m]() for m in modalities]
 
 
 def run_demo(
-    settings: Settings, count: int, bad_every: int, partitions: int, workdir: Path | None, console: Console
-) -> DemoSummary:
-    with console.status("starting local Kafka broker, exporting the encoder, starting Triton..."):
-        stack = LocalStack(settings, workdir=workdir, partitions=partitions).start()
+    settings: Settings,
+    count: int,
+    bad_every: int,
+    partitions: int,
+    workdir: Path | None,
+    console: Console,
+    modalities: Sequence[str] = MODALITIES,
+) -> list[DemoSummary]:
+    workdir = Path(workdir or ".embedstream")
+    with console.status("rendering sample data and training the time-series autoencoder on normal data..."):
+        traffic = build_traffic(settings, modalities, count, bad_every, workdir)
+    with console.status("starting the local Kafka broker, exporting the encoders, starting Triton..."):
+        stack = LocalStack([t.settings for t in traffic], workdir=workdir, partitions=partitions).start()
+    workers: list[WorkerProcess] = []
+    readers: list[TopicReader] = []
     try:
-        s = stack.settings
         assert stack.triton is not None
         console.print(f"[green]broker[/] {stack.broker.bootstrap}   [green]triton[/] grpc {stack.triton.grpc_url}")
-        console.print(f"[green]model[/] {stack.specs[0].name} -> {stack.model_repository}")
-        worker = WorkerProcess(s, stack.workdir).start()
-        with console.status("starting the image worker and joining its consumer group..."):
-            worker.wait_ready()
-        stack_reader: TopicReader | None = None
-        try:
-            reader = TopicReader(s.kafka.bootstrap_servers, s.kafka.output_topic, s.kafka.dead_letter_topic)
-            stack_reader = reader
-            with console.status(f"rendering {count} sample images (JPEG, PNG, WebP; 96x64 to 1024x768)..."):
-                batch = list(samples(count, bad_every=bad_every, prefix="demo"))
-            started = time.monotonic()
-            produced = produce(s.kafka.bootstrap_servers, s.kafka.input_topic, batch)
-            console.print(f"produced {produced} sample images to [bold]{s.kafka.input_topic}[/]")
-            seen = 0
-            with Progress(
-                TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-            ) as bar:
-                task = bar.add_task("rows", total=produced)
-                deadline = time.monotonic() + 600
-                while seen < produced and time.monotonic() < deadline:
-                    if not worker.alive():
-                        raise SystemExit(f"worker exited; last log lines:\n{worker.tail()}")
-                    seen += reader.poll(0.5)
-                    bar.update(task, completed=seen)
-            summary = summarize(produced, reader.result, time.monotonic() - started)
-        finally:
-            if stack_reader is not None:
-                stack_reader.close()
-            worker.terminate()
+        console.print(f"[green]models[/] {', '.join(s.name for s in stack.specs)} in {stack.model_repository}")
+        local = stack.all_settings
+        workers = [WorkerProcess(s, stack.workdir, f"worker-{t.modality}") for s, t in zip(local, traffic, strict=True)]
+        with console.status(f"starting {len(workers)} workers and joining their consumer groups..."):
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.wait_ready()
+        readers = [
+            TopicReader(s.kafka.bootstrap_servers, s.kafka.output_topic, s.kafka.dead_letter_topic) for s in local
+        ]
+        started = time.monotonic()
+        for s, t in zip(local, traffic, strict=True):
+            produce(s.kafka.bootstrap_servers, s.kafka.input_topic, t.messages)
+        console.print(", ".join(f"{len(t.messages)} {t.modality} messages" for t in traffic) + " produced")
+        done_at = _follow(traffic, readers, workers, started, console)
+        return [
+            summarize(t, spec_name, r.result, done_at[i])
+            for i, (t, r, spec_name) in enumerate(zip(traffic, readers, _model_names(stack, traffic), strict=True))
+        ]
     finally:
+        for r in readers:
+            r.close()
+        for w in workers:
+            w.terminate()
         with console.status("stopping Triton and the broker..."):
             stack.stop()
-    return summary
 
 
-def print_summary(summary: DemoSummary, console: Console) -> None:
-    table = Table(title="embedstream demo", show_header=False)
+def _model_names(stack: LocalStack, traffic: Sequence[DemoTraffic]) -> list[str]:
+    from embedstream.service import encoder_spec
+
+    return [encoder_spec(t.settings).name for t in traffic]
+
+
+def _follow(
+    traffic: Sequence[DemoTraffic],
+    readers: Sequence[TopicReader],
+    workers: Sequence[WorkerProcess],
+    started: float,
+    console: Console,
+) -> list[float]:
+    """Live progress per modality until every message is accounted for; returns seconds per modality."""
+    seen = [0] * len(traffic)
+    done_at = [0.0] * len(traffic)
+    with Progress(
+        TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
+        tasks = [bar.add_task(t.modality, total=len(t.messages)) for t in traffic]
+        deadline = time.monotonic() + 900
+        while any(s < len(t.messages) for s, t in zip(seen, traffic, strict=True)) and time.monotonic() < deadline:
+            for i, (t, r, w) in enumerate(zip(traffic, readers, workers, strict=True)):
+                if seen[i] >= len(t.messages):
+                    continue
+                if not w.alive():
+                    raise SystemExit(f"the {t.modality} worker exited; last log lines:\n{w.tail()}")
+                seen[i] += r.poll(0.1)
+                bar.update(tasks[i], completed=seen[i])
+                if seen[i] >= len(t.messages):
+                    done_at[i] = time.monotonic() - started
+    return [d or (time.monotonic() - started) for d in done_at]
+
+
+def print_summary(summaries: Sequence[DemoSummary], console: Console) -> None:
+    table = Table(title="embedstream demo")
     table.add_column("figure")
-    table.add_column("value", justify="right")
-    table.add_row("messages in", str(summary.produced))
-    table.add_row("embeddings out", str(summary.embedded))
-    table.add_row("dead-lettered", str(summary.dead_lettered))
-    table.add_row("unaccounted for", str(summary.produced - summary.embedded - summary.dead_lettered))
-    table.add_row("throughput", f"{summary.throughput:.1f} msg/s")
-    table.add_row("latency p50 / p99", f"{summary.latency_p50_ms:.0f} / {summary.latency_p99_ms:.0f} ms")
+    for s in summaries:
+        table.add_column(s.modality, justify="right")
+    rows = [
+        ("model", lambda s: s.model),
+        ("messages in", lambda s: str(s.produced)),
+        ("embeddings out", lambda s: str(s.embedded)),
+        ("dead-lettered", lambda s: str(s.dead_lettered)),
+        ("unaccounted for", lambda s: str(s.unaccounted)),
+        ("throughput", lambda s: f"{s.throughput:.1f} msg/s"),
+        ("latency p50", lambda s: f"{s.latency_p50_ms:.0f} ms"),
+        ("latency p99", lambda s: f"{s.latency_p99_ms:.0f} ms"),
+    ]
+    if any(s.anomaly_recall is not None for s in summaries):
+        rows.append(
+            (
+                "anomaly precision / recall",
+                lambda s: "-" if s.anomaly_recall is None else f"{s.anomaly_precision:.2f} / {s.anomaly_recall:.2f}",
+            )
+        )
+    for name, cell in rows:
+        table.add_row(name, *(cell(s) for s in summaries))
     console.print(table)
+    console.print("All modalities share the two CPU cores here, so each one's throughput is a share of the machine.")

@@ -1,8 +1,9 @@
-"""A tiny HTTP endpoint for liveness and readiness probes (Kubernetes, compose, the demo).
+"""A tiny HTTP endpoint for probes and scraping (Kubernetes, compose, the demo).
 
-``/healthz``: the process loop is alive. ``/readyz``: 200 once the worker has joined its consumer
-group (an empty assignment counts: extra workers are ready standbys), 503 before that. Both
-return JSON with the worker's counters, never payloads.
+``/metrics``: Prometheus metrics. ``/healthz``: the process loop is alive. ``/readyz``: 200 once
+the worker has joined its consumer group (an empty assignment counts: extra workers are ready
+standbys) and its inference backend answers, 503 otherwise. Both return JSON with the worker's
+counters, never payloads.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from embedstream.metrics import exposition
+
 
 class HealthServer:
     def __init__(self, host: str, port: int, status: Callable[[], dict[str, Any]]) -> None:
@@ -21,13 +24,21 @@ class HealthServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if self.path.startswith("/metrics"):
+                    raw, content_type = exposition()
+                    self.send_response(200)
+                    self.send_header("content-type", content_type)
+                    self.send_header("content-length", str(len(raw)))
+                    self.end_headers()
+                    self.wfile.write(raw)
+                    return
                 body = status_fn()
                 if self.path.startswith("/readyz"):
                     code = 200 if body.get("ready") else 503
                 elif self.path.startswith("/healthz"):
                     code = 200 if body.get("live", True) else 503
                 else:
-                    code, body = 404, {"error": "try /healthz or /readyz"}
+                    code, body = 404, {"error": "try /healthz, /readyz or /metrics"}
                 raw = orjson.dumps(body)
                 self.send_response(code)
                 self.send_header("content-type", "application/json")

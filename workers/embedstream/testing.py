@@ -30,6 +30,7 @@ class FakeConsumer:
             ]
             for p, msgs in records.items()
         }
+        self._ends = {p: len(msgs) for p, msgs in records.items()}
         self.committed: dict[TopicPartition, int] = {}
         self.commit_calls: list[dict[TopicPartition, int]] = []
         self.listener: Any = None
@@ -40,6 +41,13 @@ class FakeConsumer:
         self.listener = listener
         if listener is not None:
             listener.on_partitions_assigned([TopicPartition(self.topic, p) for p in self._queues])
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self._ends.get(tp.partition)
+
+    def position(self, tp: TopicPartition) -> int:
+        queue = self._queues.get(tp.partition, [])
+        return queue[0].offset if queue else self._ends.get(tp.partition, 0)
 
     def assignment(self) -> set[TopicPartition]:
         return {TopicPartition(self.topic, p) for p in self._queues}

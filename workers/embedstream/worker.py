@@ -21,6 +21,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from embedstream import metrics
 from embedstream.batcher import MicroBatcher
 from embedstream.config import Settings
 from embedstream.errors import BackendError, DeliveryError
@@ -123,6 +124,10 @@ class Worker:
         self._executor = ThreadPoolExecutor(settings.batch.max_in_flight, thread_name_prefix="infer")
         self._inflight: deque[tuple[list[Any], Future[_Inferred]]] = deque()
         self._outage = OutageGate(clock)
+        self._batch_size = metrics.BATCH_SIZE.labels(modality.name)
+        self._inference_seconds = metrics.INFERENCE_SECONDS.labels(modality.name, spec.name)
+        self._end_to_end = metrics.END_TO_END_SECONDS.labels(modality.name)
+        self._embedded = metrics.EMBEDDED.labels(modality.name, spec.name)
         self._transactional = settings.kafka.delivery == "exactly_once"
         self._sent_in_transaction = False
 
@@ -184,6 +189,7 @@ class Worker:
 
     def _accept(self, msg: SourceMessage) -> None:
         self.stats.consumed += 1
+        metrics.CONSUMED.labels(self._modality.name).inc()
         self._tracker.track(TopicPartition(msg.topic, msg.partition), msg.offset)
         wrong_model = self._wrong_model(msg)
         if wrong_model is not None:
@@ -200,6 +206,13 @@ class Worker:
             self._dead_letter(item)
         else:
             self._batcher.add(item)
+
+    def _update_gauges(self) -> None:
+        metrics.IN_FLIGHT.labels(self._modality.name).set(self._tracker.in_flight())
+        for tp in self.assigned or []:
+            high = self._consumer.highwater(tp)
+            if high is not None:
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - self._consumer.position(tp)))
 
     def _wrong_model(self, msg: SourceMessage) -> BadRecord | None:
         """A producer may pin the encoder with a ``embedstream.model`` header ("name" or "name:version")."""
@@ -239,6 +252,8 @@ class Worker:
     def _enter_outage(self, reason: str, batch: list[Any]) -> None:
         if self._outage.enter(reason):
             self.stats.outages += 1
+            metrics.OUTAGES.labels(self._backend.spec.name).inc()
+            metrics.DEGRADED.labels(self._backend.spec.name).set(1)
             log.warning("inference backend unavailable (%s): pausing consumption until it is back", reason)
             self._consumer.pause(*self._consumer.assignment())
         self._outage.hold(batch)
@@ -248,6 +263,7 @@ class Worker:
             self._outage.probe_failed()
             return
         batches, lasted = self._outage.release()
+        metrics.DEGRADED.labels(self._backend.spec.name).set(0)
         log.warning("inference backend is back after %.1fs: resuming %d held batches", lasted, len(batches))
         self._consumer.resume(*self._consumer.paused())
         for batch in batches:
@@ -260,7 +276,10 @@ class Worker:
         while parts:
             part = parts.pop()
             try:
-                out.ok.append((part, self._backend.infer(self._modality.stack(part))))
+                started = time.perf_counter()
+                outputs = self._backend.infer(self._modality.stack(part))
+                self._inference_seconds.observe(time.perf_counter() - started)
+                out.ok.append((part, outputs))
             except BackendError as exc:
                 if exc.retriable:
                     raise
@@ -280,6 +299,11 @@ class Worker:
     def _publish(self, items: Sequence[Any], outputs: dict[str, np.ndarray]) -> None:
         embeddings = outputs[self._backend.spec.embedding_output.name]
         self.stats.batches += 1
+        self._batch_size.observe(len(items))
+        now_ms = time.time() * 1000
+        for it in items:
+            # Event time as the row carries it (envelope time, or the broker timestamp).
+            self._end_to_end.observe(max(0.0, now_ms - getattr(it, "event_time_ms", it.source.timestamp_ms)) / 1000)
         by_partition: dict[tuple[str, int], list[int]] = defaultdict(list)
         for i, it in enumerate(items):
             by_partition[(it.source.topic, it.source.partition)].append(i)
@@ -296,6 +320,7 @@ class Worker:
             self._pending.append((fut, [c for i in idx for c in _covers(items[i])]))
             self.stats.output_messages += 1
             self.stats.embedded += len(rows)
+            self._embedded.inc(len(rows))
 
     def _dead_letter(self, bad: BadRecord, covers: list[tuple[TopicPartition, int]] | None = None) -> None:
         """``covers``: the offsets this dead letter finishes, when the record stood for more than its message."""
@@ -311,6 +336,7 @@ class Worker:
         self._pending.append((fut, covers or [(TopicPartition(src.topic, src.partition), src.offset)]))
         self.stats.dead_lettered += 1
         self.stats.dead_letter_reasons[bad.reason] += 1
+        metrics.DEAD_LETTERS.labels(self._modality.name, bad.reason).inc()
 
     def _collect_acks(self, block: bool) -> None:
         if block and self._pending:
@@ -328,6 +354,7 @@ class Worker:
         self._pending = still
 
     def _commit(self) -> None:
+        self._update_gauges()
         if self._transactional:
             self._commit_transaction()
             return

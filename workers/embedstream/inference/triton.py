@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from embedstream import metrics
 from embedstream.config import TritonSettings
 from embedstream.encoders import EncoderSpec
 from embedstream.errors import BackendError, ModelMismatchError
@@ -128,8 +129,10 @@ class TritonBackend:
             try:
                 return self._infer_once(inputs)
             except BackendError as exc:
+                metrics.BACKEND_ERRORS.labels(self.spec.name, str(exc.retriable).lower()).inc()
                 if not exc.retriable or attempt >= self._settings.max_retries:
                     raise
+                metrics.BACKEND_RETRIES.labels(self.spec.name).inc()
                 delay = self._settings.retry_backoff_s * (2**attempt) * (0.5 + random.random())
                 log.warning("triton inference failed (%s); retry %d in %.2fs", exc, attempt + 1, delay)
                 self._sleep(delay)

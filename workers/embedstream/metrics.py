@@ -1,0 +1,38 @@
+"""Prometheus metrics of a worker, served on the health port at ``/metrics``.
+
+One process runs one worker, so the default registry is enough; labels carry the modality and
+model so several workers scraped together stay apart.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+CONSUMED = Counter("embedstream_messages_consumed", "Input messages consumed", ["modality"])
+EMBEDDED = Counter("embedstream_embeddings", "Rows published to the output topic", ["modality", "model"])
+DEAD_LETTERS = Counter("embedstream_dead_letters", "Messages sent to the dead-letter topic", ["modality", "reason"])
+BATCH_SIZE = Histogram(
+    "embedstream_batch_size", "Rows per inference batch", ["modality"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
+INFERENCE_SECONDS = Histogram(
+    "embedstream_inference_seconds",
+    "Inference time per batch, retries included",
+    ["modality", "model"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+END_TO_END_SECONDS = Histogram(
+    "embedstream_end_to_end_seconds",
+    "Input event time to output publish",
+    ["modality"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+IN_FLIGHT = Gauge("embedstream_in_flight_messages", "Consumed messages not yet finished", ["modality"])
+CONSUMER_LAG = Gauge("embedstream_consumer_lag", "High watermark minus position", ["topic", "partition"])
+BACKEND_ERRORS = Counter("embedstream_backend_errors", "Failed inference requests", ["model", "retriable"])
+BACKEND_RETRIES = Counter("embedstream_backend_retries", "Inference retries after a retriable error", ["model"])
+OUTAGES = Counter("embedstream_backend_outages", "Times the worker paused for an unavailable backend", ["model"])
+DEGRADED = Gauge("embedstream_degraded", "1 while the inference backend is unavailable", ["model"])
+
+
+def exposition() -> tuple[bytes, str]:
+    return generate_latest(), CONTENT_TYPE_LATEST
