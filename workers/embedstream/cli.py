@@ -204,7 +204,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from embedstream.samples import samples
 
     batch = [(s.key, s.value) for s in samples(args.count, bad_every=args.bad_every)]
-    n = produce(args.bootstrap, args.topic, batch)
+    n = len(produce(args.bootstrap, args.topic, batch))
     print(f"produced {n} images to {args.topic}")
     return 0
 
