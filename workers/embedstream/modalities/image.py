@@ -31,16 +31,7 @@ class ImageModality:
         return (np.stack([it.pixels for it in items]),)
 
     def row(self, item: DecodedImage) -> RowMeta:
-        src = item.source
-        return RowMeta(
-            key=src.key,
-            id=item.id,
-            topic=src.topic,
-            partition=src.partition,
-            offset=src.offset,
-            timestamp_ms=item.event_time_ms,
-            extra=(item.source_width, item.source_height),
-        )
+        return RowMeta.of(item.source, item.id, item.event_time_ms, (item.source_width, item.source_height))
 
 
 register_modality("image", ImageModality)

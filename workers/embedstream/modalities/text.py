@@ -43,16 +43,7 @@ class TextModality:
         return ids, mask
 
     def row(self, item: DecodedText) -> RowMeta:
-        src = item.source
-        return RowMeta(
-            key=src.key,
-            id=item.id,
-            topic=src.topic,
-            partition=src.partition,
-            offset=src.offset,
-            timestamp_ms=item.event_time_ms,
-            extra=(item.truncated, item.token_count),
-        )
+        return RowMeta.of(item.source, item.id, item.event_time_ms, (item.truncated, item.token_count))
 
 
 register_modality("text", TextModality)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -85,6 +86,11 @@ class RowMeta:
     offset: int
     timestamp_ms: int
     extra: tuple[int | float | str, ...] = ()
+
+    @classmethod
+    def of(cls, source: Any, id: str, event_time_ms: int, extra: tuple[Any, ...] = ()) -> RowMeta:
+        """The row of a decoded item from its source message (any object with Kafka coordinates)."""
+        return cls(source.key, id, source.topic, source.partition, source.offset, event_time_ms, extra)
 
 
 def encode_batch(
