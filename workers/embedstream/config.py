@@ -70,6 +70,9 @@ class TritonSettings(_Frozen):
     request_timeout_s: float = Field(default=30.0, gt=0)
     ssl: bool = False
     root_certificates: Path | None = None
+    # Inputs through system shared memory: "auto" when the server is on this host (127.0.0.1 or
+    # localhost), falling back to the wire if the server refuses the region; "off" always sends.
+    shared_memory: Literal["auto", "off"] = "auto"
     # Bounded retries before the worker gives up on a batch; each waits longer, with jitter.
     max_retries: int = Field(default=5, ge=0)
     retry_backoff_s: float = Field(default=0.5, gt=0)

@@ -15,6 +15,7 @@ from embedstream import metrics
 from embedstream.config import TritonSettings
 from embedstream.encoders import EncoderSpec
 from embedstream.errors import BackendError, ModelMismatchError
+from embedstream.inference.shm import InputRegion, fixed_input_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,18 @@ class TritonBackend:
         # rule for both keeps this simple).
         self._local = threading.local()
         self._clients: list[Any] = []
+        self._regions: list[InputRegion] = []
         self._clients_lock = threading.Lock()
+        host = settings.url.rsplit(":", 1)[0]
+        self._shm_bytes = (
+            fixed_input_bytes(
+                [t.dims for t in spec.inputs],
+                [np.dtype(_NUMPY_DTYPE[t.dtype]).itemsize for t in spec.inputs],
+                spec.max_batch_size,
+            )
+            if settings.shared_memory == "auto" and host in ("127.0.0.1", "localhost")
+            else None
+        )
 
     @property
     def _client(self) -> Any:
@@ -138,14 +150,47 @@ class TritonBackend:
                 self._sleep(delay)
                 attempt += 1
 
+    def _region(self) -> InputRegion | None:
+        """This thread's shared-memory region, made on first use; None when it is off or refused."""
+        if self._shm_bytes is None:
+            return None
+        region = getattr(self._local, "region", None)
+        if region is None:
+            try:
+                region = InputRegion(self._client, self._shm_bytes)
+            except Exception as exc:
+                log.warning("Triton refused a shared-memory region (%s): sending inputs on the wire", exc)
+                self._shm_bytes = None
+                return None
+            self._local.region = region
+            with self._clients_lock:
+                self._regions.append(region)
+        return region
+
+    def _drop_region(self, region: InputRegion) -> None:
+        self._local.region = None
+        with self._clients_lock:
+            if region in self._regions:
+                self._regions.remove(region)
+        region.close()
+
     def _infer_once(self, inputs: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
         tc = self._tc
-        req = []
-        for spec, arr in zip(self.spec.inputs, inputs, strict=True):
-            arr = np.ascontiguousarray(arr, dtype=_NUMPY_DTYPE[spec.dtype])
-            inp = tc.InferInput(spec.name, list(arr.shape), spec.dtype)
-            inp.set_data_from_numpy(arr)
-            req.append(inp)
+        arrays = [
+            np.ascontiguousarray(arr, dtype=_NUMPY_DTYPE[spec.dtype])
+            for spec, arr in zip(self.spec.inputs, inputs, strict=True)
+        ]
+        req = [
+            tc.InferInput(spec.name, list(arr.shape), spec.dtype)
+            for spec, arr in zip(self.spec.inputs, arrays, strict=True)
+        ]
+        region = self._region()
+        if region is not None:
+            for inp, (offset, size) in zip(req, region.write(arrays), strict=True):
+                inp.set_shared_memory(region.name, size, offset)
+        else:
+            for inp, arr in zip(req, arrays, strict=True):
+                inp.set_data_from_numpy(arr)
         kwargs: dict[str, Any] = {}
         if self._settings.protocol == "grpc":
             kwargs["client_timeout"] = self._settings.request_timeout_s
@@ -154,6 +199,10 @@ class TritonBackend:
                 self.spec.name, req, outputs=[tc.InferRequestedOutput(o.name) for o in self.spec.outputs], **kwargs
             )
         except Exception as exc:
+            if region is not None and "shared memory" in str(exc).lower():
+                # A restarted server forgot our region: make a new one on the retry.
+                self._drop_region(region)
+                raise BackendError(f"shared-memory region lost: {exc}", retriable=True) from exc
             raise _classify(exc) from exc
         outputs: dict[str, np.ndarray] = {}
         for o in self.spec.outputs:
@@ -166,6 +215,9 @@ class TritonBackend:
     def close(self) -> None:
         with self._clients_lock:
             clients, self._clients = self._clients, []
+            regions, self._regions = self._regions, []
+        for region in regions:
+            region.close()
         for client in clients:
             try:
                 client.close()
