@@ -18,6 +18,8 @@ SMALL["transformer"] = EncoderSettings(family="transformer", arch="all-MiniLM-L6
 # Time-series families take their sizes from arch (w<window>c<channels>h<hidden>[l<latent>]) with random weights.
 SMALL["lstm"] = EncoderSettings(family="lstm", arch="w16c3h8", weights="random", max_batch_size=16)
 SMALL["autoencoder"] = EncoderSettings(family="autoencoder", arch="w16c3h16l4", weights="random", max_batch_size=16)
+# The null family imitates a real encoder named in arch as <family>/<arch>; its output is zeros.
+SMALL["null"] = EncoderSettings(family="null", arch="autoencoder/w16c3h16l4", weights="random", max_batch_size=16)
 
 
 @pytest.fixture(params=list_families())

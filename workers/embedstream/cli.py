@@ -211,7 +211,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 # Command groups that live beside their code; each module's register(subparsers, flag) adds its
 # subcommands and returns their handlers.
-COMMAND_MODULES: tuple[str, ...] = ("embedstream.training.cli", "embedstream.ops.cli")
+COMMAND_MODULES: tuple[str, ...] = ("embedstream.training.cli", "embedstream.ops.cli", "embedstream.bench.cli")
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "worker": cmd_worker,

@@ -404,6 +404,7 @@ class Worker:
             "assigned": sorted(f"{tp.topic}/{tp.partition}" for tp in assigned or []),
             "consumed": self.stats.consumed,
             "embedded": self.stats.embedded,
+            "batches": self.stats.batches,
             "dead_lettered": self.stats.dead_lettered,
             "in_flight": self._tracker.in_flight(),
         }

@@ -1,0 +1,41 @@
+"""``embedstream bench`` end to end for one modality with tiny counts, on a stack of its own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from embedstream.bench.report import STAGES
+from embedstream.cli import main
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "bench",
+            "--modalities",
+            "timeseries",
+            "--count",
+            "48",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "stack"),
+        ]
+    )
+    assert rc == 0
+    doc = json.loads((out / "bench.json").read_text())
+    ts = doc["modalities"]["timeseries"]
+    assert set(ts["stages"]) == set(STAGES)
+    for name, stage in ts["stages"].items():
+        assert stage["messages"] == 48, name
+        assert stage["throughput"] > 0, name
+    assert len(ts["stages"]["pipeline_half"]["latencies_ms"]) == 48
+    assert ts["stages"]["pipeline"]["batches"] > 0
+    assert {"pipeline_vs_bare", "null_vs_raw_kafka", "p99_at_half_load", "batch_fill"} <= set(ts["targets"])
+    for png in ("throughput.png", "latency.png"):
+        assert (out / png).stat().st_size > 5000

@@ -1,0 +1,163 @@
+"""The benchmark's pure parts: ratios, the latency bound, targets, the JSON shape and the plots."""
+
+import json
+
+import pytest
+
+from embedstream.bench.plots import latency_plot, throughput_plot
+from embedstream.bench.report import (
+    STAGES,
+    ModalityBench,
+    StageResult,
+    latency_bound,
+    ratio,
+    report_json,
+    summary_table,
+    targets,
+)
+
+
+def _bench(modality: str = "image", **overrides) -> ModalityBench:
+    b = ModalityBench(
+        modality=modality,
+        model="image-mobilenetv3_small_100",
+        null_model="null-image-mobilenetv3_small_100",
+        max_batch=32,
+        max_wait_ms=20,
+        max_in_flight=2,
+        torch_threads=2,
+    )
+    b.stages = {
+        "bare": StageResult(320, 2.0),  # 160/s
+        "triton": StageResult(320, 2.5),
+        "pipeline": StageResult(320, 2.5),  # 128/s
+        "pipeline_half": StageResult(320, 5.0),
+        "null": StageResult(320, 0.8),  # 400/s
+        "raw_kafka": StageResult(320, 0.2),  # 1600/s
+    }
+    b.offered_rate = 64.0
+    b.latencies_ms = [float(v) for v in range(1, 101)]
+    b.embedded, b.batches = 320, 20
+    for k, v in overrides.items():
+        setattr(b, k, v)
+    return b
+
+
+def test_ratio_is_zero_without_a_denominator():
+    assert ratio(3.0, 0.0) == 0.0
+    assert ratio(3.0, 4.0) == 0.75
+
+
+def test_stage_throughput():
+    assert StageResult(100, 4.0).throughput == 25.0
+    assert StageResult(100, 0.0).throughput == 0.0
+
+
+def test_latency_bound_caps_fill_time_at_max_wait():
+    # 32 at 64/s would take 500 ms to fill; max_wait cuts it at 20 ms, when 1.28 rows have arrived.
+    lb = latency_bound(32, 20, 64.0, 160.0)
+    assert lb.fill_ms == pytest.approx(20.0)
+    assert lb.batch == pytest.approx(1.28)
+    assert lb.model_ms == pytest.approx(8.0)
+    assert lb.bound_ms == pytest.approx(1.5 * 28.0)
+
+
+def test_latency_bound_fills_the_batch_when_the_rate_is_high():
+    lb = latency_bound(16, 20, 3200.0, 1600.0)
+    assert lb.fill_ms == pytest.approx(5.0)
+    assert lb.batch == pytest.approx(16.0)
+    assert lb.model_ms == pytest.approx(10.0)
+    assert lb.bound_ms == pytest.approx(22.5)
+
+
+def test_latency_bound_counts_at_least_one_row_per_batch():
+    assert latency_bound(32, 20, 10.0, 100.0).batch == 1.0
+
+
+def test_targets_pass_and_miss():
+    t = targets(_bench())
+    assert t["pipeline_vs_bare"].value == pytest.approx(0.8)
+    assert t["pipeline_vs_bare"].passed is False
+    assert t["null_vs_raw_kafka"].value == pytest.approx(0.25)
+    assert t["null_vs_raw_kafka"].passed is False
+    p99 = t["p99_at_half_load"]
+    assert p99.target == pytest.approx(42.0) and p99.value > 99 and p99.passed is False
+    assert t["batch_fill"].value == pytest.approx(0.5) and t["batch_fill"].passed is None
+
+    fast = _bench(latencies_ms=[10.0] * 50)
+    fast.stages["pipeline"] = StageResult(320, 2.1)
+    fast.stages["raw_kafka"] = StageResult(320, 0.5)
+    t = targets(fast)
+    assert t["pipeline_vs_bare"].passed and t["null_vs_raw_kafka"].passed and t["p99_at_half_load"].passed
+
+
+def test_targets_skip_what_was_not_measured():
+    b = _bench(latencies_ms=[], batches=0)
+    del b.stages["null"]
+    assert set(targets(b)) == {"pipeline_vs_bare"}
+
+
+def test_report_json_shape():
+    doc = report_json([_bench(), _bench("text")], {"started_at": "2024-01-01T00:00:00+00:00"})
+    json.dumps(doc)  # plain JSON types only
+    assert doc["schema"] == "embedstream.bench/1" and doc["started_at"]
+    assert set(doc["modalities"]) == {"image", "text"}
+    image = doc["modalities"]["image"]
+    assert set(image["stages"]) == set(STAGES)
+    assert all(s["throughput"] > 0 for s in image["stages"].values())
+    assert image["stages"]["pipeline"]["mean_batch"] == 16.0
+    half = image["stages"]["pipeline_half"]
+    assert half["offered_rate"] == 64.0 and len(half["latencies_ms"]) == 100
+    assert half["latency_ms"]["p50"] == pytest.approx(50.5)
+    assert set(image["targets"]) == {"pipeline_vs_bare", "null_vs_raw_kafka", "p99_at_half_load", "batch_fill"}
+    assert image["targets"]["pipeline_vs_bare"]["passed"] is False
+
+
+def test_summary_table_has_a_row_per_stage_and_target():
+    table = summary_table([_bench(), _bench("text")])
+    assert len(table.columns) == 3
+    assert table.row_count == len(STAGES) + 1 + 4
+
+
+def test_plots_write_pngs(tmp_path):
+    results = [_bench(), _bench("timeseries", latencies_ms=[])]
+    for path in (throughput_plot(results, tmp_path / "t.png"), latency_plot(results, tmp_path / "l.png")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path.stat().st_size > 5000
+
+
+def test_null_encoder_takes_the_real_inputs_and_returns_zeros():
+    import torch
+
+    from embedstream.config import EncoderSettings
+    from embedstream.encoders import get_family
+
+    real = EncoderSettings(family="autoencoder", arch="w16c3h16l4", weights="random")
+    fake = EncoderSettings(family="null", arch="autoencoder/w16c3h16l4", weights="random")
+    want, got = get_family("autoencoder").describe(real), get_family("null").describe(fake)
+    assert got.inputs == want.inputs and got.modality == want.modality and got.extra["imitates"] == want.name
+    assert got.outputs == want.outputs[:1] and got.name == f"null-{want.name}"
+    out = get_family("null").build(fake)(torch.randn(5, 16, 3))
+    assert out.shape == (5, 4) and not out.any()
+
+
+@pytest.mark.parametrize("arch", ["mobilenetv3_small_100", "null/x", "nosuch/x", "cnn/"])
+def test_null_encoder_refuses_an_arch_that_names_no_real_encoder(arch):
+    from embedstream.config import EncoderSettings
+    from embedstream.encoders import get_family
+    from embedstream.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        get_family("null").describe(EncoderSettings(family="null", arch=arch, weights="random"))
+
+
+def test_null_twin_and_rekey():
+    from embedstream.bench.workload import null_twin, rekey
+    from embedstream.config import load_settings
+
+    base = load_settings(encoder={"family": "autoencoder", "arch": "w16c3h16l4", "weights": "random"})
+    twin = null_twin(base)
+    assert twin.encoder.family == "null" and twin.encoder.arch == "autoencoder/w16c3h16l4"
+    assert twin.kafka.input_topic == "bench.null.timeseries" and twin.kafka.group_id != base.kafka.group_id
+    assert twin.batch == base.batch
+    assert rekey([(b"a", b"x"), (b"b", b"y")], "sat") == [(b"sat-000000", b"x"), (b"sat-000001", b"y")]

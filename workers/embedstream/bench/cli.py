@@ -1,0 +1,63 @@
+"""``embedstream bench`` on the command line: options, the run, the summary table."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Handler = Callable[[argparse.Namespace], int]
+log = logging.getLogger(__name__)
+
+
+def register(sub: Any, flag: Callable[..., None]) -> dict[str, Handler]:
+    p = sub.add_parser(
+        "bench",
+        help="measure bare model, Triton alone, the pipeline (saturation, 50%% load) and its plumbing, per modality",
+    )
+    flag(p, "--config", "CONFIG", "TOML config file (the image pipeline's base settings)")
+    flag(p, "--modalities", "BENCH_MODALITIES", "comma-separated modalities", default="image,text,timeseries")
+    flag(
+        p,
+        "--count",
+        "BENCH_COUNT",
+        "messages per stage for every modality (default: image 400, text 600, timeseries 300)",
+        type=int,
+    )
+    flag(p, "--out", "BENCH_OUT", "directory for bench.json and the PNG plots", default=".embedstream/bench")
+    flag(p, "--workdir", "BENCH_WORKDIR", "stack logs and model repository", default=".embedstream/bench-stack")
+    flag(p, "--partitions", "PARTITIONS", "partitions of the input/output topics", default="4", type=int)
+    return {"bench": cmd_bench}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from embedstream.bench.report import summary_table
+    from embedstream.bench.run import BenchOptions, run_bench
+    from embedstream.bench.workload import DEFAULT_COUNTS, MODALITIES
+    from embedstream.config import load_settings
+
+    console = Console()
+    modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    if not modalities or set(modalities) - set(MODALITIES):
+        console.print(f"[red]--modalities takes a comma-separated subset of {', '.join(MODALITIES)}[/]")
+        return 2
+    counts = {m: int(args.count) if args.count else DEFAULT_COUNTS[m] for m in modalities}
+    settings = load_settings(args.config)
+    if settings.encoder.weights is None:
+        # Throughput does not depend on the weights' values; say so rather than fail.
+        log.warning("encoder.weights not set: the image encoder uses random weights")
+        settings = load_settings(args.config, encoder={"weights": "random"})
+    opts = BenchOptions(modalities, counts, Path(args.out), Path(args.workdir), args.partitions)
+    run = run_bench(settings, opts, console)
+    console.print(summary_table(run.results))
+    console.print(
+        f"{run.meta['machine']['cpus']} CPUs shared by the broker, Triton, the workers and this process; "
+        f"{run.meta['seconds']:.0f} s in all"
+    )
+    for what, path in run.files.items():
+        console.print(f"[green]{what}[/] {path}")
+    return 0

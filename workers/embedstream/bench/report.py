@@ -1,0 +1,227 @@
+"""What a benchmark run measured, the ratios and targets derived from it, and its JSON and table forms.
+
+Nothing here touches a broker or a server, so the arithmetic is unit-tested on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+
+SCHEMA = "embedstream.bench/1"
+# Stage keys in the order they run; the labels are what tables and plots show.
+STAGES: dict[str, str] = {
+    "bare": "bare model in-process",
+    "triton": "Triton alone (no Kafka)",
+    "pipeline": "pipeline at saturation",
+    "pipeline_half": "pipeline at 50% load",
+    "null": "null encoder pipeline",
+    "raw_kafka": "raw kafka-python consume+produce",
+}
+PIPELINE_VS_BARE_TARGET = 0.85
+NULL_VS_RAW_TARGET = 0.5
+LATENCY_SLACK = 1.5
+
+
+@dataclass
+class StageResult:
+    """One stage of one modality: ``messages`` rows (or messages) in ``seconds``; extras per stage."""
+
+    messages: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"messages": self.messages, "seconds": self.seconds, "throughput": self.throughput, **self.extra}
+
+
+@dataclass
+class ModalityBench:
+    modality: str
+    model: str
+    null_model: str
+    max_batch: int
+    max_wait_ms: int
+    max_in_flight: int
+    torch_threads: int
+    stages: dict[str, StageResult] = field(default_factory=dict)
+    # Per-message latency at 50% load (output timestamp - input timestamp), ms.
+    latencies_ms: list[float] = field(default_factory=list)
+    offered_rate: float = 0.0
+    # From the worker's /readyz counters across the saturation stage.
+    embedded: int = 0
+    batches: int = 0
+
+    @property
+    def mean_batch(self) -> float:
+        return self.embedded / self.batches if self.batches else 0.0
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    value: float
+    target: float | None
+    # "ge": value should be at least target; "le": at most; None: reported, no target.
+    sense: str | None
+    detail: str = ""
+
+    @property
+    def passed(self) -> bool | None:
+        if self.target is None or self.sense is None:
+            return None
+        return self.value >= self.target if self.sense == "ge" else self.value <= self.target
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "target": self.target,
+            "sense": self.sense,
+            "passed": self.passed,
+            "detail": self.detail,
+        }
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else 0.0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else 0.0
+
+
+@dataclass(frozen=True)
+class LatencyBound:
+    """What a batching pipeline should need at an offered rate, from the batch it waits for and the model."""
+
+    fill_ms: float
+    batch: float
+    model_ms: float
+
+    @property
+    def bound_ms(self) -> float:
+        return LATENCY_SLACK * (self.fill_ms + self.model_ms)
+
+
+def latency_bound(max_batch: int, max_wait_ms: float, offered_rate: float, bare_throughput: float) -> LatencyBound:
+    """Fill time = max_batch / rate capped by max_wait; the batch is what arrives meanwhile (at least 1).
+
+    Model time is that batch at the bare model's throughput: the slack factor then leaves room for
+    decode, the RPC and Kafka on top, which the bound deliberately does not model.
+    """
+    if offered_rate <= 0:
+        return LatencyBound(max_wait_ms, 1.0, ratio(1000.0, bare_throughput))
+    fill_ms = min(1000.0 * max_batch / offered_rate, max_wait_ms)
+    batch = min(float(max_batch), max(1.0, offered_rate * fill_ms / 1000.0))
+    return LatencyBound(fill_ms, batch, 1000.0 * ratio(batch, bare_throughput))
+
+
+def targets(b: ModalityBench) -> dict[str, Target]:
+    s = b.stages
+    out: dict[str, Target] = {}
+    if "pipeline" in s and "bare" in s:
+        out["pipeline_vs_bare"] = Target(
+            "pipeline / bare",
+            ratio(s["pipeline"].throughput, s["bare"].throughput),
+            PIPELINE_VS_BARE_TARGET,
+            "ge",
+            f"{s['pipeline'].throughput:.1f} / {s['bare'].throughput:.1f} msg/s",
+        )
+    if "null" in s and "raw_kafka" in s:
+        out["null_vs_raw_kafka"] = Target(
+            "null plumbing / raw kafka",
+            ratio(s["null"].throughput, s["raw_kafka"].throughput),
+            NULL_VS_RAW_TARGET,
+            "ge",
+            f"{s['null'].throughput:.1f} / {s['raw_kafka'].throughput:.1f} msg/s",
+        )
+    if b.latencies_ms and "bare" in s:
+        lb = latency_bound(b.max_batch, b.max_wait_ms, b.offered_rate, s["bare"].throughput)
+        out["p99_at_half_load"] = Target(
+            "p99 at 50% load (ms)",
+            percentile(b.latencies_ms, 99),
+            lb.bound_ms,
+            "le",
+            f"1.5 x (fill {lb.fill_ms:.1f} ms + model {lb.model_ms:.1f} ms for a batch of {lb.batch:.1f})",
+        )
+    if b.batches:
+        out["batch_fill"] = Target(
+            "mean batch / max batch at saturation",
+            ratio(b.mean_batch, b.max_batch),
+            None,
+            None,
+            f"{b.embedded} rows in {b.batches} batches (max {b.max_batch})",
+        )
+    return out
+
+
+def modality_json(b: ModalityBench) -> dict[str, Any]:
+    stages = {name: r.to_json() for name, r in b.stages.items()}
+    if "pipeline_half" in stages:
+        lat = b.latencies_ms
+        stages["pipeline_half"].update(
+            offered_rate=b.offered_rate,
+            latency_ms={
+                "p50": percentile(lat, 50),
+                "p99": percentile(lat, 99),
+                "mean": float(np.mean(lat)) if lat else 0.0,
+                "max": max(lat, default=0.0),
+            },
+            latencies_ms=[round(v, 1) for v in lat],
+        )
+    if "pipeline" in stages:
+        stages["pipeline"].update(embedded=b.embedded, batches=b.batches, mean_batch=b.mean_batch)
+    return {
+        "model": b.model,
+        "null_model": b.null_model,
+        "max_batch": b.max_batch,
+        "max_wait_ms": b.max_wait_ms,
+        "max_in_flight": b.max_in_flight,
+        "torch_threads": b.torch_threads,
+        "stages": stages,
+        "targets": {k: t.to_json() for k, t in targets(b).items()},
+    }
+
+
+def report_json(results: Sequence[ModalityBench], meta: dict[str, Any]) -> dict[str, Any]:
+    return {"schema": SCHEMA, **meta, "modalities": {b.modality: modality_json(b) for b in results}}
+
+
+def _verdict(t: Target) -> str:
+    if t.passed is None:
+        return f"{t.value:.2f}"
+    mark = "[green]pass[/]" if t.passed else "[red]miss[/]"
+    sense = ">=" if t.sense == "ge" else "<="
+    return f"{t.value:.2f} ({sense} {t.target:.2f}) {mark}"
+
+
+def summary_table(results: Sequence[ModalityBench]) -> Table:
+    table = Table(title="embedstream bench")
+    table.add_column("figure")
+    for b in results:
+        table.add_column(f"{b.modality}\n{b.model}", justify="right")
+    for key, label in STAGES.items():
+        table.add_row(
+            f"{label} (msg/s)",
+            *(f"{b.stages[key].throughput:.1f}" if key in b.stages else "-" for b in results),
+        )
+    table.add_row("latency p50 / p99 at 50% load (ms)", *(_latency_cell(b) for b in results))
+    all_targets = [targets(b) for b in results]
+    names = {k: t.name for ts in all_targets for k, t in ts.items()}
+    for key, name in names.items():
+        table.add_row(name, *(_verdict(ts[key]) if key in ts else "-" for ts in all_targets))
+    return table
+
+
+def _latency_cell(b: ModalityBench) -> str:
+    if not b.latencies_ms:
+        return "-"
+    return f"{percentile(b.latencies_ms, 50):.0f} / {percentile(b.latencies_ms, 99):.0f}"

@@ -1,0 +1,254 @@
+"""One benchmark run: the embedded stack, then every stage per modality, then JSON and plots."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from embedstream.bench import stages
+from embedstream.bench.plots import latency_plot, throughput_plot
+from embedstream.bench.report import STAGES, ModalityBench, StageResult, report_json
+from embedstream.bench.workload import Workload, build_workload, preprocessed_batches, rekey
+from embedstream.config import Settings
+from embedstream.export import ExportTarget
+from embedstream.kafka_io import ensure_topics
+from embedstream.readback import TopicReader
+from embedstream.runtime.stack import LocalStack
+from embedstream.runtime.worker_process import WorkerProcess
+from embedstream.service import encoder_spec
+
+HALF_LOAD = 0.5
+WAIT_TIMEOUT_S = 600.0
+
+
+@dataclass
+class BenchOptions:
+    modalities: Sequence[str]
+    counts: dict[str, int]
+    out: Path
+    workdir: Path
+    partitions: int = 4
+
+
+@dataclass
+class Clocks:
+    """Injected time: ``wall`` is compared with Kafka timestamps, ``mono`` times the in-process stages."""
+
+    wall: Callable[[], float] = time.time
+    mono: Callable[[], float] = time.perf_counter
+    sleep: Callable[[float], None] = time.sleep
+
+
+@dataclass
+class BenchRun:
+    results: list[ModalityBench]
+    meta: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.fields[modality]:>10}"),
+        TextColumn("{task.description:<13}"),
+        BarColumn(bar_width=16),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[result]}"),
+        console=console,
+    )
+
+
+class _Board:
+    """The live table: one progress row per modality and stage, its result filled in when it ends."""
+
+    def __init__(self, bar: Progress, workloads: Sequence[Workload]) -> None:
+        self.bar = bar
+        self.tasks: dict[tuple[str, str], TaskID] = {}
+        for w in workloads:
+            # Stage keys, not the long labels: the live table has to fit an 80-column terminal.
+            for key in STAGES:
+                self.tasks[(w.modality, key)] = bar.add_task(
+                    key, total=len(w.messages), modality=w.modality, result="", start=False
+                )
+
+    def advance(self, modality: str, stage: str) -> Callable[[int], None]:
+        task = self.tasks[(modality, stage)]
+        self.bar.start_task(task)
+        return lambda n: self.bar.advance(task, n)
+
+    def done(self, modality: str, stage: str, result: StageResult, note: str = "") -> None:
+        task = self.tasks[(modality, stage)]
+        self.bar.update(task, completed=result.messages, result=f"{result.throughput:7.1f}/s {note}")
+        self.bar.stop_task(task)
+
+
+def run_bench(base: Settings, opts: BenchOptions, console: Console, clocks: Clocks | None = None) -> BenchRun:
+    clocks = clocks or Clocks()
+    began = clocks.wall()
+    meta: dict[str, Any] = {
+        "started_at": dt.datetime.fromtimestamp(began, dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_before": list(os.getloadavg()),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "counts": {m: opts.counts[m] for m in opts.modalities},
+        "partitions": opts.partitions,
+    }
+    workdir = opts.workdir
+    with console.status("rendering traffic and training the time-series autoencoder on normal data..."):
+        workloads = [build_workload(base, m, opts.counts[m], workdir) for m in opts.modalities]
+    pipelines = [w.settings for w in workloads] + [w.null_settings for w in workloads]
+    with console.status("starting the local broker, exporting the encoders and their null twins, starting Triton..."):
+        stack = LocalStack(pipelines, workdir=workdir, partitions=opts.partitions).start()
+    results: list[ModalityBench] = []
+    try:
+        for w in workloads:
+            ensure_topics(stack.settings.kafka, dict.fromkeys(w.raw_topics, opts.partitions))
+        with _progress(console) as bar:
+            board = _Board(bar, workloads)
+            for w in workloads:
+                results.append(_bench_modality(stack, w, board, console, clocks))
+    finally:
+        with console.status("stopping Triton and the broker..."):
+            stack.stop()
+    meta["seconds"] = clocks.wall() - began
+    run = BenchRun(results, meta)
+    run.files = write_outputs(run, opts.out)
+    return run
+
+
+def write_outputs(run: BenchRun, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "bench.json"
+    path.write_bytes(orjson.dumps(report_json(run.results, run.meta), option=orjson.OPT_INDENT_2))
+    return {
+        "json": path,
+        "throughput_png": throughput_plot(run.results, out / "throughput.png"),
+        "latency_png": latency_plot(run.results, out / "latency.png"),
+    }
+
+
+def _bench_modality(stack: LocalStack, w: Workload, board: _Board, console: Console, clocks: Clocks) -> ModalityBench:
+    real, null = stack.local_settings(w.settings), stack.local_settings(w.null_settings)
+    threads = ExportTarget().torch_threads  # what LocalStack exports each Triton instance with
+    b = ModalityBench(
+        modality=w.modality,
+        model=encoder_spec(real).name,
+        null_model=encoder_spec(null).name,
+        max_batch=real.batch.max_size,
+        max_wait_ms=real.batch.max_wait_ms,
+        max_in_flight=real.batch.max_in_flight,
+        torch_threads=threads,
+    )
+    m = w.modality
+    workers = [
+        WorkerProcess(real, stack.workdir, f"bench-{m}"),
+        WorkerProcess(null, stack.workdir, f"bench-null-{m}"),
+    ]
+    followers: list[stages.Follower] = []
+    try:
+        with console.status(f"starting the {m} workers (real and null encoder) and joining their groups..."):
+            for wp in workers:
+                wp.start()
+            for wp in workers:
+                wp.wait_ready()
+            followers = [
+                stages.Follower(TopicReader(k.bootstrap_servers, k.output_topic, k.dead_letter_topic), wp)
+                for k, wp in zip((real.kafka, null.kafka), workers, strict=True)
+            ]
+        batches = preprocessed_batches(real, w.messages)
+
+        res = stages.bare_model(real, batches, threads, clocks.mono, board.advance(m, "bare"))
+        board.done(m, "bare", res, f"batch {b.max_batch}, {threads} thr")
+        b.stages["bare"] = res
+
+        res = stages.triton_alone(real, batches, clocks.mono, board.advance(m, "triton"))
+        board.done(m, "triton", res, f"{b.max_in_flight} in flight")
+        b.stages["triton"] = res
+
+        before = stages.worker_counters(workers[0])
+        res = _burst(real, followers[0], rekey(w.messages, "sat"), b"sat-", board.advance(m, "pipeline"), clocks)
+        embedded, batches_done = stages.worker_counters(workers[0])
+        b.embedded, b.batches = embedded - before[0], batches_done - before[1]
+        board.done(m, "pipeline", res, f"mean batch {b.mean_batch:.1f}")
+        b.stages["pipeline"] = res
+
+        b.offered_rate = HALF_LOAD * res.throughput
+        res, b.latencies_ms = _paced(
+            real, followers[0], rekey(w.messages, "half"), b.offered_rate, board.advance(m, "pipeline_half"), clocks
+        )
+        board.done(m, "pipeline_half", res, f"offered {b.offered_rate:.0f}/s")
+        b.stages["pipeline_half"] = res
+
+        res = _burst(null, followers[1], rekey(w.messages, "null"), b"null-", board.advance(m, "null"), clocks)
+        board.done(m, "null", res)
+        b.stages["null"] = res
+
+        res = stages.raw_kafka(real, w.raw_topics, w.messages, clocks.mono, board.advance(m, "raw_kafka"))
+        board.done(m, "raw_kafka", res, f"{res.extra['mean_message_bytes'] / 1024:.1f} KiB/msg")
+        b.stages["raw_kafka"] = res
+    finally:
+        for f in followers:
+            f.close()
+        for wp in workers:
+            wp.terminate()
+    return b
+
+
+def _burst(
+    settings: Settings,
+    follower: stages.Follower,
+    messages: list[tuple[bytes, bytes]],
+    prefix: bytes,
+    progress: Callable[[int], None],
+    clocks: Clocks,
+) -> StageResult:
+    """N messages at once to a ready worker: N / (last output's timestamp - when producing started)."""
+    k = settings.kafka
+    started = stages.produce_burst(k.bootstrap_servers, k.input_topic, messages, clocks.wall)
+    rows = follower.wait_for(prefix, len(messages), WAIT_TIMEOUT_S, progress)
+    return StageResult(len(rows), max(rows.values()) / 1000 - started)
+
+
+def _paced(
+    settings: Settings,
+    follower: stages.Follower,
+    messages: list[tuple[bytes, bytes]],
+    rate: float,
+    progress: Callable[[int], None],
+    clocks: Clocks,
+) -> tuple[StageResult, list[float]]:
+    """Messages at ``rate``; latency per message = its output's timestamp - its own send timestamp."""
+    k = settings.kafka
+    sent: dict[bytes, int] = {}
+    stop = threading.Event()
+
+    def produce() -> None:
+        sent.update(
+            stages.produce_paced(k.bootstrap_servers, k.input_topic, messages, rate, clocks.wall, clocks.sleep, stop)
+        )
+
+    # The producer keeps its schedule on its own thread while this one reads the outputs.
+    thread = threading.Thread(target=produce, name="bench-paced-producer", daemon=True)
+    thread.start()
+    try:
+        rows = follower.wait_for(b"half-", len(messages), WAIT_TIMEOUT_S, progress)
+    finally:
+        stop.set()
+        thread.join()
+    latencies = [float(rows[key] - ts) for key, ts in sent.items() if key in rows]
+    seconds = (max(rows.values()) - min(sent.values())) / 1000 if sent else 0.0
+    return StageResult(len(rows), seconds, {"offered_rate": rate}), latencies

@@ -1,0 +1,229 @@
+"""The measurements: bare model, Triton alone, the pipeline (burst and paced), raw kafka-python.
+
+Clocks are passed in: ``wall`` must be epoch seconds (it is compared with Kafka record timestamps),
+``sleep`` paces the producer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import TopicPartition
+
+from embedstream.bench.report import StageResult
+from embedstream.config import Settings
+from embedstream.demo_data import Message
+from embedstream.encoders import get_family
+from embedstream.inference.local import TorchBackend
+from embedstream.inference.triton import TritonBackend
+from embedstream.kafka_io import make_producer
+from embedstream.readback import TopicReader
+from embedstream.runtime.worker_process import WorkerProcess
+from embedstream.service import encoder_spec
+
+Clock = Callable[[], float]
+Progress = Callable[[int], None]
+Batches = Sequence[tuple[np.ndarray, ...]]
+
+
+def _rows(batches: Batches) -> int:
+    return sum(b[0].shape[0] for b in batches)
+
+
+def bare_model(settings: Settings, batches: Batches, threads: int, clock: Clock, progress: Progress) -> StageResult:
+    """The eager module in this process, with as many torch threads as one Triton instance gets."""
+    spec = encoder_spec(settings)
+    backend = TorchBackend(spec, get_family(settings.encoder.family).build(settings.encoder))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        backend.infer(batches[0])  # first call pays one-off allocations and kernel selection
+        start = clock()
+        for b in batches:
+            backend.infer(b)
+            progress(b[0].shape[0])
+        seconds = clock() - start
+    finally:
+        torch.set_num_threads(before)
+    return StageResult(_rows(batches), seconds, {"threads": threads, "batch": settings.batch.max_size})
+
+
+def triton_alone(settings: Settings, batches: Batches, clock: Clock, progress: Progress) -> StageResult:
+    """The served model over the worker's client, ``batch.max_in_flight`` requests at a time, no Kafka."""
+    spec = encoder_spec(settings)
+    backend = TritonBackend(settings.triton, spec)
+    in_flight = settings.batch.max_in_flight
+
+    def one(b: tuple[np.ndarray, ...]) -> int:
+        backend.infer(b)
+        progress(b[0].shape[0])
+        return b[0].shape[0]
+
+    try:
+        with ThreadPoolExecutor(in_flight, thread_name_prefix="bench-triton") as pool:
+            # Warm every thread's client (connection set-up is not what this stage measures).
+            list(pool.map(lambda _: backend.infer(batches[0]), range(in_flight)))
+            start = clock()
+            done = sum(pool.map(one, batches))
+            seconds = clock() - start
+    finally:
+        backend.close()
+    return StageResult(done, seconds, {"in_flight": in_flight, "protocol": settings.triton.protocol})
+
+
+def _producer(bootstrap: str, linger_ms: int) -> KafkaProducer:
+    return KafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms, acks="all", max_request_size=16 << 20)
+
+
+def produce_burst(bootstrap: str, topic: str, messages: Sequence[Message], wall: Clock) -> float:
+    """Everything at once; returns when producing started (epoch seconds)."""
+    producer = _producer(bootstrap, linger_ms=5)
+    try:
+        started = wall()
+        for key, value in messages:
+            producer.send(topic, value=value, key=key, timestamp_ms=int(wall() * 1000))
+        producer.flush()
+    finally:
+        producer.close()
+    return started
+
+
+def produce_paced(
+    bootstrap: str,
+    topic: str,
+    messages: Sequence[Message],
+    rate: float,
+    wall: Clock,
+    sleep: Callable[[float], None],
+    stop: threading.Event,
+) -> dict[bytes, int]:
+    """One message every 1/rate s on a fixed schedule (no drift); returns each key's send timestamp (ms)."""
+    producer = _producer(bootstrap, linger_ms=0)  # lingering would add to the latency measured
+    sent: dict[bytes, int] = {}
+    try:
+        start = wall()
+        for i, (key, value) in enumerate(messages):
+            if stop.is_set():
+                break
+            delay = start + i / rate - wall()
+            if delay > 0:
+                sleep(delay)
+            ts = int(wall() * 1000)
+            producer.send(topic, value=value, key=key, timestamp_ms=ts)
+            sent[key] = ts
+        producer.flush()
+    finally:
+        producer.close()
+    return sent
+
+
+@dataclass
+class Follower:
+    """Reads one pipeline's output topic for the whole run; rows of a stage are told apart by key prefix."""
+
+    reader: TopicReader
+    worker: WorkerProcess
+    # key -> output record timestamp (ms), for every row seen so far.
+    seen: dict[bytes, int] = field(default_factory=dict)
+    _consumed_tables: int = 0
+
+    def poll(self, timeout_s: float = 0.2) -> None:
+        self.reader.poll(timeout_s)
+        times = self.reader.result.output_times
+        for ts, table in times[self._consumed_tables :]:
+            for key in table.column("key").to_pylist():
+                self.seen[bytes(key)] = ts
+        self._consumed_tables = len(times)
+        if self.reader.result.dead_letters:
+            first = self.reader.result.dead_letters[0]
+            raise RuntimeError(f"{self.worker.name} dead-lettered {first.key!r}: {first.reason}")
+
+    def wait_for(
+        self, prefix: bytes, count: int, timeout_s: float, progress: Progress, clock: Clock = time.monotonic
+    ) -> dict[bytes, int]:
+        """Block until ``count`` rows keyed ``prefix...`` arrived; returns their output timestamps."""
+        deadline = clock() + timeout_s
+        done = 0
+        while True:
+            self.poll()
+            rows = {k: ts for k, ts in self.seen.items() if k.startswith(prefix)}
+            if len(rows) > done:
+                progress(len(rows) - done)
+                done = len(rows)
+            if done >= count:
+                return rows
+            if not self.worker.alive():
+                raise RuntimeError(f"{self.worker.name} exited; last log lines:\n{self.worker.tail()}")
+            if clock() > deadline:
+                raise TimeoutError(f"{self.worker.name}: {done} of {count} rows after {timeout_s:.0f}s")
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def worker_counters(worker: WorkerProcess) -> tuple[int, int]:
+    """(embedded, batches) from the worker's /readyz."""
+    status = worker.status() or {}
+    return int(status.get("embedded", 0)), int(status.get("batches", 0))
+
+
+def raw_kafka(
+    settings: Settings, topics: tuple[str, str], messages: Sequence[Message], clock: Clock, progress: Progress
+) -> StageResult:
+    """One consumer reading the N messages and one producer writing N messages of the same size.
+
+    The messages are put on the input topic first (not timed); the producer is the worker's
+    (``make_producer``: acks=all, idempotent, same linger), the consumer reads every partition
+    without a group, as fast as it can, sending each value on as it arrives.
+    """
+    k = settings.kafka
+    src, dst = topics
+    produce_burst(k.bootstrap_servers, src, messages, time.time)
+    consumer = KafkaConsumer(
+        bootstrap_servers=k.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_bytes=k.fetch_max_bytes,
+        max_partition_fetch_bytes=k.max_partition_fetch_bytes,
+    )
+    producer = make_producer(k, "embedstream-bench-raw")
+    try:
+        parts = [TopicPartition(src, p) for p in sorted(_partitions(consumer, src, clock))]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        total = len(messages)
+        done = 0
+        start = clock()
+        while done < total:
+            for records in consumer.poll(timeout_ms=500).values():
+                for rec in records:
+                    producer.send(dst, value=rec.value, key=rec.key)
+                done += len(records)
+                progress(len(records))
+            if clock() - start > 300:
+                raise TimeoutError(f"raw kafka read {done} of {total} messages in 300 s")
+        producer.flush()
+        seconds = clock() - start
+    finally:
+        consumer.close()
+        producer.close()
+    size = sum(len(v) for _, v in messages) / max(1, len(messages))
+    return StageResult(done, seconds, {"mean_message_bytes": size})
+
+
+def _partitions(consumer: KafkaConsumer, topic: str, clock: Clock) -> set[int]:
+    deadline = clock() + 10
+    while clock() < deadline:
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            return set(parts)
+        time.sleep(0.2)
+    raise TimeoutError(f"topic {topic!r} has no partitions")

@@ -1,0 +1,78 @@
+"""Null encoder: the inputs of a real encoder, an embedding of zeros, no compute.
+
+It exists to measure the pipeline's plumbing (consume, decode, batch, the Triton round trip,
+Arrow, produce, commit) without the model's cost: ``embedstream bench`` runs the same messages
+through it and through the real encoder. ``encoder.arch`` names the real encoder it imitates as
+``<family>/<arch>`` (e.g. ``cnn/mobilenetv3_small_100``, ``transformer/all-MiniLM-L6-v2``,
+``autoencoder/w32c3h16l8``); ``encoder.weights`` is handed to that family's ``describe`` only (the
+time-series families read their window shape from the weights' sidecar), never loaded. The spec
+keeps the real one's inputs, preprocessing, extra and embedding width, so the worker decodes the
+same way and publishes rows of the same size; only the first output (the embedding) is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import torch
+
+from embedstream.encoders._registry import EncoderFamily, get_family, register_family
+from embedstream.encoders._spec import EncoderSpec
+from embedstream.errors import ConfigError
+
+if TYPE_CHECKING:
+    from embedstream.config import EncoderSettings
+
+NAME = "null"
+
+
+class NullEncoder(torch.nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, first: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        # Sized from the input so a trace keeps the batch dimension dynamic.
+        return torch.zeros(first.shape[0], self.dim, dtype=torch.float32)
+
+
+def imitated(settings: EncoderSettings) -> EncoderSettings:
+    """The settings of the real encoder whose inputs the null one takes."""
+    family, sep, arch = settings.arch.partition("/")
+    if not sep or not arch or family == NAME:
+        raise ConfigError(
+            f"the null encoder takes encoder.arch as <family>/<arch> of a real encoder "
+            f"(e.g. 'cnn/mobilenetv3_small_100'), not {settings.arch!r}"
+        )
+    get_family(family)  # fails with the list of known families
+    return settings.model_copy(update={"family": family, "arch": arch, "model_name": None})
+
+
+def describe(settings: EncoderSettings) -> EncoderSpec:
+    inner = imitated(settings)
+    real = get_family(inner.family).describe(inner)
+    return dataclasses.replace(
+        real,
+        name=settings.model_name or f"null-{real.name}",
+        family=NAME,
+        source=f"null/{real.source}",
+        outputs=real.outputs[:1],
+        extra={**real.extra, "imitates": real.name},
+    )
+
+
+def build(settings: EncoderSettings) -> torch.nn.Module:
+    return NullEncoder(describe(settings).embedding_dim).eval()
+
+
+# One real family per modality whose example inputs depend only on the spec's inputs and extra,
+# which the null spec keeps.
+_EXAMPLES_FROM = {"image": "cnn", "text": "transformer", "timeseries": "autoencoder"}
+
+
+def example_inputs(spec: EncoderSpec, batch: int) -> tuple[torch.Tensor, ...]:
+    return get_family(_EXAMPLES_FROM[spec.modality]).example_inputs(spec, batch)
+
+
+FAMILY = register_family(EncoderFamily(name=NAME, describe=describe, build=build, example_inputs=example_inputs))
