@@ -39,6 +39,7 @@ def make_consumer(k: KafkaSettings, client_id: str) -> KafkaConsumer:
         heartbeat_interval_ms=k.heartbeat_interval_ms,
         max_poll_interval_ms=k.max_poll_interval_ms,
         fetch_max_bytes=k.fetch_max_bytes,
+        fetch_max_wait_ms=k.fetch_max_wait_ms,
         max_partition_fetch_bytes=k.max_partition_fetch_bytes,
         **_security(k),
     )
