@@ -50,6 +50,8 @@ def _trace(module: torch.nn.Module, example: tuple[torch.Tensor, ...], spec: Enc
     with torch.inference_mode(), warnings.catch_warnings():
         # TorchScript is deprecated in torch but is what Triton's libtorch backend loads.
         warnings.simplefilter("ignore", FutureWarning)
+        # Shape checks frozen by the trace (e.g. transformers' mask handling) are verified below and in tests.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(module, example, check_trace=False)
         # A trace can silently bake in the example's batch size; run another size to be sure it did not.
         probe = tuple(torch.cat([t, t[:1]]) for t in example)
