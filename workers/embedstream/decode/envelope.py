@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -16,7 +17,7 @@ from embedstream.records import BadRecord, SourceMessage
 
 JSON_CONTENT_TYPE = b"application/json"
 ALLOWED_KEYS = frozenset({"id", "image", "event_time_ms", "metadata"})
-_MAX_INT64 = 2**63 - 1  # the Arrow timestamp column is int64
+MAX_INT64 = 2**63 - 1  # the Arrow timestamp column is int64
 
 
 @dataclass(frozen=True)
@@ -42,34 +43,50 @@ def default_id(msg: SourceMessage) -> str:
     return msg.coordinates
 
 
+def _bad(msg: SourceMessage, why: str, error_class: str = "ValueError") -> BadRecord:
+    return BadRecord(msg, "invalid_envelope", f"JSON envelope: {why}", error_class)
+
+
+def parse_object(msg: SourceMessage, raw: bytes | str, allowed: frozenset[str]) -> dict[str, Any] | BadRecord:
+    """The envelope as a JSON object with only the ``allowed`` fields, or a BadRecord."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return _bad(msg, f"not valid JSON ({exc})", "JSONDecodeError")
+    if not isinstance(doc, dict):
+        return _bad(msg, f"expected an object, got {type(doc).__name__}")
+    unknown = set(doc) - allowed
+    if unknown:
+        return _bad(msg, f"unknown fields {sorted(unknown)}")
+    return doc
+
+
+def read_meta(msg: SourceMessage, doc: dict[str, Any]) -> tuple[str, int] | BadRecord:
+    """The fields every envelope shares: ``id`` (default: the key) and ``event_time_ms``; ``metadata`` checked."""
+    ident = doc.get("id", default_id(msg))
+    if not isinstance(ident, str) or not ident:
+        return _bad(msg, "'id' must be a non-empty string")
+    event_time = doc.get("event_time_ms", msg.timestamp_ms)
+    if not isinstance(event_time, int) or isinstance(event_time, bool) or not 0 <= event_time <= MAX_INT64:
+        return _bad(msg, "'event_time_ms' must be an integer from 0 to 2**63-1")
+    if "metadata" in doc and not isinstance(doc["metadata"], dict):
+        return _bad(msg, "'metadata' must be an object")
+    return ident, event_time
+
+
 def unwrap(msg: SourceMessage, payload_field: str = "image") -> Unwrapped | BadRecord:
     """Read the envelope; the payload field is base64. Any deviation from the schema is a BadRecord."""
-
-    def bad(why: str, error_class: str = "ValueError") -> BadRecord:
-        return BadRecord(msg, "invalid_envelope", f"JSON envelope: {why}", error_class)
-
-    try:
-        doc = orjson.loads(msg.value)
-    except orjson.JSONDecodeError as exc:
-        return bad(f"not valid JSON ({exc})", "JSONDecodeError")
-    if not isinstance(doc, dict):
-        return bad(f"expected an object, got {type(doc).__name__}")
-    unknown = set(doc) - ALLOWED_KEYS
-    if unknown:
-        return bad(f"unknown fields {sorted(unknown)}")
+    doc = parse_object(msg, msg.value, ALLOWED_KEYS)
+    if isinstance(doc, BadRecord):
+        return doc
     raw = doc.get(payload_field)
     if not isinstance(raw, str) or not raw:
-        return bad(f"'{payload_field}' must be a non-empty base64 string")
+        return _bad(msg, f"'{payload_field}' must be a non-empty base64 string")
     try:
         payload = base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError) as exc:
-        return bad(f"'{payload_field}' is not valid base64 ({exc})", "binascii.Error")
-    ident = doc.get("id", default_id(msg))
-    if not isinstance(ident, str) or not ident:
-        return bad("'id' must be a non-empty string")
-    event_time = doc.get("event_time_ms", msg.timestamp_ms)
-    if not isinstance(event_time, int) or isinstance(event_time, bool) or not 0 <= event_time <= _MAX_INT64:
-        return bad("'event_time_ms' must be an integer from 0 to 2**63-1")
-    if "metadata" in doc and not isinstance(doc["metadata"], dict):
-        return bad("'metadata' must be an object")
-    return Unwrapped(payload=payload, id=ident, event_time_ms=event_time)
+        return _bad(msg, f"'{payload_field}' is not valid base64 ({exc})", "binascii.Error")
+    meta = read_meta(msg, doc)
+    if isinstance(meta, BadRecord):
+        return meta
+    return Unwrapped(payload=payload, id=meta[0], event_time_ms=meta[1])

@@ -11,14 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import orjson
 
 from embedstream.config import TextLimits
-from embedstream.decode.envelope import default_id, is_envelope
+from embedstream.decode.envelope import default_id, is_envelope, parse_object, read_meta
 from embedstream.records import BadRecord, SourceMessage
 
 ALLOWED_KEYS = frozenset({"id", "text", "event_time_ms", "metadata"})
-_MAX_INT64 = 2**63 - 1  # the Arrow timestamp column is int64
 _PREFIX_MARGIN_TOKENS = 16
 
 
@@ -94,28 +92,13 @@ def decode_text(msg: SourceMessage, tokenizer: TextTokenizer, limits: TextLimits
 
 def _unwrap(msg: SourceMessage, raw: str) -> _Text | BadRecord:
     """Read a text envelope; any deviation from the schema is a BadRecord."""
-
-    def bad(why: str, error_class: str = "ValueError") -> BadRecord:
-        return BadRecord(msg, "invalid_envelope", f"JSON envelope: {why}", error_class)
-
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return bad(f"not valid JSON ({exc})", "JSONDecodeError")
-    if not isinstance(doc, dict):
-        return bad(f"expected an object, got {type(doc).__name__}")
-    unknown = set(doc) - ALLOWED_KEYS
-    if unknown:
-        return bad(f"unknown fields {sorted(unknown)}")
+    doc = parse_object(msg, raw, ALLOWED_KEYS)
+    if isinstance(doc, BadRecord):
+        return doc
     text = doc.get("text")
     if not isinstance(text, str):
-        return bad("'text' must be a string")
-    ident = doc.get("id", default_id(msg))
-    if not isinstance(ident, str) or not ident:
-        return bad("'id' must be a non-empty string")
-    event_time = doc.get("event_time_ms", msg.timestamp_ms)
-    if not isinstance(event_time, int) or isinstance(event_time, bool) or not 0 <= event_time <= _MAX_INT64:
-        return bad("'event_time_ms' must be an integer from 0 to 2**63-1")
-    if "metadata" in doc and not isinstance(doc["metadata"], dict):
-        return bad("'metadata' must be an object")
-    return _Text(text, ident, event_time)
+        return BadRecord(msg, "invalid_envelope", "JSON envelope: 'text' must be a string")
+    meta = read_meta(msg, doc)
+    if isinstance(meta, BadRecord):
+        return meta
+    return _Text(text, *meta)

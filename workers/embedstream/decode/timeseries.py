@@ -18,11 +18,11 @@ import numpy as np
 import orjson
 from kafka.structs import TopicPartition
 
+from embedstream.decode.envelope import MAX_INT64
 from embedstream.records import BadRecord, SourceMessage
 
 OBSERVATION_KEYS = frozenset({"series_id", "timestamp_ms", "values", "metadata"})
 WINDOW_KEYS = frozenset({"series_id", "start_ms", "end_ms", "values", "metadata"})
-_MAX_INT64 = 2**63 - 1  # Arrow timestamps are int64
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def _is_number(v: object) -> bool:
 
 def _timestamp(doc: dict[str, Any], name: str, default: int) -> int | None:
     v = doc.get(name, default)
-    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= _MAX_INT64:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_INT64:
         return None
     return v
 
