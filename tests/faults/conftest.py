@@ -7,7 +7,6 @@ duplicates / missing and recovery time; the table prints at the end of the run a
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -16,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from embedstream.config import Settings, load_settings
-from embedstream.kafka_io import ensure_topics
 from embedstream.runtime.stack import LocalStack
 
+from ..integration.helpers import private_topics
+
 REPORT: list[dict] = []
-_counter = itertools.count()
 
 
 @pytest.fixture(scope="session")
@@ -38,15 +37,7 @@ def fault_stack(tmp_path_factory) -> Iterator[LocalStack]:
 
 @pytest.fixture
 def fault_lane(fault_stack, tmp_path, request) -> tuple[Settings, Path]:
-    n = f"{request.node.name[:30]}-{next(_counter)}-{os.getpid()}"
-    base = fault_stack.settings.model_dump()
-    base["kafka"].update(
-        input_topic=f"in-{n}", output_topic=f"out-{n}", dead_letter_topic=f"dlq-{n}", group_id=f"g-{n}"
-    )
-    settings = Settings(**base)
-    k = settings.kafka
-    ensure_topics(k, {k.input_topic: 6, k.output_topic: 6, k.dead_letter_topic: 1})
-    return settings, tmp_path
+    return private_topics(fault_stack.settings, request.node.name, partitions=6), tmp_path
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ Each test gets its own topics and consumer group on that stack, so tests do not 
 
 from __future__ import annotations
 
-import itertools
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +15,11 @@ from safetensors.torch import save_file
 
 from embedstream.config import Settings, load_settings
 from embedstream.encoders import get_family
-from embedstream.kafka_io import ensure_topics
 from embedstream.runtime.stack import LocalStack
 
+from .helpers import private_topics
+
 ARCH = "mobilenetv3_small_100"
-_counter = itertools.count()
 
 
 @pytest.fixture(scope="session")
@@ -58,15 +56,7 @@ class Lane:
 
 @pytest.fixture
 def lane(stack, tmp_path, request) -> Lane:
-    n = f"{request.node.name[:40]}-{next(_counter)}-{os.getpid()}".replace("[", "-").replace("]", "")
-    base = stack.settings.model_dump()
-    base["kafka"].update(
-        input_topic=f"in-{n}", output_topic=f"out-{n}", dead_letter_topic=f"dlq-{n}", group_id=f"g-{n}"
-    )
-    settings = Settings(**base)
-    k = settings.kafka
-    ensure_topics(k, {k.input_topic: 3, k.output_topic: 3, k.dead_letter_topic: 1})
-    return Lane(settings, tmp_path)
+    return Lane(private_topics(stack.settings, request.node.name, partitions=3), tmp_path)
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,31 @@
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from collections import Counter
 
 from kafka import KafkaProducer
 
 from embedstream.readback import Readback, TopicReader
+
+_counter = itertools.count()
+
+
+def private_topics(settings, test_name: str, partitions: int):
+    """The settings with topics and a consumer group of this test's own (created), on a shared stack."""
+    from embedstream.config import Settings
+    from embedstream.kafka_io import ensure_topics
+
+    n = f"{test_name[:40]}-{next(_counter)}-{os.getpid()}".replace("[", "-").replace("]", "")
+    base = settings.model_dump()
+    base["kafka"].update(
+        input_topic=f"in-{n}", output_topic=f"out-{n}", dead_letter_topic=f"dlq-{n}", group_id=f"g-{n}"
+    )
+    private = Settings(**base)
+    k = private.kafka
+    ensure_topics(k, {k.input_topic: partitions, k.output_topic: partitions, k.dead_letter_topic: 1})
+    return private
 
 
 def produce(bootstrap: str, topic: str, messages: list[tuple]) -> None:

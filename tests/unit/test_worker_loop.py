@@ -59,6 +59,20 @@ def run_until_drained(worker, consumer, steps=50):
     worker._drain()
 
 
+def run_until_consumed(worker, consumer):
+    """worker.run() as a deployment calls it, stopped once every record has been polled."""
+    stop = threading.Event()
+    real_step = worker.step
+
+    def step_then_stop():
+        real_step()
+        if consumer.drained():
+            stop.set()
+
+    worker.step = step_then_stop
+    worker.run(stop)
+
+
 def rows(producer, topic="embeddings.image"):
     tables = [decode_embeddings(v) for _, v, _ in producer.sent[topic]]
     return [r for t in tables for r in t.to_pylist()]
@@ -138,16 +152,7 @@ def test_dead_letter_too_large_to_republish_keeps_coordinates_not_bytes():
 def test_run_stops_on_request_and_commits_everything_done():
     worker, consumer, producer = make_worker({0: [(b"k%d" % i, png(i)) for i in range(10)]})
     producer.ack_immediately = True
-    stop = threading.Event()
-    real_step = worker.step
-
-    def step_then_stop():
-        real_step()
-        if consumer.drained():
-            stop.set()
-
-    worker.step = step_then_stop
-    worker.run(stop)
+    run_until_consumed(worker, consumer)
     assert consumer.closed
     assert consumer.committed == {TopicPartition("images", 0): 10}
     assert len(rows(producer)) == 10

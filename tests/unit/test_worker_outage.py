@@ -10,7 +10,7 @@ from embedstream.outage import OutageGate
 from embedstream.testing import FakeBackend, FakeConsumer, FakeProducer
 from embedstream.worker import Worker
 
-from .test_worker_loop import SPEC, png, rows
+from .test_worker_loop import SPEC, png, rows, run_until_consumed
 
 TP0 = TopicPartition("images", 0)
 
@@ -115,8 +115,6 @@ def test_gate_backs_off_and_drops_revoked_partitions():
 
 
 def test_exactly_once_commits_offsets_inside_the_producer_transaction():
-    import threading
-
     settings = load_settings(
         batch={"max_size": 4, "max_wait_ms": 0},
         encoder={"max_batch_size": 8},
@@ -127,16 +125,7 @@ def test_exactly_once_commits_offsets_inside_the_producer_transaction():
     consumer = FakeConsumer({0: [(b"k%d" % i, png(i)) for i in range(9)] + [(b"bad", b"nope")]})
     producer = FakeProducer()
     worker = Worker(settings, ImageModality(SPEC, settings), FakeBackend(SPEC), consumer, producer)
-    stop = threading.Event()
-    real_step = worker.step
-
-    def step_then_stop():
-        real_step()
-        if consumer.drained():
-            stop.set()
-
-    worker.step = step_then_stop
-    worker.run(stop)
+    run_until_consumed(worker, consumer)
     assert consumer.commit_calls == [], "offsets travel only inside transactions"
     committed = [t for t in producer.transactions if t["offsets"]]
     assert committed and committed[-1]["offsets"] == {TP0: 10}
