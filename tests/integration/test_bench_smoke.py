@@ -21,6 +21,8 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
             "timeseries",
             "--count",
             "48",
+            "--plumbing-count",
+            "100",
             "--out",
             str(out),
             "--workdir",
@@ -32,10 +34,11 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
     ts = doc["modalities"]["timeseries"]
     assert set(ts["stages"]) == set(STAGES)
     for name, stage in ts["stages"].items():
-        assert stage["messages"] == 48, name
+        assert stage["messages"] == (100 if name in ("null", "raw_kafka") else 48), name
         assert stage["throughput"] > 0, name
     assert len(ts["stages"]["pipeline_half"]["latencies_ms"]) == 48
     assert ts["stages"]["pipeline"]["batches"] > 0
-    assert {"pipeline_vs_bare", "null_vs_raw_kafka", "p99_at_half_load", "batch_fill"} <= set(ts["targets"])
+    want = {"pipeline_vs_bare", "pipeline_vs_ceiling", "null_vs_raw_kafka", "p99_at_half_load", "batch_fill"}
+    assert want <= set(ts["targets"])
     for png in ("throughput.png", "latency.png"):
         assert (out / png).stat().st_size > 5000

@@ -12,6 +12,7 @@ from embedstream.bench.report import (
     latency_bound,
     ratio,
     report_json,
+    shared_ceiling,
     summary_table,
     targets,
 )
@@ -25,10 +26,13 @@ def _bench(modality: str = "image", **overrides) -> ModalityBench:
         max_batch=32,
         max_wait_ms=20,
         max_in_flight=2,
-        torch_threads=2,
+        torch_threads=1,
+        instances=2,
+        cpus=2,
     )
     b.stages = {
         "bare": StageResult(320, 2.0),  # 160/s
+        "decode": StageResult(320, 1.0),  # 320/s on one thread
         "triton": StageResult(320, 2.5),
         "pipeline": StageResult(320, 2.5),  # 128/s
         "pipeline_half": StageResult(320, 5.0),
@@ -91,9 +95,18 @@ def test_targets_pass_and_miss():
     assert t["pipeline_vs_bare"].passed and t["null_vs_raw_kafka"].passed and t["p99_at_half_load"].passed
 
 
+def test_the_shared_ceiling_adds_model_and_decode_cpu_seconds():
+    # 160/s keeping 2 cores busy = 12.5 core-ms a message; decoding 320/s on one core = 3.125 core-ms.
+    assert shared_ceiling(160.0, 320.0, 2) == pytest.approx(2 / (12.5e-3 + 3.125e-3))
+    assert shared_ceiling(160.0, 0.0, 2) == 0.0
+    t = targets(_bench())
+    assert t["pipeline_vs_ceiling"].value == pytest.approx(128.0 / 128.0)
+    assert t["pipeline_vs_ceiling"].passed is None  # reported, not a target
+
+
 def test_targets_skip_what_was_not_measured():
     b = _bench(latencies_ms=[], batches=0)
-    del b.stages["null"]
+    del b.stages["null"], b.stages["decode"]
     assert set(targets(b)) == {"pipeline_vs_bare"}
 
 
@@ -109,14 +122,20 @@ def test_report_json_shape():
     half = image["stages"]["pipeline_half"]
     assert half["offered_rate"] == 64.0 and len(half["latencies_ms"]) == 100
     assert half["latency_ms"]["p50"] == pytest.approx(50.5)
-    assert set(image["targets"]) == {"pipeline_vs_bare", "null_vs_raw_kafka", "p99_at_half_load", "batch_fill"}
+    assert set(image["targets"]) == {
+        "pipeline_vs_bare",
+        "pipeline_vs_ceiling",
+        "null_vs_raw_kafka",
+        "p99_at_half_load",
+        "batch_fill",
+    }
     assert image["targets"]["pipeline_vs_bare"]["passed"] is False
 
 
 def test_summary_table_has_a_row_per_stage_and_target():
     table = summary_table([_bench(), _bench("text")])
     assert len(table.columns) == 3
-    assert table.row_count == len(STAGES) + 1 + 4
+    assert table.row_count == len(STAGES) + 1 + 5
 
 
 def test_plots_write_pngs(tmp_path):

@@ -15,7 +15,7 @@ from jsonschema import Draft202012Validator
 
 from embedstream import decode_embeddings
 from embedstream.config import EncoderSettings, Settings, TextLimits, load_settings
-from embedstream.decode.text import ALLOWED_KEYS, DecodedText, TextTokenizer, decode_text
+from embedstream.decode.text import ALLOWED_KEYS, DecodedText, TextTokenizer, decode_text, decode_texts
 from embedstream.encoders import get_family
 from embedstream.encoders.transformer import packaged_model_dir, resolve_source
 from embedstream.errors import ConfigError
@@ -303,12 +303,35 @@ def test_a_byte_order_mark_is_not_text(modality):
 
 
 def test_a_failing_tokenizer_is_a_bad_record_not_an_exception(tokenizer, monkeypatch):
-    def boom(text):
+    def boom(texts):
         raise RuntimeError("tokenizer exploded")
 
-    monkeypatch.setattr(tokenizer, "encode", boom)
+    monkeypatch.setattr(tokenizer, "encode_many", boom)
     out = decode_text(msg(b"fine text"), tokenizer, TextLimits())
     assert isinstance(out, BadRecord) and out.reason == "undecodable" and out.error_class == "RuntimeError"
+
+
+def test_a_text_the_tokenizer_fails_on_fails_alone_in_its_batch(tokenizer, monkeypatch):
+    real = tokenizer.encode_many
+
+    def picky(texts):
+        if any("poison" in t for t in texts):
+            raise RuntimeError("tokenizer exploded")
+        return real(texts)
+
+    monkeypatch.setattr(tokenizer, "encode_many", picky)
+    out = decode_texts([msg(b"one fine text"), msg(b"poison pill"), msg(b"\xff"), msg(b"two")], tokenizer, TextLimits())
+    assert [type(o).__name__ for o in out] == ["DecodedText", "BadRecord", "BadRecord", "DecodedText"]
+    assert [o.reason for o in out if isinstance(o, BadRecord)] == ["undecodable", "invalid_utf8"]
+    assert out[0].input_ids.tolist() == tokenizer.encode("one fine text")[0].tolist()
+
+
+def test_batch_tokenizing_gives_the_ids_of_the_transformers_tokenizer(tokenizer):
+    texts = ["Hello world", "A sentence with émojis 🙂 and ünïcode", "x " * 400, "  spaced  out  "]
+    for text, (ids, count, truncated) in zip(texts, tokenizer.encode_many(texts), strict=True):
+        want = tokenizer._tok(text, truncation=True, max_length=tokenizer.max_length)["input_ids"]
+        assert ids.tolist() == want
+        assert truncated == (count > tokenizer.max_length)
 
 
 # -- batches and rows ---------------------------------------------------------------------------------------

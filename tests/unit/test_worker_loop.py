@@ -169,3 +169,47 @@ def test_a_message_pinned_to_another_model_is_dead_lettered():
     assert sorted(r["key"] for r in rows(producer)) == [b"ok", b"pinned-ok"]
     reasons = {k: dict(h)[REASON] for k, _, h in producer.sent["deadletter.image"]}
     assert reasons == {b"other": b"unknown_model", b"old": b"unknown_model"}
+
+
+def _stepped(worker, steps=20):
+    for _ in range(steps):
+        worker.step()
+        time.sleep(0.002)  # inference runs on a thread
+
+
+def test_with_nothing_in_flight_a_partial_batch_goes_at_once_instead_of_waiting_out_max_wait():
+    # A frozen clock: nothing ever becomes due by age, so only the idle rule can send the lone message.
+    settings = load_settings(batch={"max_size": 4, "max_wait_ms": 60_000}, encoder={"max_batch_size": 8})
+    backend = FakeBackend(SPEC)
+    consumer, producer = FakeConsumer({0: [(b"only", png(9))]}), FakeProducer()
+    worker = Worker(settings, ImageModality(SPEC, settings), backend, consumer, producer, clock=lambda: 0.0)
+    _stepped(worker)
+    assert backend.calls == [1]
+    assert [r["key"] for r in rows(producer)] == [b"only"]
+
+
+def test_without_idle_dispatch_a_partial_batch_waits_for_max_wait():
+    settings = load_settings(
+        batch={"max_size": 4, "max_wait_ms": 50, "dispatch_when_idle": False}, encoder={"max_batch_size": 8}
+    )
+    now = [0.0]
+    backend = FakeBackend(SPEC)
+    consumer = FakeConsumer({0: [(b"a", png(1)), (b"b", png(2))]})
+    worker = Worker(settings, ImageModality(SPEC, settings), backend, consumer, FakeProducer(), clock=lambda: now[0])
+    _stepped(worker)
+    assert backend.calls == [], "2 of 4 and only 0 ms old: not due"
+    now[0] = 0.05
+    _stepped(worker)
+    assert backend.calls == [2]
+
+
+def test_images_of_one_poll_are_decoded_on_several_threads_in_their_order():
+    msgs = [(b"k%d" % i, png(i * 20)) for i in range(8)]
+    msgs[3] = (b"bad", b"not an image")
+    worker, consumer, producer = make_worker({0: msgs}, batch={"decode_threads": 4})
+    run_until_drained(worker, consumer)
+    out = rows(producer)
+    assert [r["key"] for r in out] == [k for k, _ in msgs if k != b"bad"]
+    for r in out:  # each row carries its own image's pixels, not a neighbour's
+        np.testing.assert_allclose(r["embedding"][0], int(r["key"][1:]) * 20)
+    assert [k for k, _, _ in producer.sent["deadletter.image"]] == [b"bad"]

@@ -98,6 +98,11 @@ class BatchSettings(_Frozen):
     max_wait_ms: int = Field(default=20, ge=0)
     # Batches at Triton at once: 2 lets decoding the next batch overlap inference of this one.
     max_in_flight: int = Field(default=2, ge=1, le=64)
+    # With nothing at Triton, send what has arrived instead of waiting out max_wait_ms: at low load
+    # a message then costs no batching delay, and under load batches still fill while others are in flight.
+    dispatch_when_idle: bool = True
+    # Threads decoding the images of one poll (Pillow releases the GIL while it decodes and resizes).
+    decode_threads: int = Field(default=2, ge=1, le=64)
 
 
 class ImageLimits(_Frozen):

@@ -128,6 +128,8 @@ class Worker:
         self._inference_seconds = metrics.INFERENCE_SECONDS.labels(modality.name, spec.name)
         self._end_to_end = metrics.END_TO_END_SECONDS.labels(modality.name)
         self._embedded = metrics.EMBEDDED.labels(modality.name, spec.name)
+        self._consumed = metrics.CONSUMED.labels(modality.name)
+        self._idle_dispatch = settings.batch.dispatch_when_idle
         self._transactional = settings.kafka.delivery == "exactly_once"
         self._sent_in_transaction = False
 
@@ -159,10 +161,9 @@ class Worker:
         else:
             timeout_s = 0.2
         polled = self._consumer.poll(timeout_ms=max(1, int(timeout_s * 1000)), max_records=self._batcher.room)
-        for records in polled.values():
-            for rec in records:
-                self._accept(_source(rec))
-        while self._batcher.due():
+        if polled:
+            self._accept([_source(rec) for records in polled.values() for rec in records])
+        while self._batcher.due() or (self._idle_dispatch and len(self._batcher) and not self._inflight):
             self._submit(self._batcher.take())
         self._reap(block=False)
         self._collect_acks(block=False)
@@ -187,25 +188,29 @@ class Worker:
 
     # -- steps --------------------------------------------------------------------------------------
 
-    def _accept(self, msg: SourceMessage) -> None:
-        self.stats.consumed += 1
-        metrics.CONSUMED.labels(self._modality.name).inc()
-        self._tracker.track(TopicPartition(msg.topic, msg.partition), msg.offset)
-        wrong_model = self._wrong_model(msg)
-        if wrong_model is not None:
-            self._dead_letter(wrong_model)
-            return
-        item = self._modality.decode(msg)
-        if isinstance(item, Deferred):
-            for bad in item.dead_letters:
-                self._dead_letter(bad)
-            if item.item is None:
-                return  # absorbed: finished later, by the row or dead letter that covers it
-            item = item.item
-        if isinstance(item, BadRecord):
-            self._dead_letter(item)
-        else:
-            self._batcher.add(item)
+    def _accept(self, msgs: list[SourceMessage]) -> None:
+        """Track, decode (all of one poll at once, so a modality can batch or parallelise it) and route."""
+        self.stats.consumed += len(msgs)
+        self._consumed.inc(len(msgs))
+        to_decode: list[SourceMessage] = []
+        for msg in msgs:
+            self._tracker.track(TopicPartition(msg.topic, msg.partition), msg.offset)
+            wrong_model = self._wrong_model(msg)
+            if wrong_model is not None:
+                self._dead_letter(wrong_model)
+            else:
+                to_decode.append(msg)
+        for item in self._modality.decode_many(to_decode) if to_decode else ():
+            if isinstance(item, Deferred):
+                for bad in item.dead_letters:
+                    self._dead_letter(bad)
+                if item.item is None:
+                    continue  # absorbed: finished later, by the row or dead letter that covers it
+                item = item.item
+            if isinstance(item, BadRecord):
+                self._dead_letter(item)
+            else:
+                self._batcher.add(item)
 
     def _update_gauges(self) -> None:
         metrics.IN_FLIGHT.labels(self._modality.name).set(self._tracker.in_flight())

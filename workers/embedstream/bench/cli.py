@@ -23,7 +23,15 @@ def register(sub: Any, flag: Callable[..., None]) -> dict[str, Handler]:
         p,
         "--count",
         "BENCH_COUNT",
-        "messages per stage for every modality (default: image 400, text 600, timeseries 300)",
+        "messages per stage for every modality (default: image 400, text 600, timeseries 2000)",
+        type=int,
+    )
+    flag(
+        p,
+        "--plumbing-count",
+        "BENCH_PLUMBING_COUNT",
+        "at least this many messages for the null-encoder and raw kafka-python stages",
+        default="3000",
         type=int,
     )
     flag(p, "--out", "BENCH_OUT", "directory for bench.json and the PNG plots", default=".embedstream/bench")
@@ -51,7 +59,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         # Throughput does not depend on the weights' values; say so rather than fail.
         log.warning("encoder.weights not set: the image encoder uses random weights")
         settings = load_settings(args.config, encoder={"weights": "random"})
-    opts = BenchOptions(modalities, counts, Path(args.out), Path(args.workdir), args.partitions)
+    opts = BenchOptions(modalities, counts, Path(args.out), Path(args.workdir), args.partitions, args.plumbing_count)
     run = run_bench(settings, opts, console)
     console.print(summary_table(run.results))
     console.print(

@@ -21,7 +21,7 @@ from embedstream.bench.plots import latency_plot, throughput_plot
 from embedstream.bench.report import STAGES, ModalityBench, StageResult, report_json
 from embedstream.bench.workload import Workload, build_workload, preprocessed_batches, rekey
 from embedstream.config import Settings
-from embedstream.export import ExportTarget
+from embedstream.export import local_cpu_target
 from embedstream.kafka_io import ensure_topics
 from embedstream.readback import TopicReader
 from embedstream.runtime.stack import LocalStack
@@ -29,6 +29,7 @@ from embedstream.runtime.worker_process import WorkerProcess
 from embedstream.service import encoder_spec
 
 HALF_LOAD = 0.5
+PLUMBING_STAGES = ("null", "raw_kafka")
 WAIT_TIMEOUT_S = 600.0
 
 
@@ -39,6 +40,8 @@ class BenchOptions:
     out: Path
     workdir: Path
     partitions: int = 4
+    # The null-encoder and raw kafka-python stages get at least this many: a few hundred pass too fast to time.
+    plumbing_count: int = 3000
 
 
 @dataclass
@@ -72,14 +75,15 @@ def _progress(console: Console) -> Progress:
 class _Board:
     """The live table: one progress row per modality and stage, its result filled in when it ends."""
 
-    def __init__(self, bar: Progress, workloads: Sequence[Workload]) -> None:
+    def __init__(self, bar: Progress, workloads: Sequence[Workload], plumbing_count: int) -> None:
         self.bar = bar
         self.tasks: dict[tuple[str, str], TaskID] = {}
         for w in workloads:
             # Stage keys, not the long labels: the live table has to fit an 80-column terminal.
             for key in STAGES:
+                total = len(_at_least(w.messages, plumbing_count)) if key in PLUMBING_STAGES else len(w.messages)
                 self.tasks[(w.modality, key)] = bar.add_task(
-                    key, total=len(w.messages), modality=w.modality, result="", start=False
+                    key, total=total, modality=w.modality, result="", start=False
                 )
 
     def advance(self, modality: str, stage: str) -> Callable[[int], None]:
@@ -118,9 +122,9 @@ def run_bench(base: Settings, opts: BenchOptions, console: Console, clocks: Cloc
         for w in workloads:
             ensure_topics(stack.settings.kafka, dict.fromkeys(w.raw_topics, opts.partitions))
         with _progress(console) as bar:
-            board = _Board(bar, workloads)
+            board = _Board(bar, workloads, opts.plumbing_count)
             for w in workloads:
-                results.append(_bench_modality(stack, w, board, console, clocks))
+                results.append(_bench_modality(stack, w, board, console, clocks, opts.plumbing_count))
     finally:
         with console.status("stopping Triton and the broker..."):
             stack.stop()
@@ -141,9 +145,11 @@ def write_outputs(run: BenchRun, out: Path) -> dict[str, Path]:
     }
 
 
-def _bench_modality(stack: LocalStack, w: Workload, board: _Board, console: Console, clocks: Clocks) -> ModalityBench:
+def _bench_modality(
+    stack: LocalStack, w: Workload, board: _Board, console: Console, clocks: Clocks, plumbing_count: int
+) -> ModalityBench:
     real, null = stack.local_settings(w.settings), stack.local_settings(w.null_settings)
-    threads = ExportTarget().torch_threads  # what LocalStack exports each Triton instance with
+    target = local_cpu_target()  # how LocalStack exported the served models
     b = ModalityBench(
         modality=w.modality,
         model=encoder_spec(real).name,
@@ -151,38 +157,37 @@ def _bench_modality(stack: LocalStack, w: Workload, board: _Board, console: Cons
         max_batch=real.batch.max_size,
         max_wait_ms=real.batch.max_wait_ms,
         max_in_flight=real.batch.max_in_flight,
-        torch_threads=threads,
+        torch_threads=target.torch_threads,
+        instances=target.instances,
+        cpus=os.cpu_count() or 1,
     )
     m = w.modality
-    workers = [
-        WorkerProcess(real, stack.workdir, f"bench-{m}"),
-        WorkerProcess(null, stack.workdir, f"bench-null-{m}"),
+    workers = [WorkerProcess(real, stack.workdir, f"bench-{m}"), WorkerProcess(null, stack.workdir, f"bench-null-{m}")]
+    followers = [
+        stages.Follower(TopicReader(k.bootstrap_servers, k.output_topic, k.dead_letter_topic), wp)
+        for k, wp in zip((real.kafka, null.kafka), workers, strict=True)
     ]
-    followers: list[stages.Follower] = []
     try:
-        with console.status(f"starting the {m} workers (real and null encoder) and joining their groups..."):
-            for wp in workers:
-                wp.start()
-            for wp in workers:
-                wp.wait_ready()
-            followers = [
-                stages.Follower(TopicReader(k.bootstrap_servers, k.output_topic, k.dead_letter_topic), wp)
-                for k, wp in zip((real.kafka, null.kafka), workers, strict=True)
-            ]
         batches = preprocessed_batches(real, w.messages)
 
-        res = stages.bare_model(real, batches, threads, clocks.mono, board.advance(m, "bare"))
-        board.done(m, "bare", res, f"batch {b.max_batch}, {threads} thr")
+        # One instance on every core, and the local Triton's shape: the better one is what the model allows.
+        shapes = list(dict.fromkeys([(1, b.cpus), (target.instances, target.torch_threads)]))
+        res = stages.best_bare_model(real, batches, shapes, clocks.mono, board.advance(m, "bare"))
+        board.done(m, "bare", res, f"batch {b.max_batch}, {res.extra['instances']}x{res.extra['threads']} thr")
         b.stages["bare"] = res
+
+        res = stages.decode_only(real, w.messages, clocks.mono)
+        board.done(m, "decode", res, "1 thread")
+        b.stages["decode"] = res
 
         res = stages.triton_alone(real, batches, clocks.mono, board.advance(m, "triton"))
         board.done(m, "triton", res, f"{b.max_in_flight} in flight")
         b.stages["triton"] = res
 
-        before = stages.worker_counters(workers[0])
-        res = _burst(real, followers[0], rekey(w.messages, "sat"), b"sat-", board.advance(m, "pipeline"), clocks)
+        messages = rekey(w.messages, "sat")
+        res = _backlog(real, workers[0], followers[0], messages, b"sat-", board.advance(m, "pipeline"), console, clocks)
         embedded, batches_done = stages.worker_counters(workers[0])
-        b.embedded, b.batches = embedded - before[0], batches_done - before[1]
+        b.embedded, b.batches = embedded, batches_done
         board.done(m, "pipeline", res, f"mean batch {b.mean_batch:.1f}")
         b.stages["pipeline"] = res
 
@@ -192,12 +197,15 @@ def _bench_modality(stack: LocalStack, w: Workload, board: _Board, console: Cons
         )
         board.done(m, "pipeline_half", res, f"offered {b.offered_rate:.0f}/s")
         b.stages["pipeline_half"] = res
+        workers[0].terminate()  # its idle polling is not part of the stages below
 
-        res = _burst(null, followers[1], rekey(w.messages, "null"), b"null-", board.advance(m, "null"), clocks)
+        plumbing = rekey(_at_least(w.messages, plumbing_count), "null")
+        res = _backlog(null, workers[1], followers[1], plumbing, b"null-", board.advance(m, "null"), console, clocks)
         board.done(m, "null", res)
         b.stages["null"] = res
+        workers[1].terminate()
 
-        res = stages.raw_kafka(real, w.raw_topics, w.messages, clocks.mono, board.advance(m, "raw_kafka"))
+        res = stages.raw_kafka(real, w.raw_topics, plumbing, clocks.mono, board.advance(m, "raw_kafka"))
         board.done(m, "raw_kafka", res, f"{res.extra['mean_message_bytes'] / 1024:.1f} KiB/msg")
         b.stages["raw_kafka"] = res
     finally:
@@ -208,19 +216,32 @@ def _bench_modality(stack: LocalStack, w: Workload, board: _Board, console: Cons
     return b
 
 
-def _burst(
+def _at_least(messages: list[tuple[bytes, bytes]], count: int) -> list[tuple[bytes, bytes]]:
+    """The messages repeated up to ``count`` (never fewer than given)."""
+    return (messages * -(-count // len(messages)))[: max(count, len(messages))]
+
+
+def _backlog(
     settings: Settings,
+    worker: WorkerProcess,
     follower: stages.Follower,
     messages: list[tuple[bytes, bytes]],
     prefix: bytes,
     progress: Callable[[int], None],
+    console: Console,
     clocks: Clocks,
 ) -> StageResult:
-    """N messages at once to a ready worker: N / (last output's timestamp - when producing started)."""
+    """Catching up on a backlog: N messages already on the topic, then the worker starts.
+
+    Throughput = N / (last output's timestamp - the moment the worker's group assigned it the
+    partitions). Producing is not timed and does not compete with the worker for the CPU.
+    """
     k = settings.kafka
-    started = stages.produce_burst(k.bootstrap_servers, k.input_topic, messages, clocks.wall)
+    stages.produce_burst(k.bootstrap_servers, k.input_topic, messages, clocks.wall)
+    worker.start()
+    assigned_at = stages.wait_assigned(worker, clocks.wall, clocks.sleep)
     rows = follower.wait_for(prefix, len(messages), WAIT_TIMEOUT_S, progress)
-    return StageResult(len(rows), max(rows.values()) / 1000 - started)
+    return StageResult(len(rows), max(rows.values()) / 1000 - assigned_at)
 
 
 def _paced(

@@ -37,22 +37,69 @@ def _rows(batches: Batches) -> int:
     return sum(b[0].shape[0] for b in batches)
 
 
-def bare_model(settings: Settings, batches: Batches, threads: int, clock: Clock, progress: Progress) -> StageResult:
-    """The eager module in this process, with as many torch threads as one Triton instance gets."""
+def bare_model(
+    settings: Settings, batches: Batches, instances: int, threads: int, clock: Clock, progress: Progress
+) -> StageResult:
+    """The eager module in this process: ``instances`` Python threads sharing the batches, ``threads`` each.
+
+    It mirrors a Triton instance group (torch releases the GIL inside its operators).
+    """
     spec = encoder_spec(settings)
     backend = TorchBackend(spec, get_family(settings.encoder.family).build(settings.encoder))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:
-        backend.infer(batches[0])  # first call pays one-off allocations and kernel selection
-        start = clock()
-        for b in batches:
+
+    def run(share: Batches) -> None:
+        for b in share:
             backend.infer(b)
             progress(b[0].shape[0])
-        seconds = clock() - start
+
+    try:
+        backend.infer(batches[0])  # first call pays one-off allocations and kernel selection
+        with ThreadPoolExecutor(instances, thread_name_prefix="bench-bare") as pool:
+            list(pool.map(lambda _: backend.infer(batches[0]), range(instances)))
+            start = clock()
+            list(pool.map(run, [batches[i::instances] for i in range(instances)]))
+            seconds = clock() - start
     finally:
         torch.set_num_threads(before)
-    return StageResult(_rows(batches), seconds, {"threads": threads, "batch": settings.batch.max_size})
+    extra = {"instances": instances, "threads": threads, "batch": settings.batch.max_size}
+    return StageResult(_rows(batches), seconds, extra)
+
+
+def best_bare_model(
+    settings: Settings, batches: Batches, shapes: Sequence[tuple[int, int]], clock: Clock, progress: Progress
+) -> StageResult:
+    """The model's best in-process throughput over (instances, threads) shapes: the ceiling to compare with."""
+    results = []
+    for i, (instances, threads) in enumerate(shapes):
+        last = i == len(shapes) - 1
+        results.append(bare_model(settings, batches, instances, threads, clock, progress if last else _quiet))
+    best = max(results, key=lambda r: r.throughput)
+    best.extra["tried"] = {f"{r.extra['instances']}x{r.extra['threads']}": r.throughput for r in results}
+    return best
+
+
+def _quiet(_n: int) -> None:
+    return None
+
+
+def decode_only(settings: Settings, messages: Sequence[Message], clock: Clock) -> StageResult:
+    """The worker's decode path alone, one poll-sized chunk at a time, on one decode thread."""
+    from embedstream.config import load_settings
+    from embedstream.modalities import modality_for
+    from embedstream.records import SourceMessage
+
+    data = settings.model_dump(mode="json")
+    data["batch"]["decode_threads"] = 1
+    one_thread = load_settings(**data)
+    modality = modality_for(encoder_spec(one_thread), one_thread)
+    msgs = [SourceMessage("bench", 0, i, key, value, 0) for i, (key, value) in enumerate(messages)]
+    size = one_thread.batch.max_size
+    start = clock()
+    for i in range(0, len(msgs), size):
+        modality.decode_many(msgs[i : i + size])
+    return StageResult(len(msgs), clock() - start, {"decode_threads": 1})
 
 
 def triton_alone(settings: Settings, batches: Batches, clock: Clock, progress: Progress) -> StageResult:
@@ -166,6 +213,20 @@ class Follower:
 
     def close(self) -> None:
         self.reader.close()
+
+
+def wait_assigned(
+    worker: WorkerProcess, wall: Clock, sleep: Callable[[float], None], timeout_s: float = 120.0
+) -> float:
+    """Epoch seconds at which the worker first reported its partitions assigned (to within 20 ms)."""
+    deadline = wall() + timeout_s
+    while wall() < deadline:
+        if (worker.status() or {}).get("ready"):
+            return wall()
+        if not worker.alive():
+            raise RuntimeError(f"{worker.name} exited; last log lines:\n{worker.tail()}")
+        sleep(0.02)
+    raise TimeoutError(f"{worker.name} was not assigned its partitions within {timeout_s:.0f}s")
 
 
 def worker_counters(worker: WorkerProcess) -> tuple[int, int]:

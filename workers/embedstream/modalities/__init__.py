@@ -27,6 +27,9 @@ class Modality(Protocol):
     def decode(self, msg: SourceMessage) -> Any | BadRecord:
         """Bytes -> an item the model can take, or a BadRecord (never an exception)."""
 
+    def decode_many(self, msgs: Sequence[SourceMessage]) -> list[Any]:
+        """``decode`` for what one poll returned, in order; a modality batches or parallelises it here."""
+
     def stack(self, items: Sequence[Any]) -> tuple[np.ndarray, ...]:
         """Items -> the model's input tensors for one batch, in the spec's input order."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -23,9 +24,16 @@ class ImageModality:
             raise ConfigError(f"encoder {spec.name} has no image preprocessing")
         self._prep = spec.preprocessing
         self._limits = settings.limits
+        threads = settings.batch.decode_threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
 
     def decode(self, msg: SourceMessage) -> DecodedImage | BadRecord:
         return decode_image(msg, self._prep, self._limits)
+
+    def decode_many(self, msgs: Sequence[SourceMessage]) -> list[DecodedImage | BadRecord]:
+        if self._pool is None or len(msgs) < 2:
+            return [self.decode(m) for m in msgs]
+        return list(self._pool.map(self.decode, msgs))
 
     def stack(self, items: Sequence[DecodedImage]) -> tuple[np.ndarray, ...]:
         return (np.stack([it.pixels for it in items]),)

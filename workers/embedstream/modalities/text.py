@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from embedstream.config import Settings
-from embedstream.decode.text import DecodedText, TextTokenizer, decode_text
+from embedstream.decode.text import DecodedText, TextTokenizer, decode_text, decode_texts
 from embedstream.encoders import EncoderSpec
 from embedstream.errors import ConfigError
 from embedstream.modalities import register_modality
@@ -30,6 +30,9 @@ class TextModality:
 
     def decode(self, msg: SourceMessage) -> DecodedText | BadRecord:
         return decode_text(msg, self._tokenizer, self._limits)
+
+    def decode_many(self, msgs: Sequence[SourceMessage]) -> list[DecodedText | BadRecord]:
+        return decode_texts(msgs, self._tokenizer, self._limits)
 
     def stack(self, items: Sequence[DecodedText]) -> tuple[np.ndarray, ...]:
         # Pad to this batch's longest text, not max_length: short texts then cost short sequences.

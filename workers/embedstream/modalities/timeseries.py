@@ -183,6 +183,9 @@ class TimeSeriesModality:
         item, dead = self.windows.add(parsed)
         return Deferred(item, tuple(dead))
 
+    def decode_many(self, msgs: Sequence[SourceMessage]) -> list[TimeSeriesWindow | BadRecord | Deferred]:
+        return [self.decode(m) for m in msgs]  # in order: each point may complete its series' window
+
     def stack(self, items: Sequence[TimeSeriesWindow]) -> tuple[np.ndarray, ...]:
         return (np.stack([it.values for it in items]).astype(np.float32, copy=False),)
 

@@ -10,7 +10,7 @@ from types import TracebackType
 
 from embedstream.config import Settings, load_settings
 from embedstream.encoders import EncoderSpec
-from embedstream.export import ExportTarget, export_model
+from embedstream.export import export_model, local_cpu_target
 from embedstream.kafka_io import ensure_topics
 from embedstream.runtime.broker import LocalBroker
 from embedstream.runtime.triton import LocalTriton
@@ -50,7 +50,7 @@ class LocalStack:
             self.broker.start()
             exported: dict[str, EncoderSpec] = {}
             for pipeline in self.pipelines:
-                spec = export_model(pipeline.encoder, self.model_repository, ExportTarget())
+                spec = export_model(pipeline.encoder, self.model_repository, local_cpu_target())
                 exported.setdefault(spec.name, spec)
             self.specs = list(exported.values())
             http, grpc, metrics = self._triton_ports
