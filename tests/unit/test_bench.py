@@ -180,3 +180,10 @@ def test_null_twin_and_rekey():
     assert twin.kafka.input_topic == "bench.null.timeseries" and twin.kafka.group_id != base.kafka.group_id
     assert twin.batch == base.batch
     assert rekey([(b"a", b"x"), (b"b", b"y")], "sat") == [(b"sat-000000", b"x"), (b"sat-000001", b"y")]
+
+
+def test_latency_bound_uses_the_measured_model_time_of_the_batch_it_got():
+    b = _bench(half_batch=3.0, half_batch_model_ms=30.0)
+    t = targets(b)["p99_at_half_load"]
+    assert t.target == pytest.approx(1.5 * (20.0 + 30.0))
+    assert "measured" in t.detail and "batch of 3.0" in t.detail

@@ -177,8 +177,8 @@ def _stepped(worker, steps=20):
         time.sleep(0.002)  # inference runs on a thread
 
 
-def test_with_nothing_in_flight_a_partial_batch_goes_at_once_instead_of_waiting_out_max_wait():
-    # A frozen clock: nothing ever becomes due by age, so only the idle rule can send the lone message.
+def test_with_a_free_slot_a_partial_batch_goes_at_once_instead_of_waiting_out_max_wait():
+    # A frozen clock: nothing ever becomes due by age, so only the free-slot rule can send the lone message.
     settings = load_settings(batch={"max_size": 4, "max_wait_ms": 60_000}, encoder={"max_batch_size": 8})
     backend = FakeBackend(SPEC)
     consumer, producer = FakeConsumer({0: [(b"only", png(9))]}), FakeProducer()
@@ -188,9 +188,9 @@ def test_with_nothing_in_flight_a_partial_batch_goes_at_once_instead_of_waiting_
     assert [r["key"] for r in rows(producer)] == [b"only"]
 
 
-def test_without_idle_dispatch_a_partial_batch_waits_for_max_wait():
+def test_without_early_dispatch_a_partial_batch_waits_for_max_wait():
     settings = load_settings(
-        batch={"max_size": 4, "max_wait_ms": 50, "dispatch_when_idle": False}, encoder={"max_batch_size": 8}
+        batch={"max_size": 4, "max_wait_ms": 50, "dispatch_when_free": False}, encoder={"max_batch_size": 8}
     )
     now = [0.0]
     backend = FakeBackend(SPEC)

@@ -98,9 +98,10 @@ class BatchSettings(_Frozen):
     max_wait_ms: int = Field(default=20, ge=0)
     # Batches at Triton at once: 2 lets decoding the next batch overlap inference of this one.
     max_in_flight: int = Field(default=2, ge=1, le=64)
-    # With nothing at Triton, send what has arrived instead of waiting out max_wait_ms: at low load
-    # a message then costs no batching delay, and under load batches still fill while others are in flight.
-    dispatch_when_idle: bool = True
+    # While fewer than max_in_flight batches are at Triton, send what has arrived instead of waiting
+    # out max_wait_ms: at low load a message costs no batching delay, and under load every slot is
+    # busy, so batches fill up while they wait for one.
+    dispatch_when_free: bool = True
     # Threads decoding the images of one poll (Pillow releases the GIL while it decodes and resizes).
     decode_threads: int = Field(default=2, ge=1, le=64)
 

@@ -129,7 +129,7 @@ class Worker:
         self._end_to_end = metrics.END_TO_END_SECONDS.labels(modality.name)
         self._embedded = metrics.EMBEDDED.labels(modality.name, spec.name)
         self._consumed = metrics.CONSUMED.labels(modality.name)
-        self._idle_dispatch = settings.batch.dispatch_when_idle
+        self._early_dispatch = settings.batch.dispatch_when_free
         self._transactional = settings.kafka.delivery == "exactly_once"
         self._sent_in_transaction = False
 
@@ -163,12 +163,15 @@ class Worker:
         polled = self._consumer.poll(timeout_ms=max(1, int(timeout_s * 1000)), max_records=self._batcher.room)
         if polled:
             self._accept([_source(rec) for records in polled.values() for rec in records])
-        while self._batcher.due() or (self._idle_dispatch and len(self._batcher) and not self._inflight):
+        while self._batcher.due() or (self._early_dispatch and len(self._batcher) and self._slot_free()):
             self._submit(self._batcher.take())
         self._reap(block=False)
         self._collect_acks(block=False)
         if self._clock() - self._last_commit >= self.settings.commit_interval_ms / 1000:
             self._commit()
+
+    def _slot_free(self) -> bool:
+        return len(self._inflight) < self.settings.batch.max_in_flight and not self._outage.active
 
     def _drain(self) -> None:
         """Finish what was consumed, wait for the broker's acks, commit: nothing half-done is left.

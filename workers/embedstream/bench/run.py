@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from embedstream.bench import stages
 from embedstream.bench.plots import latency_plot, throughput_plot
-from embedstream.bench.report import STAGES, ModalityBench, StageResult, report_json
+from embedstream.bench.report import STAGES, ModalityBench, StageResult, ratio, report_json
 from embedstream.bench.workload import Workload, build_workload, preprocessed_batches, rekey
 from embedstream.config import Settings
 from embedstream.export import local_cpu_target
@@ -195,8 +195,13 @@ def _bench_modality(
         res, b.latencies_ms = _paced(
             real, followers[0], rekey(w.messages, "half"), b.offered_rate, board.advance(m, "pipeline_half"), clocks
         )
+        after = stages.worker_counters(workers[0])
+        b.half_batch = ratio(after[0] - embedded, after[1] - batches_done)
         board.done(m, "pipeline_half", res, f"offered {b.offered_rate:.0f}/s")
         b.stages["pipeline_half"] = res
+        if b.half_batch:
+            size = max(1, round(b.half_batch))
+            b.half_batch_model_ms = stages.model_latency(real, w.messages, size, target.torch_threads, clocks.mono)
         workers[0].terminate()  # its idle polling is not part of the stages below
 
         plumbing = rekey(_at_least(w.messages, plumbing_count), "null")
@@ -214,6 +219,10 @@ def _bench_modality(
         for wp in workers:
             wp.terminate()
     return b
+
+
+def _ignore(_n: int) -> None:
+    return None
 
 
 def _at_least(messages: list[tuple[bytes, bytes]], count: int) -> list[tuple[bytes, bytes]]:
@@ -240,7 +249,9 @@ def _backlog(
     stages.produce_burst(k.bootstrap_servers, k.input_topic, messages, clocks.wall)
     worker.start()
     assigned_at = stages.wait_assigned(worker, clocks.wall, clocks.sleep)
-    rows = follower.wait_for(prefix, len(messages), WAIT_TIMEOUT_S, progress)
+    # The outputs are read once the worker is done, so reading them takes no CPU from it meanwhile.
+    stages.wait_embedded(worker, len(messages), WAIT_TIMEOUT_S, progress, clocks.sleep)
+    rows = follower.wait_for(prefix, len(messages), WAIT_TIMEOUT_S, _ignore)
     return StageResult(len(rows), max(rows.values()) / 1000 - assigned_at)
 
 
@@ -262,11 +273,13 @@ def _paced(
             stages.produce_paced(k.bootstrap_servers, k.input_topic, messages, rate, clocks.wall, clocks.sleep, stop)
         )
 
-    # The producer keeps its schedule on its own thread while this one reads the outputs.
+    # The producer keeps its schedule on its own thread while this one waits for the worker.
     thread = threading.Thread(target=produce, name="bench-paced-producer", daemon=True)
+    before = stages.worker_counters(follower.worker)[0]
     thread.start()
     try:
-        rows = follower.wait_for(b"half-", len(messages), WAIT_TIMEOUT_S, progress)
+        stages.wait_embedded(follower.worker, before + len(messages), WAIT_TIMEOUT_S, progress, clocks.sleep, before)
+        rows = follower.wait_for(b"half-", len(messages), WAIT_TIMEOUT_S, _ignore)
     finally:
         stop.set()
         thread.join()

@@ -80,6 +80,34 @@ def best_bare_model(
     return best
 
 
+def model_latency(settings: Settings, messages: Sequence[Message], batch: int, threads: int, clock: Clock) -> float:
+    """Median milliseconds the eager model takes for one batch of ``batch`` messages on ``threads`` threads.
+
+    The model time of the latency bound: what one served instance needs for the batch it gets.
+    """
+    from embedstream.bench.workload import preprocessed_batches
+    from embedstream.config import load_settings
+
+    data = settings.model_dump(mode="json")
+    data["batch"]["max_size"] = batch
+    inputs = preprocessed_batches(load_settings(**data), messages)[0]
+    spec = encoder_spec(settings)
+    backend = TorchBackend(spec, get_family(settings.encoder.family).build(settings.encoder))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(2):
+            backend.infer(inputs)
+        times = []
+        for _ in range(7):
+            start = clock()
+            backend.infer(inputs)
+            times.append(clock() - start)
+    finally:
+        torch.set_num_threads(before)
+    return 1000.0 * float(np.median(times))
+
+
 def _quiet(_n: int) -> None:
     return None
 
@@ -227,6 +255,32 @@ def wait_assigned(
             raise RuntimeError(f"{worker.name} exited; last log lines:\n{worker.tail()}")
         sleep(0.02)
     raise TimeoutError(f"{worker.name} was not assigned its partitions within {timeout_s:.0f}s")
+
+
+def wait_embedded(
+    worker: WorkerProcess,
+    count: int,
+    timeout_s: float,
+    progress: Progress,
+    sleep: Callable[[float], None],
+    start: int = 0,
+    clock: Clock = time.monotonic,
+) -> None:
+    """Block until the worker's ``embedded`` counter reaches ``count``, asking its /readyz 10 times a second."""
+    deadline = clock() + timeout_s
+    shown = start
+    while True:
+        embedded = int((worker.status() or {}).get("embedded", shown))
+        if embedded > shown:
+            progress(embedded - shown)
+            shown = embedded
+        if embedded >= count:
+            return
+        if not worker.alive():
+            raise RuntimeError(f"{worker.name} exited; last log lines:\n{worker.tail()}")
+        if clock() > deadline:
+            raise TimeoutError(f"{worker.name}: {embedded - start} of {count - start} rows after {timeout_s:.0f}s")
+        sleep(0.1)
 
 
 def worker_counters(worker: WorkerProcess) -> tuple[int, int]:
