@@ -27,7 +27,9 @@ class TritonPythonModel:
         # a micro-batcher sends every batch size from 1 to the maximum: its first calls at each size
         # took up to 8x the steady time (MobileNet, batch 1: 193 ms vs 7 ms). Plain execution has
         # no such first calls and ran as fast here.
-        torch._C._set_graph_executor_optimize(False)
+        set_optimize = getattr(torch._C, "_set_graph_executor_optimize", None)  # private: absent in some torch
+        if set_optimize is not None:
+            set_optimize(False)
         self.model = torch.jit.load(path, map_location=self.device).eval()
         self.input_names = [t["name"] for t in config["input"]]
         self.output_names = [t["name"] for t in config["output"]]
