@@ -37,7 +37,7 @@ def png(color: int, size=(20, 16)) -> bytes:
     return buf.getvalue()
 
 
-def make_worker(records, producer=None, backend=None, **overrides):
+def make_worker(records, producer=None, backend=None, clock=time.monotonic, **overrides):
     settings = load_settings(
         batch={"max_size": 4, "max_wait_ms": 0, **overrides.pop("batch", {})},
         encoder={"max_batch_size": 8},
@@ -48,7 +48,7 @@ def make_worker(records, producer=None, backend=None, **overrides):
     consumer = FakeConsumer(records)
     producer = producer or FakeProducer()
     backend = backend or FakeBackend(SPEC)
-    return Worker(settings, ImageModality(SPEC, settings), backend, consumer, producer), consumer, producer
+    return Worker(settings, ImageModality(SPEC, settings), backend, consumer, producer, clock), consumer, producer
 
 
 def run_until_drained(worker, consumer, steps=50):
@@ -179,23 +179,24 @@ def _stepped(worker, steps=20):
 
 def test_with_a_free_slot_a_partial_batch_goes_at_once_instead_of_waiting_out_max_wait():
     # A frozen clock: nothing ever becomes due by age, so only the free-slot rule can send the lone message.
-    settings = load_settings(batch={"max_size": 4, "max_wait_ms": 60_000}, encoder={"max_batch_size": 8})
     backend = FakeBackend(SPEC)
-    consumer, producer = FakeConsumer({0: [(b"only", png(9))]}), FakeProducer()
-    worker = Worker(settings, ImageModality(SPEC, settings), backend, consumer, producer, clock=lambda: 0.0)
+    worker, _, producer = make_worker(
+        {0: [(b"only", png(9))]}, backend=backend, clock=lambda: 0.0, batch={"max_wait_ms": 60_000}
+    )
     _stepped(worker)
     assert backend.calls == [1]
     assert [r["key"] for r in rows(producer)] == [b"only"]
 
 
 def test_without_early_dispatch_a_partial_batch_waits_for_max_wait():
-    settings = load_settings(
-        batch={"max_size": 4, "max_wait_ms": 50, "dispatch_when_free": False}, encoder={"max_batch_size": 8}
-    )
     now = [0.0]
     backend = FakeBackend(SPEC)
-    consumer = FakeConsumer({0: [(b"a", png(1)), (b"b", png(2))]})
-    worker = Worker(settings, ImageModality(SPEC, settings), backend, consumer, FakeProducer(), clock=lambda: now[0])
+    worker, _, _ = make_worker(
+        {0: [(b"a", png(1)), (b"b", png(2))]},
+        backend=backend,
+        clock=lambda: now[0],
+        batch={"max_wait_ms": 50, "dispatch_when_free": False},
+    )
     _stepped(worker)
     assert backend.calls == [], "2 of 4 and only 0 ms old: not due"
     now[0] = 0.05

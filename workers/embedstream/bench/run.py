@@ -81,7 +81,7 @@ class _Board:
         for w in workloads:
             # Stage keys, not the long labels: the live table has to fit an 80-column terminal.
             for key in STAGES:
-                total = len(_at_least(w.messages, plumbing_count)) if key in PLUMBING_STAGES else len(w.messages)
+                total = max(plumbing_count, len(w.messages)) if key in PLUMBING_STAGES else len(w.messages)
                 self.tasks[(w.modality, key)] = bar.add_task(
                     key, total=total, modality=w.modality, result="", start=False
                 )
@@ -124,7 +124,7 @@ def run_bench(base: Settings, opts: BenchOptions, console: Console, clocks: Cloc
         with _progress(console) as bar:
             board = _Board(bar, workloads, opts.plumbing_count)
             for w in workloads:
-                results.append(_bench_modality(stack, w, board, console, clocks, opts.plumbing_count))
+                results.append(_bench_modality(stack, w, board, clocks, opts.plumbing_count))
     finally:
         with console.status("stopping Triton and the broker..."):
             stack.stop()
@@ -146,7 +146,7 @@ def write_outputs(run: BenchRun, out: Path) -> dict[str, Path]:
 
 
 def _bench_modality(
-    stack: LocalStack, w: Workload, board: _Board, console: Console, clocks: Clocks, plumbing_count: int
+    stack: LocalStack, w: Workload, board: _Board, clocks: Clocks, plumbing_count: int
 ) -> ModalityBench:
     real, null = stack.local_settings(w.settings), stack.local_settings(w.null_settings)
     target = local_cpu_target()  # how LocalStack exported the served models
@@ -185,7 +185,7 @@ def _bench_modality(
         b.stages["triton"] = res
 
         messages = rekey(w.messages, "sat")
-        res = _backlog(real, workers[0], followers[0], messages, b"sat-", board.advance(m, "pipeline"), console, clocks)
+        res = _backlog(real, workers[0], followers[0], messages, b"sat-", board.advance(m, "pipeline"), clocks)
         embedded, batches_done = stages.worker_counters(workers[0])
         b.embedded, b.batches = embedded, batches_done
         board.done(m, "pipeline", res, f"mean batch {b.mean_batch:.1f}")
@@ -205,7 +205,7 @@ def _bench_modality(
         workers[0].terminate()  # its idle polling is not part of the stages below
 
         plumbing = rekey(_at_least(w.messages, plumbing_count), "null")
-        res = _backlog(null, workers[1], followers[1], plumbing, b"null-", board.advance(m, "null"), console, clocks)
+        res = _backlog(null, workers[1], followers[1], plumbing, b"null-", board.advance(m, "null"), clocks)
         board.done(m, "null", res)
         b.stages["null"] = res
         workers[1].terminate()
@@ -221,10 +221,6 @@ def _bench_modality(
     return b
 
 
-def _ignore(_n: int) -> None:
-    return None
-
-
 def _at_least(messages: list[tuple[bytes, bytes]], count: int) -> list[tuple[bytes, bytes]]:
     """The messages repeated up to ``count`` (never fewer than given)."""
     return (messages * -(-count // len(messages)))[: max(count, len(messages))]
@@ -237,7 +233,6 @@ def _backlog(
     messages: list[tuple[bytes, bytes]],
     prefix: bytes,
     progress: Callable[[int], None],
-    console: Console,
     clocks: Clocks,
 ) -> StageResult:
     """Catching up on a backlog: N messages already on the topic, then the worker starts.
@@ -251,7 +246,7 @@ def _backlog(
     assigned_at = stages.wait_assigned(worker, clocks.wall, clocks.sleep)
     # The outputs are read once the worker is done, so reading them takes no CPU from it meanwhile.
     stages.wait_embedded(worker, len(messages), WAIT_TIMEOUT_S, progress, clocks.sleep)
-    rows = follower.wait_for(prefix, len(messages), WAIT_TIMEOUT_S, _ignore)
+    rows = follower.wait_for(prefix, len(messages), WAIT_TIMEOUT_S, stages.no_progress)
     return StageResult(len(rows), max(rows.values()) / 1000 - assigned_at)
 
 
@@ -279,7 +274,7 @@ def _paced(
     thread.start()
     try:
         stages.wait_embedded(follower.worker, before + len(messages), WAIT_TIMEOUT_S, progress, clocks.sleep, before)
-        rows = follower.wait_for(b"half-", len(messages), WAIT_TIMEOUT_S, _ignore)
+        rows = follower.wait_for(b"half-", len(messages), WAIT_TIMEOUT_S, stages.no_progress)
     finally:
         stop.set()
         thread.join()

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +38,28 @@ def _rows(batches: Batches) -> int:
     return sum(b[0].shape[0] for b in batches)
 
 
+def no_progress(_n: int) -> None:
+    return None
+
+
+def _eager_model(settings: Settings) -> TorchBackend:
+    return TorchBackend(encoder_spec(settings), get_family(settings.encoder.family).build(settings.encoder))
+
+
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _with_batch(settings: Settings, **changes: int) -> Settings:
+    return settings.model_copy(update={"batch": settings.batch.model_copy(update=changes)})
+
+
 def bare_model(
     settings: Settings, batches: Batches, instances: int, threads: int, clock: Clock, progress: Progress
 ) -> StageResult:
@@ -44,25 +67,19 @@ def bare_model(
 
     It mirrors a Triton instance group (torch releases the GIL inside its operators).
     """
-    spec = encoder_spec(settings)
-    backend = TorchBackend(spec, get_family(settings.encoder.family).build(settings.encoder))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    backend = _eager_model(settings)
 
     def run(share: Batches) -> None:
         for b in share:
             backend.infer(b)
             progress(b[0].shape[0])
 
-    try:
-        backend.infer(batches[0])  # first call pays one-off allocations and kernel selection
-        with ThreadPoolExecutor(instances, thread_name_prefix="bench-bare") as pool:
-            list(pool.map(lambda _: backend.infer(batches[0]), range(instances)))
-            start = clock()
-            list(pool.map(run, [batches[i::instances] for i in range(instances)]))
-            seconds = clock() - start
-    finally:
-        torch.set_num_threads(before)
+    with _torch_threads(threads), ThreadPoolExecutor(instances, thread_name_prefix="bench-bare") as pool:
+        # The first calls pay one-off allocations and kernel selection.
+        list(pool.map(lambda _: backend.infer(batches[0]), range(instances)))
+        start = clock()
+        list(pool.map(run, [batches[i::instances] for i in range(instances)]))
+        seconds = clock() - start
     extra = {"instances": instances, "threads": threads, "batch": settings.batch.max_size}
     return StageResult(_rows(batches), seconds, extra)
 
@@ -74,7 +91,7 @@ def best_bare_model(
     results = []
     for i, (instances, threads) in enumerate(shapes):
         last = i == len(shapes) - 1
-        results.append(bare_model(settings, batches, instances, threads, clock, progress if last else _quiet))
+        results.append(bare_model(settings, batches, instances, threads, clock, progress if last else no_progress))
     best = max(results, key=lambda r: r.throughput)
     best.extra["tried"] = {f"{r.extra['instances']}x{r.extra['threads']}": r.throughput for r in results}
     return best
@@ -86,16 +103,11 @@ def model_latency(settings: Settings, messages: Sequence[Message], batch: int, t
     The model time of the latency bound: what one served instance needs for the batch it gets.
     """
     from embedstream.bench.workload import preprocessed_batches
-    from embedstream.config import load_settings
 
-    data = settings.model_dump(mode="json")
-    data["batch"]["max_size"] = batch
-    inputs = preprocessed_batches(load_settings(**data), messages)[0]
-    spec = encoder_spec(settings)
-    backend = TorchBackend(spec, get_family(settings.encoder.family).build(settings.encoder))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    # Bench traffic has no bad messages: the first ``batch`` messages make one full batch.
+    inputs = preprocessed_batches(_with_batch(settings, max_size=batch), messages[:batch])[0]
+    backend = _eager_model(settings)
+    with _torch_threads(threads):
         for _ in range(2):
             backend.infer(inputs)
         times = []
@@ -103,24 +115,15 @@ def model_latency(settings: Settings, messages: Sequence[Message], batch: int, t
             start = clock()
             backend.infer(inputs)
             times.append(clock() - start)
-    finally:
-        torch.set_num_threads(before)
     return 1000.0 * float(np.median(times))
-
-
-def _quiet(_n: int) -> None:
-    return None
 
 
 def decode_only(settings: Settings, messages: Sequence[Message], clock: Clock) -> StageResult:
     """The worker's decode path alone, one poll-sized chunk at a time, on one decode thread."""
-    from embedstream.config import load_settings
     from embedstream.modalities import modality_for
     from embedstream.records import SourceMessage
 
-    data = settings.model_dump(mode="json")
-    data["batch"]["decode_threads"] = 1
-    one_thread = load_settings(**data)
+    one_thread = _with_batch(settings, decode_threads=1)
     modality = modality_for(encoder_spec(one_thread), one_thread)
     msgs = [SourceMessage("bench", 0, i, key, value, 0) for i, (key, value) in enumerate(messages)]
     size = one_thread.batch.max_size
