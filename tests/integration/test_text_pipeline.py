@@ -5,6 +5,7 @@ The served embeddings are held to sentence-transformers on the same model direct
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from kafka import KafkaProducer
 
 from embedstream.config import load_settings
 from embedstream.encoders.transformer import packaged_model_dir
+from embedstream.export import local_cpu_target
 from embedstream.inference.triton import TritonBackend
 from embedstream.modalities import modality_for
 from embedstream.records import SourceMessage
@@ -77,7 +79,11 @@ def text_stack(tmp_path_factory) -> Iterator[LocalStack]:
         },
         text={"max_message_bytes": BYTE_LIMIT},
     )
-    with LocalStack(settings, workdir=tmp_path_factory.mktemp("text-stack"), partitions=3) as running:
+    # Triton waits up to 50 ms to merge queued requests here (the local default is 0): merging requests
+    # padded to different lengths, as with several workers on one server, must happen for the test below.
+    target = dataclasses.replace(local_cpu_target(), max_queue_delay_us=50_000)
+    workdir = tmp_path_factory.mktemp("text-stack")
+    with LocalStack(settings, workdir=workdir, partitions=3, export_target=target) as running:
         yield running
 
 

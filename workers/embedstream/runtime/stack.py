@@ -10,7 +10,7 @@ from types import TracebackType
 
 from embedstream.config import Settings, load_settings
 from embedstream.encoders import EncoderSpec
-from embedstream.export import export_model, local_cpu_target
+from embedstream.export import ExportTarget, export_model, local_cpu_target
 from embedstream.kafka_io import ensure_topics
 from embedstream.runtime.broker import LocalBroker
 from embedstream.runtime.triton import LocalTriton
@@ -32,6 +32,7 @@ class LocalStack:
         partitions: int = 4,
         broker_port: int | None = None,
         triton_ports: tuple[int | None, int | None, int | None] = (None, None, None),
+        export_target: ExportTarget | None = None,
     ) -> None:
         if settings is None:
             settings = load_settings()
@@ -44,13 +45,14 @@ class LocalStack:
         self.triton: LocalTriton | None = None
         self._triton_ports = triton_ports
         self.specs: list[EncoderSpec] = []
+        self.export_target = export_target or local_cpu_target()
 
     def start(self) -> LocalStack:
         try:
             self.broker.start()
             exported: dict[str, EncoderSpec] = {}
             for pipeline in self.pipelines:
-                spec = export_model(pipeline.encoder, self.model_repository, local_cpu_target())
+                spec = export_model(pipeline.encoder, self.model_repository, self.export_target)
                 exported.setdefault(spec.name, spec)
             self.specs = list(exported.values())
             http, grpc, metrics = self._triton_ports
