@@ -34,11 +34,25 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
     ts = doc["modalities"]["timeseries"]
     assert set(ts["stages"]) == set(STAGES)
     for name, stage in ts["stages"].items():
-        assert stage["messages"] == (100 if name in ("null", "raw_kafka") else 48), name
+        if name != "perf_analyzer":  # it sends as many requests as its measurement windows take
+            assert stage["messages"] == (100 if name in ("null", "raw_kafka") else 48), name
+        assert stage["messages"] > 0, name
         assert stage["throughput"] > 0, name
+    pa = ts["stages"]["perf_analyzer"]
+    assert pa["batch"] == ts["max_batch"] and pa["concurrency"] == ts["max_in_flight"]
+    assert pa["shared_memory"] == "system"  # fixed-size windows on the same host, as the worker sends them
+    assert 0 < pa["p50_latency_ms"] <= pa["p99_latency_ms"]
+    assert pa["messages"] == pa["requests"] * pa["batch"]
     assert len(ts["stages"]["pipeline_half"]["latencies_ms"]) == 48
     assert ts["stages"]["pipeline"]["batches"] > 0
-    want = {"pipeline_vs_bare", "pipeline_vs_ceiling", "null_vs_raw_kafka", "p99_at_half_load", "batch_fill"}
+    want = {
+        "triton_vs_perf_analyzer",
+        "pipeline_vs_bare",
+        "pipeline_vs_ceiling",
+        "null_vs_raw_kafka",
+        "p99_at_half_load",
+        "batch_fill",
+    }
     assert want <= set(ts["targets"])
     for png in ("throughput.png", "latency.png"):
         assert (out / png).stat().st_size > 5000

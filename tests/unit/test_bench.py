@@ -33,7 +33,8 @@ def _bench(modality: str = "image", **overrides) -> ModalityBench:
     b.stages = {
         "bare": StageResult(320, 2.0),  # 160/s
         "decode": StageResult(320, 1.0),  # 320/s on one thread
-        "triton": StageResult(320, 2.5),
+        "triton": StageResult(320, 2.5),  # 128/s
+        "perf_analyzer": StageResult(640, 4.0, {"p50_latency_ms": 250.4, "p99_latency_ms": 399.5}),  # 160/s
         "pipeline": StageResult(320, 2.5),  # 128/s
         "pipeline_half": StageResult(320, 5.0),
         "null": StageResult(320, 0.8),  # 400/s
@@ -95,6 +96,12 @@ def test_targets_pass_and_miss():
     assert t["pipeline_vs_bare"].passed and t["null_vs_raw_kafka"].passed and t["p99_at_half_load"].passed
 
 
+def test_triton_alone_is_compared_with_perf_analyzer_without_a_target():
+    t = targets(_bench())["triton_vs_perf_analyzer"]
+    assert t.value == pytest.approx(128.0 / 160.0)
+    assert t.passed is None and t.detail == "128.0 / 160.0 msg/s"
+
+
 def test_the_shared_ceiling_adds_model_and_decode_cpu_seconds():
     # 160/s keeping 2 cores busy = 12.5 core-ms a message; decoding 320/s on one core = 3.125 core-ms.
     assert shared_ceiling(160.0, 320.0, 2) == pytest.approx(2 / (12.5e-3 + 3.125e-3))
@@ -107,6 +114,7 @@ def test_the_shared_ceiling_adds_model_and_decode_cpu_seconds():
 def test_targets_skip_what_was_not_measured():
     b = _bench(latencies_ms=[], batches=0)
     del b.stages["null"], b.stages["decode"]
+    del b.stages["perf_analyzer"]
     assert set(targets(b)) == {"pipeline_vs_bare"}
 
 
@@ -123,6 +131,7 @@ def test_report_json_shape():
     assert half["offered_rate"] == 64.0 and len(half["latencies_ms"]) == 100
     assert half["latency_ms"]["p50"] == pytest.approx(50.5)
     assert set(image["targets"]) == {
+        "triton_vs_perf_analyzer",
         "pipeline_vs_bare",
         "pipeline_vs_ceiling",
         "null_vs_raw_kafka",
@@ -135,7 +144,8 @@ def test_report_json_shape():
 def test_summary_table_has_a_row_per_stage_and_target():
     table = summary_table([_bench(), _bench("text")])
     assert len(table.columns) == 3
-    assert table.row_count == len(STAGES) + 1 + 5
+    # a row per stage, the two latency rows, a row per target
+    assert table.row_count == len(STAGES) + 2 + 6
 
 
 def test_plots_write_pngs(tmp_path):

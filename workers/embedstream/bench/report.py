@@ -18,6 +18,7 @@ STAGES: dict[str, str] = {
     "bare": "bare model in-process",
     "decode": "decode alone, 1 thread",
     "triton": "Triton alone (no Kafka)",
+    "perf_analyzer": "perf_analyzer (Triton's own client)",
     "pipeline": "pipeline at saturation",
     "pipeline_half": "pipeline at 50% load",
     "null": "null encoder pipeline",
@@ -152,6 +153,14 @@ def targets(b: ModalityBench) -> dict[str, Target]:
             "ge",
             f"{s['pipeline'].throughput:.1f} / {s['bare'].throughput:.1f} msg/s",
         )
+    if "triton" in s and "perf_analyzer" in s:
+        out["triton_vs_perf_analyzer"] = Target(
+            "Triton alone, our client / perf_analyzer",
+            ratio(s["triton"].throughput, s["perf_analyzer"].throughput),
+            None,
+            None,
+            f"{s['triton'].throughput:.1f} / {s['perf_analyzer'].throughput:.1f} msg/s",
+        )
     if "pipeline" in s and "bare" in s and "decode" in s:
         ceiling = shared_ceiling(s["bare"].throughput, s["decode"].throughput, b.cpus)
         out["pipeline_vs_ceiling"] = Target(
@@ -248,6 +257,7 @@ def summary_table(results: Sequence[ModalityBench]) -> Table:
             *(f"{b.stages[key].throughput:.1f}" if key in b.stages else "-" for b in results),
         )
     table.add_row("latency p50 / p99 at 50% load (ms)", *(_latency_cell(b) for b in results))
+    table.add_row("perf_analyzer p50 / p99 per request (ms)", *(_perf_analyzer_cell(b) for b in results))
     all_targets = [targets(b) for b in results]
     names = {k: t.name for ts in all_targets for k, t in ts.items()}
     for key, name in names.items():
@@ -259,3 +269,10 @@ def _latency_cell(b: ModalityBench) -> str:
     if not b.latencies_ms:
         return "-"
     return f"{percentile(b.latencies_ms, 50):.0f} / {percentile(b.latencies_ms, 99):.0f}"
+
+
+def _perf_analyzer_cell(b: ModalityBench) -> str:
+    pa = b.stages.get("perf_analyzer")
+    if pa is None or "p50_latency_ms" not in pa.extra:
+        return "-"
+    return f"{pa.extra['p50_latency_ms']:.0f} / {pa.extra['p99_latency_ms']:.0f}"

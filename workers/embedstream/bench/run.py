@@ -16,7 +16,7 @@ import orjson
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from embedstream.bench import stages
+from embedstream.bench import perf_analyzer, stages
 from embedstream.bench.plots import latency_plot, throughput_plot
 from embedstream.bench.report import STAGES, ModalityBench, StageResult, ratio, report_json
 from embedstream.bench.workload import Workload, build_workload, preprocessed_batches, rekey
@@ -93,7 +93,9 @@ class _Board:
 
     def done(self, modality: str, stage: str, result: StageResult, note: str = "") -> None:
         task = self.tasks[(modality, stage)]
-        self.bar.update(task, completed=result.messages, result=f"{result.throughput:7.1f}/s {note}")
+        # perf_analyzer decides how many rows it sends: the bar's total is what it did.
+        total = result.messages if stage == "perf_analyzer" else None
+        self.bar.update(task, total=total, completed=result.messages, result=f"{result.throughput:7.1f}/s {note}")
         self.bar.stop_task(task)
 
 
@@ -183,6 +185,13 @@ def _bench_modality(
         res = stages.triton_alone(real, batches, clocks.mono, board.advance(m, "triton"))
         board.done(m, "triton", res, f"{b.max_in_flight} in flight")
         b.stages["triton"] = res
+
+        # Same model, batch, requests in flight and input bytes, from Triton's own C++ client.
+        assert stack.triton is not None  # started by LocalStack.start
+        board.advance(m, "perf_analyzer")  # starts its clock; it reports once, at the end
+        res = perf_analyzer.measure(real, batches, stack.triton.grpc_url, stack.workdir)
+        board.done(m, "perf_analyzer", res, f"p99 {res.extra['p99_latency_ms']:.0f} ms/request")
+        b.stages["perf_analyzer"] = res
 
         messages = rekey(w.messages, "sat")
         res = _backlog(real, workers[0], followers[0], messages, b"sat-", board.advance(m, "pipeline"), clocks)
