@@ -172,6 +172,9 @@ class FakeBackend:
         reps = -(-self.spec.embedding_dim // 3)
         return {self.spec.embedding_output.name: np.tile(means, reps)[:, : self.spec.embedding_dim]}
 
+    def connect(self) -> None:
+        return None
+
     def ready(self) -> bool:
         return not self.down
 

@@ -30,7 +30,7 @@ from embedstream.modalities import Modality
 from embedstream.offsets import OffsetTracker
 from embedstream.outage import OutageGate
 from embedstream.records import BadRecord, SourceMessage
-from embedstream.sinks.arrow_codec import CONTENT_TYPE, SCHEMA_VERSION, encode_batch, model_field, output_schema
+from embedstream.sinks.arrow_codec import CONTENT_TYPE, SCHEMA_VERSION, BatchEncoder, model_field, output_schema
 from embedstream.sinks.deadletter import VALUE_DROPPED, dead_letter_headers
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ class Worker:
             spec.embedding_dim,
             [model_field(o.column, o.dtype) for o in spec.outputs[1:] if o.column],
         )
+        self._encoder = BatchEncoder(self._schema)
         self._out_headers = [
             ("content-type", CONTENT_TYPE.encode()),
             ("embedstream.schema_version", SCHEMA_VERSION.encode()),
@@ -141,6 +142,7 @@ class Worker:
             # Fences an earlier producer with this transactional id and aborts its open transaction.
             self._producer.init_transactions()
             self._producer.begin_transaction()
+        self._warm_up()
         self._consumer.subscribe([k.input_topic], listener=_Rebalance(self))
         log.info("worker %s consuming %s as group %s", self.settings.worker_id, k.input_topic, k.group_id)
         try:
@@ -150,6 +152,28 @@ class Worker:
         finally:
             self._consumer.close(autocommit=False)
         return self.stats
+
+    def _warm_up(self) -> None:
+        """Pay one-off costs before joining the group, not on the first batches of a partition.
+
+        Every inference thread opens its connection (the barrier makes each thread take one task),
+        and an empty batch goes through the Arrow encoder (pyarrow loads its compute module on the
+        first cast). Best effort: a failure here shows up again, and is handled, on the first batch.
+        """
+        threads = self.settings.batch.max_in_flight
+        barrier = threading.Barrier(threads)
+
+        def connect() -> None:
+            self._backend.connect()
+            barrier.wait(timeout=30)
+
+        try:
+            for future in [self._executor.submit(connect) for _ in range(threads)]:
+                future.result()
+            empty = {c: np.zeros(0, self._schema.field(c).type.to_pandas_dtype()) for c in self._model_columns.values()}
+            self._encoder.encode([], np.zeros((0, self._backend.spec.embedding_dim), np.float32), empty)
+        except Exception as exc:
+            log.warning("warm-up before joining the group failed (%s); the first batch will pay for it", exc)
 
     def step(self) -> None:
         if self._outage.probe_due():
@@ -318,7 +342,7 @@ class Worker:
         for (topic, partition), idx in by_partition.items():
             rows = [self._modality.row(items[i]) for i in idx]
             extra = {column: outputs[name][idx] for name, column in self._model_columns.items()}
-            value = encode_batch(self._schema, rows, embeddings[idx], extra)
+            value = self._encoder.encode(rows, embeddings[idx], extra)
             fut = self._producer.send(
                 self.settings.kafka.output_topic,
                 value=value,

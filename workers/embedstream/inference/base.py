@@ -21,4 +21,7 @@ class InferenceBackend(Protocol):
     def ready(self) -> bool:
         """Whether the backend can take requests now (probed during an outage)."""
 
+    def connect(self) -> None:
+        """Open the calling thread's connection now, so the first batch on that thread does not pay for it."""
+
     def close(self) -> None: ...

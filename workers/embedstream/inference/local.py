@@ -22,6 +22,9 @@ class TorchBackend:
         outs = out if isinstance(out, tuple) else (out,)
         return {spec.name: t.numpy() for spec, t in zip(self.spec.outputs, outs, strict=True)}
 
+    def connect(self) -> None:
+        return None
+
     def ready(self) -> bool:
         return True
 

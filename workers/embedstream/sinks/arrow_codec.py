@@ -93,46 +93,73 @@ class RowMeta:
         return cls(source.key, id, source.topic, source.partition, source.offset, event_time_ms, extra)
 
 
+# End-of-stream marker of the IPC stream format (continuation token, zero-length metadata).
+_IPC_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
+class BatchEncoder:
+    """Encodes batches of one output schema; what does not change between batches is worked out once.
+
+    A worker encodes one message per batch per partition, and at small batches the fixed cost of an
+    encode (types, metadata, the stream writer re-serialising the schema) dominated: this keeps the
+    serialised schema and per-column types, and frames each batch as schema + batch + end-of-stream,
+    byte for byte what ``pyarrow.ipc.new_stream`` writes.
+    """
+
+    def __init__(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self._dim: int = schema.field("embedding").type.list_size
+        self._types = [f.type for f in schema]
+        self._extra = list(enumerate(schema.names[len(COMMON_FIELDS) : -1]))
+        meta = schema.metadata or {}
+        self._model_name = pa.scalar(meta.get(b"embedstream.model_name", b"").decode(), self._types[6])
+        self._model_version = pa.scalar(meta.get(b"embedstream.model_version", b"").decode(), self._types[7])
+        self._schema_bytes = schema.serialize().to_pybytes()
+
+    def encode(
+        self,
+        rows: Sequence[RowMeta],
+        embeddings: np.ndarray,
+        model_columns: Mapping[str, np.ndarray] | None = None,
+    ) -> bytes:
+        """Rows + an (N, dim) float32 array -> one Arrow IPC stream. The embedding buffer is not copied.
+
+        ``model_columns`` fills the schema's model fields (other model outputs, one value per row).
+        """
+        model_columns = model_columns or {}
+        dim, types, n = self._dim, self._types, len(rows)
+        if embeddings.shape != (n, dim):
+            raise ValueError(f"embeddings shape {embeddings.shape} does not match {n} rows x {dim}")
+        flat = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1)
+        columns: list[pa.Array] = [
+            pa.array([r.key for r in rows], types[0]),
+            pa.array([r.id for r in rows], types[1]),
+            pa.array([r.topic for r in rows], types[2]),
+            pa.array([r.partition for r in rows], types[3]),
+            pa.array([r.offset for r in rows], types[4]),
+            pa.array([r.timestamp_ms for r in rows], types[5]),
+            pa.repeat(self._model_name, n),
+            pa.repeat(self._model_version, n),
+        ]
+        base = len(COMMON_FIELDS)
+        for i, name in self._extra:
+            if name in model_columns:
+                columns.append(pa.array(np.asarray(model_columns[name]).reshape(n), types[base + i]))
+            else:
+                columns.append(pa.array([r.extra[i] for r in rows], types[base + i]))
+        columns.append(pa.FixedSizeListArray.from_arrays(pa.array(flat), dim))
+        batch = pa.RecordBatch.from_arrays(columns, schema=self.schema)
+        return b"".join((self._schema_bytes, batch.serialize().to_pybytes(), _IPC_EOS))
+
+
 def encode_batch(
     schema: pa.Schema,
     rows: Sequence[RowMeta],
     embeddings: np.ndarray,
     model_columns: Mapping[str, np.ndarray] | None = None,
 ) -> bytes:
-    """Rows + an (N, dim) float32 array -> one Arrow IPC stream. The embedding buffer is not copied.
-
-    ``model_columns`` fills the schema's model fields (other model outputs, one value per row).
-    """
-    model_columns = model_columns or {}
-    dim = schema.field("embedding").type.list_size
-    if embeddings.shape != (len(rows), dim):
-        raise ValueError(f"embeddings shape {embeddings.shape} does not match {len(rows)} rows x {dim}")
-    flat = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1)
-    model_name = schema.metadata[b"embedstream.model_name"].decode()
-    model_version = schema.metadata[b"embedstream.model_version"].decode()
-    n = len(rows)
-    columns: list[pa.Array] = [
-        pa.array([r.key for r in rows], pa.binary()),
-        pa.array([r.id for r in rows], pa.string()),
-        pa.array([r.topic for r in rows], pa.string()),
-        pa.array([r.partition for r in rows], pa.int32()),
-        pa.array([r.offset for r in rows], pa.int64()),
-        pa.array([r.timestamp_ms for r in rows], pa.timestamp("ms", tz="UTC")),
-        pa.array([model_name] * n, pa.string()),
-        pa.array([model_version] * n, pa.string()),
-    ]
-    extra_fields = schema.names[len(COMMON_FIELDS) : -1]
-    for i, name in enumerate(extra_fields):
-        if name in model_columns:
-            columns.append(pa.array(np.asarray(model_columns[name]).reshape(n), schema.field(name).type))
-        else:
-            columns.append(pa.array([r.extra[i] for r in rows], schema.field(name).type))
-    columns.append(pa.FixedSizeListArray.from_arrays(pa.array(flat), dim))
-    batch = pa.RecordBatch.from_arrays(columns, schema=schema)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, schema) as writer:
-        writer.write_batch(batch)
-    return sink.getvalue().to_pybytes()
+    """One-off form of :class:`BatchEncoder` (a worker keeps one encoder per output schema)."""
+    return BatchEncoder(schema).encode(rows, embeddings, model_columns)
 
 
 def decode_embeddings(value: bytes) -> pa.Table:
