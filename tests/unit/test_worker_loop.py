@@ -214,3 +214,39 @@ def test_images_of_one_poll_are_decoded_on_several_threads_in_their_order():
     for r in out:  # each row carries its own image's pixels, not a neighbour's
         np.testing.assert_allclose(r["embedding"][0], int(r["key"][1:]) * 20)
     assert [k for k, _, _ in producer.sent["deadletter.image"]] == [b"bad"]
+
+
+def test_every_inference_thread_connects_before_the_worker_joins_its_group():
+    events = []
+
+    class Recording(FakeBackend):
+        def connect(self):
+            events.append(("connect", threading.current_thread().name))
+
+    worker, consumer, producer = make_worker(
+        {0: [(b"k0", png(1))]}, backend=Recording(SPEC), batch={"max_in_flight": 3}
+    )
+    producer.ack_immediately = True
+    real_subscribe = consumer.subscribe
+
+    def subscribe(topics, listener=None):
+        events.append(("subscribe", None))
+        real_subscribe(topics, listener)
+
+    consumer.subscribe = subscribe
+    run_until_consumed(worker, consumer)
+    assert events[-1] == ("subscribe", None)
+    threads = {name for kind, name in events if kind == "connect"}
+    assert len(threads) == 3 and all(name.startswith("infer") for name in threads)
+    assert len(rows(producer)) == 1
+
+
+def test_a_failing_warm_up_does_not_stop_the_worker():
+    class Flaky(FakeBackend):
+        def connect(self):
+            raise ConnectionError("refused")
+
+    worker, consumer, producer = make_worker({0: [(b"k0", png(1))]}, backend=Flaky(SPEC))
+    producer.ack_immediately = True
+    run_until_consumed(worker, consumer)
+    assert len(rows(producer)) == 1

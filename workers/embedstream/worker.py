@@ -164,7 +164,11 @@ class Worker:
         barrier = threading.Barrier(threads)
 
         def connect() -> None:
-            self._backend.connect()
+            try:
+                self._backend.connect()
+            except BaseException:
+                barrier.abort()  # the other threads stop waiting for this one
+                raise
             barrier.wait(timeout=30)
 
         try:
