@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,10 @@ log = logging.getLogger(__name__)
 
 class InputRegion:
     def __init__(self, client: Any, byte_size: int) -> None:
-        import tritonclient.utils.shared_memory as shm
+        with warnings.catch_warnings():
+            # tritonclient 2.51 finds its helper library through the deprecated pkg_resources.
+            warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
+            import tritonclient.utils.shared_memory as shm
 
         self._shm = shm
         self._client = client

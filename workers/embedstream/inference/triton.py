@@ -92,6 +92,12 @@ class TritonBackend:
                 )
             self._sleep(0.5)
 
+    @property
+    def shared_memory_regions(self) -> int:
+        """Regions registered with the server now (one per inference thread while inputs go that way)."""
+        with self._clients_lock:
+            return len(self._regions)
+
     def connect(self) -> None:
         """This thread's client and shared-memory region, made now rather than on its first batch.
 
