@@ -14,7 +14,14 @@ from embedstream import decode_embeddings
 from embedstream.decode import envelope
 from embedstream.records import REASONS, BadRecord, SourceMessage
 from embedstream.sinks import deadletter
-from embedstream.sinks.arrow_codec import CONTENT_TYPE, SCHEMA_VERSION, RowMeta, encode_batch, output_schema
+from embedstream.sinks.arrow_codec import (
+    CONTENT_TYPE,
+    SCHEMA_VERSION,
+    BatchEncoder,
+    RowMeta,
+    encode_batch,
+    output_schema,
+)
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 IMG_B64 = base64.b64encode(b"\xff\xd8\xff\xe0 not really a jpeg").decode()
@@ -219,6 +226,19 @@ def test_value_is_a_plain_arrow_ipc_stream():
     table = pa.ipc.open_stream(encode_batch(schema, rows, emb)).read_all()
     assert table.schema.metadata[b"embedstream.schema_version"] == SCHEMA_VERSION.encode()
     assert table.num_rows == 2
+
+
+def test_one_encoder_reused_writes_what_the_ipc_stream_writer_writes():
+    schema = output_schema("image", "clip", "2", 8)
+    encoder = BatchEncoder(schema)
+    for n in (3, 1, 0):
+        rows, emb = rows_and_embeddings(n)
+        value = encoder.encode(rows, emb)
+        batch = pa.ipc.open_stream(value).read_next_batch()
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, schema) as writer:
+            writer.write_batch(batch)
+        assert value == sink.getvalue().to_pybytes()
 
 
 def test_zero_rows_round_trip():

@@ -28,6 +28,7 @@ import orjson
 from embedstream.bench.report import StageResult
 from embedstream.config import Settings
 from embedstream.encoders import EncoderSpec
+from embedstream.inference.triton import NUMPY_DTYPE, shared_memory_bytes
 from embedstream.service import encoder_spec
 
 BINARY = "perf_analyzer"
@@ -40,7 +41,6 @@ TIMEOUT_S = 180.0
 # The sonames the binary was linked against; nvidia-pytriton's wheel carries both under
 # auditwheel's hashed names, which the loader will not find by soname on its own.
 _LIBS = {"libb64.so.0d": "libb64-*.so.0d", "libcudart.so.12": "libcudart-*.so.12*"}
-_DTYPES = {"UINT8": "uint8", "INT32": "int32", "INT64": "int64", "FP32": "float32", "BOOL": "bool"}
 
 
 class PerfAnalyzerError(RuntimeError):
@@ -94,7 +94,7 @@ def write_input_data(spec: EncoderSpec, batch: Sequence[np.ndarray], path: Path)
     for i in range(batch[0].shape[0]):
         step: dict[str, dict[str, object]] = {}
         for t, arr in zip(spec.inputs, batch, strict=True):
-            row = np.ascontiguousarray(arr[i], dtype=np.dtype(_DTYPES[t.dtype]))
+            row = np.ascontiguousarray(arr[i], dtype=NUMPY_DTYPE[t.dtype])
             # Base64 of the raw bytes: exact floats, and far smaller than a JSON list of numbers.
             step[t.name] = {"content": {"b64": base64.b64encode(row.tobytes()).decode()}, "shape": list(row.shape)}
         steps.append(step)
@@ -179,14 +179,12 @@ def stage_result(row: dict[str, float], requests: int | None, batch: int, concur
 
 
 def uses_shared_memory(settings: Settings, spec: EncoderSpec) -> bool:
-    """The worker's own choice (inference.triton): same host, not switched off, every input fixed-size.
+    """The worker's own choice (``inference.triton.shared_memory_bytes``).
 
     perf_analyzer's system shared memory works for text too, but the worker sends variable-size
     inputs on the wire, and the point here is the same requests as the ``triton`` stage.
     """
-    host = settings.triton.url.rsplit(":", 1)[0]
-    fixed = all(d >= 0 for t in spec.inputs for d in t.dims)
-    return settings.triton.shared_memory == "auto" and host in ("127.0.0.1", "localhost") and fixed
+    return shared_memory_bytes(settings.triton, spec) is not None
 
 
 def measure(settings: Settings, batches: Sequence[Sequence[np.ndarray]], grpc_url: str, workdir: Path) -> StageResult:

@@ -20,7 +20,22 @@ from embedstream.inference.shm import InputRegion, fixed_input_bytes
 log = logging.getLogger(__name__)
 
 _RETRIABLE_GRPC = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED"}
-_NUMPY_DTYPE = {"UINT8": np.uint8, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}
+NUMPY_DTYPE = {"UINT8": np.uint8, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}
+
+
+def shared_memory_bytes(settings: TritonSettings, spec: EncoderSpec) -> int | None:
+    """Bytes of an inference thread's input region when inputs go through system shared memory, else None.
+
+    They do when it is not switched off, the server is on this host and every input is fixed-size.
+    """
+    host = settings.url.rsplit(":", 1)[0]
+    if settings.shared_memory != "auto" or host not in ("127.0.0.1", "localhost"):
+        return None
+    return fixed_input_bytes(
+        [t.dims for t in spec.inputs],
+        [np.dtype(NUMPY_DTYPE[t.dtype]).itemsize for t in spec.inputs],
+        spec.max_batch_size,
+    )
 
 
 class TritonBackend:
@@ -45,16 +60,7 @@ class TritonBackend:
         self._clients: list[Any] = []
         self._regions: list[InputRegion] = []
         self._clients_lock = threading.Lock()
-        host = settings.url.rsplit(":", 1)[0]
-        self._shm_bytes = (
-            fixed_input_bytes(
-                [t.dims for t in spec.inputs],
-                [np.dtype(_NUMPY_DTYPE[t.dtype]).itemsize for t in spec.inputs],
-                spec.max_batch_size,
-            )
-            if settings.shared_memory == "auto" and host in ("127.0.0.1", "localhost")
-            else None
-        )
+        self._shm_bytes = shared_memory_bytes(settings, spec)
 
     @property
     def _client(self) -> Any:
@@ -192,7 +198,7 @@ class TritonBackend:
     def _infer_once(self, inputs: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
         tc = self._tc
         arrays = [
-            np.ascontiguousarray(arr, dtype=_NUMPY_DTYPE[spec.dtype])
+            np.ascontiguousarray(arr, dtype=NUMPY_DTYPE[spec.dtype])
             for spec, arr in zip(self.spec.inputs, inputs, strict=True)
         ]
         req = [
