@@ -23,6 +23,8 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
             "48",
             "--plumbing-count",
             "100",
+            "--workers",
+            "2",
             "--out",
             str(out),
             "--workdir",
@@ -35,7 +37,8 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
     assert set(ts["stages"]) == set(STAGES)
     for name, stage in ts["stages"].items():
         if name != "perf_analyzer":  # it sends as many requests as its measurement windows take
-            assert stage["messages"] == (100 if name in ("null", "raw_kafka") else 48), name
+            want = 100 if name in ("null", "raw_kafka", "raw_consume") else 96 if name == "pipeline_scaled" else 48
+            assert stage["messages"] == want, name
         assert stage["messages"] > 0, name
         assert stage["throughput"] > 0, name
     pa = ts["stages"]["perf_analyzer"]
@@ -45,9 +48,15 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
     assert pa["messages"] == pa["requests"] * pa["batch"]
     assert len(ts["stages"]["pipeline_half"]["latencies_ms"]) == 48
     assert ts["stages"]["pipeline"]["batches"] > 0
+    scaled = ts["stages"]["pipeline_scaled"]
+    # both members of the group took their share of the partitions, and nothing was embedded twice
+    assert scaled["workers"] == 2 and len(scaled["embedded_by"]) == 2
+    assert min(scaled["embedded_by"]) > 0 and sum(scaled["embedded_by"]) == 96
     want = {
         "triton_vs_perf_analyzer",
         "pipeline_vs_bare",
+        "pipeline_scaled_vs_bare",
+        "scale_out",
         "pipeline_vs_ceiling",
         "null_vs_raw_kafka",
         "p99_at_half_load",

@@ -37,8 +37,10 @@ def _bench(modality: str = "image", **overrides) -> ModalityBench:
         "perf_analyzer": StageResult(640, 4.0, {"p50_latency_ms": 250.4, "p99_latency_ms": 399.5}),  # 160/s
         "pipeline": StageResult(320, 2.5),  # 128/s
         "pipeline_half": StageResult(320, 5.0),
+        "pipeline_scaled": StageResult(320, 1.6, {"workers": 2}),  # 200/s
         "null": StageResult(320, 0.8),  # 400/s
         "raw_kafka": StageResult(320, 0.2),  # 1600/s
+        "raw_consume": StageResult(320, 0.1),  # 3200/s
     }
     b.offered_rate = 64.0
     b.latencies_ms = [float(v) for v in range(1, 101)]
@@ -114,8 +116,16 @@ def test_the_shared_ceiling_adds_model_and_decode_cpu_seconds():
 def test_targets_skip_what_was_not_measured():
     b = _bench(latencies_ms=[], batches=0)
     del b.stages["null"], b.stages["decode"]
-    del b.stages["perf_analyzer"]
+    del b.stages["perf_analyzer"], b.stages["pipeline_scaled"]
     assert set(targets(b)) == {"pipeline_vs_bare"}
+
+
+def test_scaled_out_pipeline_is_held_to_the_pipeline_target_and_compared_with_one_worker():
+    t = targets(_bench())
+    assert t["pipeline_scaled_vs_bare"].value == pytest.approx(200.0 / 160.0)
+    assert t["pipeline_scaled_vs_bare"].passed is True
+    assert t["pipeline_scaled_vs_bare"].detail.startswith("2 workers: ")
+    assert t["scale_out"].value == pytest.approx(200.0 / 128.0) and t["scale_out"].passed is None
 
 
 def test_report_json_shape():
@@ -133,6 +143,8 @@ def test_report_json_shape():
     assert set(image["targets"]) == {
         "triton_vs_perf_analyzer",
         "pipeline_vs_bare",
+        "pipeline_scaled_vs_bare",
+        "scale_out",
         "pipeline_vs_ceiling",
         "null_vs_raw_kafka",
         "p99_at_half_load",
@@ -145,7 +157,11 @@ def test_summary_table_has_a_row_per_stage_and_target():
     table = summary_table([_bench(), _bench("text")])
     assert len(table.columns) == 3
     # a row per stage, the two latency rows, a row per target
-    assert table.row_count == len(STAGES) + 2 + 6
+    assert table.row_count == len(STAGES) + 2 + 8
+    one_worker = _bench()
+    del one_worker.stages["pipeline_scaled"]
+    # without --workers there is no scaled-out row of dashes, nor its two ratios
+    assert summary_table([one_worker]).row_count == len(STAGES) - 1 + 2 + 6
 
 
 def test_plots_write_pngs(tmp_path):

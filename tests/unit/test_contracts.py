@@ -241,6 +241,23 @@ def test_one_encoder_reused_writes_what_the_ipc_stream_writer_writes():
         assert value == sink.getvalue().to_pybytes()
 
 
+def test_slices_of_one_batch_decode_as_each_part_encoded_alone():
+    """Per-partition messages cut from one batch: validity bitmaps and string offsets at odd starts."""
+    schema = output_schema("image", "clip", "2", 8)
+    encoder = BatchEncoder(schema)
+    rows, emb = rows_and_embeddings(9)
+    slices = [(0, 3), (3, 1), (4, 5)]
+    values = encoder.encode_slices(rows, emb, None, slices)
+    alone = [encoder.encode(rows[a : a + n], emb[a : a + n]) for a, n in slices]
+    for value, expected in zip(values, alone, strict=True):
+        assert decode_embeddings(value).equals(decode_embeddings(expected), check_metadata=True)
+    assert [decode_embeddings(v).column("source_offset").to_pylist() for v in values] == [
+        [100, 101, 102],
+        [103],
+        [104, 105, 106, 107, 108],
+    ]
+
+
 def test_zero_rows_round_trip():
     schema = output_schema("image", "clip", "2", 8)
     table = decode_embeddings(encode_batch(schema, [], np.zeros((0, 8), np.float32)))

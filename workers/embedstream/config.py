@@ -49,6 +49,10 @@ class KafkaSettings(_Frozen):
     fetch_max_wait_ms: int = Field(default=20, ge=0, le=10_000)
     max_partition_fetch_bytes: int = Field(default=10_485_760, ge=1024)
     producer_linger_ms: int = Field(default=5, ge=0)
+    # Bytes of one partition's records sent as one record batch. One Arrow message is a whole
+    # micro-batch of embeddings (tens of KiB), so the client's 16 KiB default gave every message
+    # a request of its own.
+    producer_batch_bytes: int = Field(default=1_048_576, ge=1024)
     producer_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "none"
     # Above limits.max_message_bytes, so a dead letter (original bytes + headers) still fits.
     producer_max_request_bytes: int = Field(default=11_534_336, ge=1024)

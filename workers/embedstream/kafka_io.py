@@ -58,6 +58,7 @@ def make_producer(k: KafkaSettings, client_id: str, worker_id: str = "") -> Kafk
         client_id=client_id,
         acks="all",
         linger_ms=k.producer_linger_ms,
+        batch_size=k.producer_batch_bytes,
         compression_type=None if k.producer_compression == "none" else k.producer_compression,
         max_request_size=k.producer_max_request_bytes,
         # Idempotence keeps broker-side retries from writing the same embedding twice.

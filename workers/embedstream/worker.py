@@ -343,20 +343,31 @@ class Worker:
         by_partition: dict[tuple[str, int], list[int]] = defaultdict(list)
         for i, it in enumerate(items):
             by_partition[(it.source.topic, it.source.partition)].append(i)
-        for (topic, partition), idx in by_partition.items():
-            rows = [self._modality.row(items[i]) for i in idx]
-            extra = {column: outputs[name][idx] for name, column in self._model_columns.items()}
-            value = self._encoder.encode(rows, embeddings[idx], extra)
+        # One message per partition keeps each partition's rows in offset order on the output topic;
+        # the columns are built once, grouped by partition, and each message is a slice of them.
+        order = [i for idx in by_partition.values() for i in idx]
+        if len(by_partition) > 1:
+            embeddings = embeddings[order]
+        ordered = [items[i] for i in order]
+        rows = [self._modality.row(it) for it in ordered]
+        extra = {column: outputs[name][order] for name, column in self._model_columns.items()}
+        slices: list[tuple[int, int]] = []
+        start = 0
+        for idx in by_partition.values():
+            slices.append((start, len(idx)))
+            start += len(idx)
+        values = self._encoder.encode_slices(rows, embeddings, extra, slices)
+        for (topic, partition), value, (start, n) in zip(by_partition, values, slices, strict=True):
             fut = self._producer.send(
                 self.settings.kafka.output_topic,
                 value=value,
                 key=f"{topic}/{partition}".encode(),
-                headers=[*self._out_headers, ("embedstream.rows", str(len(rows)).encode())],
+                headers=[*self._out_headers, ("embedstream.rows", str(n).encode())],
             )
-            self._pending.append((fut, [c for i in idx for c in _covers(items[i])]))
+            self._pending.append((fut, [c for it in ordered[start : start + n] for c in _covers(it)]))
             self.stats.output_messages += 1
-            self.stats.embedded += len(rows)
-            self._embedded.inc(len(rows))
+            self.stats.embedded += n
+            self._embedded.inc(n)
 
     def _dead_letter(self, bad: BadRecord, covers: list[tuple[TopicPartition, int]] | None = None) -> None:
         """``covers``: the offsets this dead letter finishes, when the record stood for more than its message."""

@@ -37,6 +37,14 @@ def register(sub: Any, flag: Callable[..., None]) -> dict[str, Handler]:
     flag(p, "--out", "BENCH_OUT", "directory for bench.json and the PNG plots", default=".embedstream/bench")
     flag(p, "--workdir", "BENCH_WORKDIR", "stack logs and model repository", default=".embedstream/bench-stack")
     flag(p, "--partitions", "PARTITIONS", "partitions of the input/output topics", default="4", type=int)
+    flag(
+        p,
+        "--workers",
+        "BENCH_WORKERS",
+        "above 1: also run the pipeline at saturation with this many workers in one consumer group",
+        default="1",
+        type=int,
+    )
     return {"bench": cmd_bench}
 
 
@@ -59,7 +67,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         # Throughput does not depend on the weights' values; say so rather than fail.
         log.warning("encoder.weights not set: the image encoder uses random weights")
         settings = load_settings(args.config, encoder={"weights": "random"})
-    opts = BenchOptions(modalities, counts, Path(args.out), Path(args.workdir), args.partitions, args.plumbing_count)
+    if not 1 <= args.workers <= args.partitions:
+        console.print(
+            f"[red]--workers takes 1 to --partitions ({args.partitions}): a member without a partition idles[/]"
+        )
+        return 2
+    opts = BenchOptions(
+        modalities, counts, Path(args.out), Path(args.workdir), args.partitions, args.plumbing_count, args.workers
+    )
     run = run_bench(settings, opts, console)
     console.print(summary_table(run.results))
     console.print(

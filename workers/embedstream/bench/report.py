@@ -21,8 +21,10 @@ STAGES: dict[str, str] = {
     "perf_analyzer": "perf_analyzer (Triton's own client)",
     "pipeline": "pipeline at saturation",
     "pipeline_half": "pipeline at 50% load",
+    "pipeline_scaled": "pipeline at saturation, --workers in one group",
     "null": "null encoder pipeline",
     "raw_kafka": "raw kafka-python consume+produce",
+    "raw_consume": "raw kafka-python consume alone",
 }
 PIPELINE_VS_BARE_TARGET = 0.85
 NULL_VS_RAW_TARGET = 0.5
@@ -153,6 +155,23 @@ def targets(b: ModalityBench) -> dict[str, Target]:
             "ge",
             f"{s['pipeline'].throughput:.1f} / {s['bare'].throughput:.1f} msg/s",
         )
+    if "pipeline_scaled" in s and "bare" in s:
+        n = s["pipeline_scaled"].extra.get("workers", "N")
+        out["pipeline_scaled_vs_bare"] = Target(
+            "pipeline, --workers in one group / bare",
+            ratio(s["pipeline_scaled"].throughput, s["bare"].throughput),
+            PIPELINE_VS_BARE_TARGET,
+            "ge",
+            f"{n} workers: {s['pipeline_scaled'].throughput:.1f} / {s['bare'].throughput:.1f} msg/s",
+        )
+    if "pipeline_scaled" in s and "pipeline" in s:
+        out["scale_out"] = Target(
+            "--workers / 1 worker at saturation",
+            ratio(s["pipeline_scaled"].throughput, s["pipeline"].throughput),
+            None,
+            None,
+            f"{s['pipeline_scaled'].throughput:.1f} / {s['pipeline'].throughput:.1f} msg/s",
+        )
     if "triton" in s and "perf_analyzer" in s:
         out["triton_vs_perf_analyzer"] = Target(
             "Triton alone, our client / perf_analyzer",
@@ -252,6 +271,8 @@ def summary_table(results: Sequence[ModalityBench]) -> Table:
     for b in results:
         table.add_column(f"{b.modality}\n{b.model}", justify="right")
     for key, label in STAGES.items():
+        if not any(key in b.stages for b in results):
+            continue  # e.g. the scaled-out stage, run only with --workers above 1
         table.add_row(
             f"{label} (msg/s)",
             *(f"{b.stages[key].throughput:.1f}" if key in b.stages else "-" for b in results),

@@ -29,7 +29,7 @@ from embedstream.runtime.worker_process import WorkerProcess
 from embedstream.service import encoder_spec
 
 HALF_LOAD = 0.5
-PLUMBING_STAGES = ("null", "raw_kafka")
+PLUMBING_STAGES = ("null", "raw_kafka", "raw_consume")
 WAIT_TIMEOUT_S = 600.0
 
 
@@ -42,6 +42,8 @@ class BenchOptions:
     partitions: int = 4
     # The null-encoder and raw kafka-python stages get at least this many: a few hundred pass too fast to time.
     plumbing_count: int = 3000
+    # Above 1, a further stage: this many workers in one consumer group at saturation.
+    workers: int = 1
 
 
 @dataclass
@@ -75,13 +77,17 @@ def _progress(console: Console) -> Progress:
 class _Board:
     """The live table: one progress row per modality and stage, its result filled in when it ends."""
 
-    def __init__(self, bar: Progress, workloads: Sequence[Workload], plumbing_count: int) -> None:
+    def __init__(self, bar: Progress, workloads: Sequence[Workload], plumbing_count: int, workers: int = 1) -> None:
         self.bar = bar
         self.tasks: dict[tuple[str, str], TaskID] = {}
         for w in workloads:
             # Stage keys, not the long labels: the live table has to fit an 80-column terminal.
             for key in STAGES:
+                if key == "pipeline_scaled" and workers < 2:
+                    continue
                 total = max(plumbing_count, len(w.messages)) if key in PLUMBING_STAGES else len(w.messages)
+                if key == "pipeline_scaled":
+                    total *= workers
                 self.tasks[(w.modality, key)] = bar.add_task(
                     key, total=total, modality=w.modality, result="", start=False
                 )
@@ -112,6 +118,7 @@ def run_bench(base: Settings, opts: BenchOptions, console: Console, clocks: Cloc
         },
         "counts": {m: opts.counts[m] for m in opts.modalities},
         "partitions": opts.partitions,
+        "workers": opts.workers,
     }
     workdir = opts.workdir
     with console.status("rendering traffic and training the time-series autoencoder on normal data..."):
@@ -124,9 +131,9 @@ def run_bench(base: Settings, opts: BenchOptions, console: Console, clocks: Cloc
         for w in workloads:
             ensure_topics(stack.settings.kafka, dict.fromkeys(w.raw_topics, opts.partitions))
         with _progress(console) as bar:
-            board = _Board(bar, workloads, opts.plumbing_count)
+            board = _Board(bar, workloads, opts.plumbing_count, opts.workers)
             for w in workloads:
-                results.append(_bench_modality(stack, w, board, clocks, opts.plumbing_count))
+                results.append(_bench_modality(stack, w, board, clocks, opts.plumbing_count, opts.workers))
     finally:
         with console.status("stopping Triton and the broker..."):
             stack.stop()
@@ -148,7 +155,7 @@ def write_outputs(run: BenchRun, out: Path) -> dict[str, Path]:
 
 
 def _bench_modality(
-    stack: LocalStack, w: Workload, board: _Board, clocks: Clocks, plumbing_count: int
+    stack: LocalStack, w: Workload, board: _Board, clocks: Clocks, plumbing_count: int, scale_out: int = 1
 ) -> ModalityBench:
     real, null = stack.local_settings(w.settings), stack.local_settings(w.null_settings)
     target = local_cpu_target()  # how LocalStack exported the served models
@@ -211,6 +218,11 @@ def _bench_modality(
         if b.half_batch:
             size = max(1, round(b.half_batch))
             b.half_batch_model_ms = stages.model_latency(real, w.messages, size, target.torch_threads, clocks.mono)
+        if scale_out > 1:
+            messages = rekey(_at_least(w.messages, len(w.messages) * scale_out), "scale")
+            res = _scaled_out(stack, real, workers[0], followers[0], scale_out, messages, board, m, clocks)
+            board.done(m, "pipeline_scaled", res, f"{scale_out} workers")
+            b.stages["pipeline_scaled"] = res
         workers[0].terminate()  # its idle polling is not part of the stages below
 
         plumbing = rekey(_at_least(w.messages, plumbing_count), "null")
@@ -222,6 +234,9 @@ def _bench_modality(
         res = stages.raw_kafka(real, w.raw_topics, plumbing, clocks.mono, board.advance(m, "raw_kafka"))
         board.done(m, "raw_kafka", res, f"{res.extra['mean_message_bytes'] / 1024:.1f} KiB/msg")
         b.stages["raw_kafka"] = res
+        res = stages.raw_consume(real, w.raw_topics[0], len(plumbing), clocks.mono, board.advance(m, "raw_consume"))
+        board.done(m, "raw_consume", res)
+        b.stages["raw_consume"] = res
     finally:
         for f in followers:
             f.close()
@@ -257,6 +272,42 @@ def _backlog(
     stages.wait_embedded(worker, len(messages), WAIT_TIMEOUT_S, progress, clocks.sleep)
     rows = follower.wait_for(prefix, len(messages), WAIT_TIMEOUT_S, stages.no_progress)
     return StageResult(len(rows), max(rows.values()) / 1000 - assigned_at)
+
+
+def _scaled_out(
+    stack: LocalStack,
+    settings: Settings,
+    first: WorkerProcess,
+    follower: stages.Follower,
+    count: int,
+    messages: list[tuple[bytes, bytes]],
+    board: _Board,
+    modality: str,
+    clocks: Clocks,
+) -> StageResult:
+    """``count`` workers in ``first``'s consumer group, as a deployment scales out, at saturation.
+
+    The others join first and the group settles (every partition owned once) before anything is
+    produced, so no rebalance falls inside the timing. Throughput = N / (last output's timestamp -
+    the moment producing started); producing the burst shares the CPU with the workers.
+    """
+    k = settings.kafka
+    extra = [WorkerProcess(settings, stack.workdir, f"bench-{modality}-{i}") for i in range(1, count)]
+    group = [first, *extra]
+    try:
+        for wp in extra:
+            wp.start()
+        stages.wait_group_settled(group, stack.partitions, clocks.wall, clocks.sleep)
+        before = [stages.worker_counters(wp)[0] for wp in group]
+        progress = board.advance(modality, "pipeline_scaled")
+        started = stages.produce_burst(k.bootstrap_servers, k.input_topic, messages, clocks.wall)
+        stages.wait_group_embedded(group, sum(before) + len(messages), WAIT_TIMEOUT_S, progress, clocks.sleep)
+        rows = follower.wait_for(b"scale-", len(messages), WAIT_TIMEOUT_S, stages.no_progress)
+        by_worker = [stages.worker_counters(wp)[0] - b for wp, b in zip(group, before, strict=True)]
+    finally:
+        for wp in extra:
+            wp.terminate()
+    return StageResult(len(rows), max(rows.values()) / 1000 - started, {"workers": count, "embedded_by": by_worker})
 
 
 def _paced(

@@ -286,6 +286,51 @@ def wait_embedded(
         sleep(0.1)
 
 
+def wait_group_settled(
+    group: Sequence[WorkerProcess],
+    partitions: int,
+    wall: Clock,
+    sleep: Callable[[float], None],
+    timeout_s: float = 120.0,
+) -> None:
+    """Block until every member owns partitions and together they own each of ``partitions`` once."""
+    deadline = wall() + timeout_s
+    while wall() < deadline:
+        owned = [(wp.status() or {}).get("assigned") or [] for wp in group]
+        flat = [p for parts in owned for p in parts]
+        if all(owned) and len(flat) == len(set(flat)) == partitions:
+            return
+        for wp in group:
+            if not wp.alive():
+                raise RuntimeError(f"{wp.name} exited; last log lines:\n{wp.tail()}")
+        sleep(0.1)
+    raise TimeoutError(f"a group of {len(group)} workers did not settle on {partitions} partitions in {timeout_s:.0f}s")
+
+
+def wait_group_embedded(
+    group: Sequence[WorkerProcess],
+    count: int,
+    timeout_s: float,
+    progress: Progress,
+    sleep: Callable[[float], None],
+    clock: Clock = time.monotonic,
+) -> None:
+    """Block until the members' embedded counters add up to ``count``."""
+    deadline = clock() + timeout_s
+    last = sum(worker_counters(wp)[0] for wp in group)
+    while last < count:
+        if clock() > deadline:
+            raise TimeoutError(f"{len(group)} workers: {last} of {count} rows after {timeout_s:.0f}s")
+        for wp in group:
+            if not wp.alive():
+                raise RuntimeError(f"{wp.name} exited; last log lines:\n{wp.tail()}")
+        sleep(0.1)
+        now = sum(worker_counters(wp)[0] for wp in group)
+        if now > last:  # a member that did not answer /readyz in time counts 0 this round
+            progress(now - last)
+            last = now
+
+
 def worker_counters(worker: WorkerProcess) -> tuple[int, int]:
     """(embedded, batches) from the worker's /readyz."""
     status = worker.status() or {}
@@ -335,6 +380,39 @@ def raw_kafka(
         producer.close()
     size = sum(len(v) for _, v in messages) / max(1, len(messages))
     return StageResult(done, seconds, {"mean_message_bytes": size})
+
+
+def raw_consume(settings: Settings, topic: str, count: int, clock: Clock, progress: Progress) -> StageResult:
+    """One consumer reading ``count`` messages already on ``topic`` (raw_kafka's input), nothing else.
+
+    The most one kafka-python process can read here: a model faster than this cannot be kept busy
+    by one worker, whatever the worker does with the messages.
+    """
+    k = settings.kafka
+    consumer = KafkaConsumer(
+        bootstrap_servers=k.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_bytes=k.fetch_max_bytes,
+        max_partition_fetch_bytes=k.max_partition_fetch_bytes,
+    )
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(_partitions(consumer, topic, clock))]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        done = 0
+        start = clock()
+        while done < count:
+            got = sum(len(records) for records in consumer.poll(timeout_ms=500).values())
+            done += got
+            progress(got)
+            if clock() - start > 300:
+                raise TimeoutError(f"raw consume read {done} of {count} messages in 300 s")
+        seconds = clock() - start
+    finally:
+        consumer.close()
+    return StageResult(done, seconds)
 
 
 def _partitions(consumer: KafkaConsumer, topic: str, clock: Clock) -> set[int]:
