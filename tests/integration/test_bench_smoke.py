@@ -52,6 +52,7 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
     # both members of the group took their share of the partitions, and nothing was embedded twice
     assert scaled["workers"] == 2 and len(scaled["embedded_by"]) == 2
     assert min(scaled["embedded_by"]) > 0 and sum(scaled["embedded_by"]) == 96
+    assert scaled["one_worker_same_way"] > 0
     want = {
         "triton_vs_perf_analyzer",
         "pipeline_vs_bare",

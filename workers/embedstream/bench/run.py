@@ -219,7 +219,7 @@ def _bench_modality(
             size = max(1, round(b.half_batch))
             b.half_batch_model_ms = stages.model_latency(real, w.messages, size, target.torch_threads, clocks.mono)
         if scale_out > 1:
-            messages = rekey(_at_least(w.messages, len(w.messages) * scale_out), "scale")
+            messages = _at_least(w.messages, len(w.messages) * scale_out)
             res = _scaled_out(stack, real, workers[0], followers[0], scale_out, messages, board, m, clocks)
             board.done(m, "pipeline_scaled", res, f"{scale_out} workers")
             b.stages["pipeline_scaled"] = res
@@ -287,27 +287,47 @@ def _scaled_out(
 ) -> StageResult:
     """``count`` workers in ``first``'s consumer group, as a deployment scales out, at saturation.
 
-    The others join first and the group settles (every partition owned once) before anything is
-    produced, so no rebalance falls inside the timing. Throughput = N / (last output's timestamp -
-    the moment producing started); producing the burst shares the CPU with the workers.
+    Messages are produced while the group runs (a settled group would rebalance if it found a
+    backlog as members joined one by one), so the burst shares the CPU with the workers; ``first``
+    alone is timed the same way first, and ``scale_out`` compares like with like. The others join
+    and the group settles (every partition owned once) before anything is produced. Throughput =
+    N / (last output's timestamp - the moment producing started).
     """
-    k = settings.kafka
+    solo = rekey(messages, "solo")
+    solo_rows, solo_s, _ = _burst(settings, [first], follower, solo, b"solo-", stages.no_progress, clocks)
     extra = [WorkerProcess(settings, stack.workdir, f"bench-{modality}-{i}") for i in range(1, count)]
     group = [first, *extra]
     try:
         for wp in extra:
             wp.start()
         stages.wait_group_settled(group, stack.partitions, clocks.wall, clocks.sleep)
-        before = [stages.worker_counters(wp)[0] for wp in group]
         progress = board.advance(modality, "pipeline_scaled")
-        started = stages.produce_burst(k.bootstrap_servers, k.input_topic, messages, clocks.wall)
-        stages.wait_group_embedded(group, sum(before) + len(messages), WAIT_TIMEOUT_S, progress, clocks.sleep)
-        rows = follower.wait_for(b"scale-", len(messages), WAIT_TIMEOUT_S, stages.no_progress)
-        by_worker = [stages.worker_counters(wp)[0] - b for wp, b in zip(group, before, strict=True)]
+        scaled = rekey(messages, "scale")
+        rows, seconds, by_worker = _burst(settings, group, follower, scaled, b"scale-", progress, clocks)
     finally:
         for wp in extra:
             wp.terminate()
-    return StageResult(len(rows), max(rows.values()) / 1000 - started, {"workers": count, "embedded_by": by_worker})
+    extra_json = {"workers": count, "embedded_by": by_worker, "one_worker_same_way": ratio(solo_rows, solo_s)}
+    return StageResult(rows, seconds, extra_json)
+
+
+def _burst(
+    settings: Settings,
+    group: Sequence[WorkerProcess],
+    follower: stages.Follower,
+    messages: list[tuple[bytes, bytes]],
+    prefix: bytes,
+    progress: Callable[[int], None],
+    clocks: Clocks,
+) -> tuple[int, float, list[int]]:
+    """Produce ``messages`` to a running group; (rows, seconds to the last output, rows per member)."""
+    k = settings.kafka
+    before = [stages.worker_counters(wp)[0] for wp in group]
+    started = stages.produce_burst(k.bootstrap_servers, k.input_topic, messages, clocks.wall)
+    stages.wait_group_embedded(group, sum(before) + len(messages), WAIT_TIMEOUT_S, progress, clocks.sleep)
+    rows = follower.wait_for(prefix, len(messages), WAIT_TIMEOUT_S, stages.no_progress)
+    by_worker = [stages.worker_counters(wp)[0] - b for wp, b in zip(group, before, strict=True)]
+    return len(rows), max(rows.values()) / 1000 - started, by_worker
 
 
 def _paced(
