@@ -287,11 +287,11 @@ def _scaled_out(
 ) -> StageResult:
     """``count`` workers in ``first``'s consumer group, as a deployment scales out, at saturation.
 
-    Messages are produced while the group runs (a settled group would rebalance if it found a
-    backlog as members joined one by one), so the burst shares the CPU with the workers; ``first``
-    alone is timed the same way first, and ``scale_out`` compares like with like. The others join
-    and the group settles (every partition owned once) before anything is produced. Throughput =
-    N / (last output's timestamp - the moment producing started).
+    The messages go into the running, settled group (every partition owned once) rather than
+    waiting as a backlog, which members joining one by one would split across rebalances; so the
+    burst shares the CPU with the workers. ``first`` alone is timed the same way beforehand, so
+    ``scale_out`` compares like with like. Throughput = N / (last output's timestamp - the moment
+    producing started).
     """
     solo = rekey(messages, "solo")
     solo_rows, solo_s, _ = _burst(settings, [first], follower, solo, b"solo-", stages.no_progress, clocks)
