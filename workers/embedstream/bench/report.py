@@ -144,59 +144,45 @@ def shared_ceiling(bare: float, decode_one_thread: float, cpus: int) -> float:
     return 1.0 / (1.0 / bare + 1.0 / (cpus * decode_one_thread))
 
 
+def _throughput_ratio(name: str, num: float, den: float, at_least: float | None = None, note: str = "") -> Target:
+    """``num / den`` of two rates, held to ``at_least`` if given, with both rates in the detail."""
+    return Target(
+        name, ratio(num, den), at_least, None if at_least is None else "ge", f"{note}{num:.1f} / {den:.1f} msg/s"
+    )
+
+
 def targets(b: ModalityBench) -> dict[str, Target]:
     s = b.stages
+    rate = {name: r.throughput for name, r in s.items()}
     out: dict[str, Target] = {}
     if "pipeline" in s and "bare" in s:
-        out["pipeline_vs_bare"] = Target(
-            "pipeline / bare",
-            ratio(s["pipeline"].throughput, s["bare"].throughput),
-            PIPELINE_VS_BARE_TARGET,
-            "ge",
-            f"{s['pipeline'].throughput:.1f} / {s['bare'].throughput:.1f} msg/s",
+        out["pipeline_vs_bare"] = _throughput_ratio(
+            "pipeline / bare", rate["pipeline"], rate["bare"], PIPELINE_VS_BARE_TARGET
         )
     if "pipeline_scaled" in s and "bare" in s:
         n = s["pipeline_scaled"].extra.get("workers", "N")
-        out["pipeline_scaled_vs_bare"] = Target(
+        out["pipeline_scaled_vs_bare"] = _throughput_ratio(
             "pipeline, --workers in one group / bare",
-            ratio(s["pipeline_scaled"].throughput, s["bare"].throughput),
+            rate["pipeline_scaled"],
+            rate["bare"],
             PIPELINE_VS_BARE_TARGET,
-            "ge",
-            f"{n} workers: {s['pipeline_scaled'].throughput:.1f} / {s['bare'].throughput:.1f} msg/s",
+            f"{n} workers: ",
         )
     one = s["pipeline_scaled"].extra.get("one_worker_same_way") if "pipeline_scaled" in s else None
     if one:
-        out["scale_out"] = Target(
-            "--workers / 1 worker, timed the same way",
-            ratio(s["pipeline_scaled"].throughput, one),
-            None,
-            None,
-            f"{s['pipeline_scaled'].throughput:.1f} / {one:.1f} msg/s",
-        )
+        out["scale_out"] = _throughput_ratio("--workers / 1 worker, timed the same way", rate["pipeline_scaled"], one)
     if "triton" in s and "perf_analyzer" in s:
-        out["triton_vs_perf_analyzer"] = Target(
-            "Triton alone, our client / perf_analyzer",
-            ratio(s["triton"].throughput, s["perf_analyzer"].throughput),
-            None,
-            None,
-            f"{s['triton'].throughput:.1f} / {s['perf_analyzer'].throughput:.1f} msg/s",
+        out["triton_vs_perf_analyzer"] = _throughput_ratio(
+            "Triton alone, our client / perf_analyzer", rate["triton"], rate["perf_analyzer"]
         )
     if "pipeline" in s and "bare" in s and "decode" in s:
-        ceiling = shared_ceiling(s["bare"].throughput, s["decode"].throughput, b.cpus)
-        out["pipeline_vs_ceiling"] = Target(
-            "pipeline / (model + decode on the same cores)",
-            ratio(s["pipeline"].throughput, ceiling),
-            None,
-            None,
-            f"{s['pipeline'].throughput:.1f} / {ceiling:.1f} msg/s",
+        ceiling = shared_ceiling(rate["bare"], rate["decode"], b.cpus)
+        out["pipeline_vs_ceiling"] = _throughput_ratio(
+            "pipeline / (model + decode on the same cores)", rate["pipeline"], ceiling
         )
     if "null" in s and "raw_kafka" in s:
-        out["null_vs_raw_kafka"] = Target(
-            "null plumbing / raw kafka",
-            ratio(s["null"].throughput, s["raw_kafka"].throughput),
-            NULL_VS_RAW_TARGET,
-            "ge",
-            f"{s['null'].throughput:.1f} / {s['raw_kafka'].throughput:.1f} msg/s",
+        out["null_vs_raw_kafka"] = _throughput_ratio(
+            "null plumbing / raw kafka", rate["null"], rate["raw_kafka"], NULL_VS_RAW_TARGET
         )
     if b.latencies_ms and "bare" in s:
         lb = latency_bound(b.max_batch, b.max_wait_ms, b.offered_rate, s["bare"].throughput)

@@ -269,7 +269,7 @@ def _backlog(
     worker.start()
     assigned_at = stages.wait_assigned(worker, clocks.wall, clocks.sleep)
     # The outputs are read once the worker is done, so reading them takes no CPU from it meanwhile.
-    stages.wait_embedded(worker, len(messages), WAIT_TIMEOUT_S, progress, clocks.sleep)
+    stages.wait_embedded([worker], len(messages), WAIT_TIMEOUT_S, progress, clocks.sleep)
     rows = follower.wait_for(prefix, len(messages), WAIT_TIMEOUT_S, stages.no_progress)
     return StageResult(len(rows), max(rows.values()) / 1000 - assigned_at)
 
@@ -324,7 +324,7 @@ def _burst(
     k = settings.kafka
     before = [stages.worker_counters(wp)[0] for wp in group]
     started = stages.produce_burst(k.bootstrap_servers, k.input_topic, messages, clocks.wall)
-    stages.wait_group_embedded(group, sum(before) + len(messages), WAIT_TIMEOUT_S, progress, clocks.sleep)
+    stages.wait_embedded(group, sum(before) + len(messages), WAIT_TIMEOUT_S, progress, clocks.sleep, sum(before))
     rows = follower.wait_for(prefix, len(messages), WAIT_TIMEOUT_S, stages.no_progress)
     by_worker = [stages.worker_counters(wp)[0] - b for wp, b in zip(group, before, strict=True)]
     return len(rows), max(rows.values()) / 1000 - started, by_worker
@@ -353,7 +353,7 @@ def _paced(
     before = stages.worker_counters(follower.worker)[0]
     thread.start()
     try:
-        stages.wait_embedded(follower.worker, before + len(messages), WAIT_TIMEOUT_S, progress, clocks.sleep, before)
+        stages.wait_embedded([follower.worker], before + len(messages), WAIT_TIMEOUT_S, progress, clocks.sleep, before)
         rows = follower.wait_for(b"half-", len(messages), WAIT_TIMEOUT_S, stages.no_progress)
     finally:
         stop.set()

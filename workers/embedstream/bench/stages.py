@@ -237,13 +237,18 @@ class Follower:
                 done = len(rows)
             if done >= count:
                 return rows
-            if not self.worker.alive():
-                raise RuntimeError(f"{self.worker.name} exited; last log lines:\n{self.worker.tail()}")
+            raise_if_exited([self.worker])
             if clock() > deadline:
                 raise TimeoutError(f"{self.worker.name}: {done} of {count} rows after {timeout_s:.0f}s")
 
     def close(self) -> None:
         self.reader.close()
+
+
+def raise_if_exited(workers: Sequence[WorkerProcess]) -> None:
+    for wp in workers:
+        if not wp.alive():
+            raise RuntimeError(f"{wp.name} exited; last log lines:\n{wp.tail()}")
 
 
 def wait_assigned(
@@ -254,14 +259,13 @@ def wait_assigned(
     while wall() < deadline:
         if (worker.status() or {}).get("ready"):
             return wall()
-        if not worker.alive():
-            raise RuntimeError(f"{worker.name} exited; last log lines:\n{worker.tail()}")
+        raise_if_exited([worker])
         sleep(0.02)
     raise TimeoutError(f"{worker.name} was not assigned its partitions within {timeout_s:.0f}s")
 
 
 def wait_embedded(
-    worker: WorkerProcess,
+    workers: Sequence[WorkerProcess],
     count: int,
     timeout_s: float,
     progress: Progress,
@@ -269,20 +273,29 @@ def wait_embedded(
     start: int = 0,
     clock: Clock = time.monotonic,
 ) -> None:
-    """Block until the worker's ``embedded`` counter reaches ``count``, asking its /readyz 10 times a second."""
+    """Block until the workers' ``embedded`` counters add up to ``count``, asking each /readyz 10 times a second.
+
+    A worker that does not answer in time keeps its last figure; ``start`` is where the progress
+    shown begins.
+    """
     deadline = clock() + timeout_s
     shown = start
+    last = [0] * len(workers)
     while True:
-        embedded = int((worker.status() or {}).get("embedded", shown))
+        for i, wp in enumerate(workers):
+            status = wp.status()
+            if status is not None:
+                last[i] = int(status.get("embedded", last[i]))
+        embedded = sum(last)
         if embedded > shown:
             progress(embedded - shown)
             shown = embedded
         if embedded >= count:
             return
-        if not worker.alive():
-            raise RuntimeError(f"{worker.name} exited; last log lines:\n{worker.tail()}")
+        raise_if_exited(workers)
         if clock() > deadline:
-            raise TimeoutError(f"{worker.name}: {embedded - start} of {count - start} rows after {timeout_s:.0f}s")
+            names = ", ".join(wp.name for wp in workers)
+            raise TimeoutError(f"{names}: {embedded - start} of {count - start} rows after {timeout_s:.0f}s")
         sleep(0.1)
 
 
@@ -300,35 +313,9 @@ def wait_group_settled(
         flat = [p for parts in owned for p in parts]
         if all(owned) and len(flat) == len(set(flat)) == partitions:
             return
-        for wp in group:
-            if not wp.alive():
-                raise RuntimeError(f"{wp.name} exited; last log lines:\n{wp.tail()}")
+        raise_if_exited(group)
         sleep(0.1)
     raise TimeoutError(f"a group of {len(group)} workers did not settle on {partitions} partitions in {timeout_s:.0f}s")
-
-
-def wait_group_embedded(
-    group: Sequence[WorkerProcess],
-    count: int,
-    timeout_s: float,
-    progress: Progress,
-    sleep: Callable[[float], None],
-    clock: Clock = time.monotonic,
-) -> None:
-    """Block until the members' embedded counters add up to ``count``."""
-    deadline = clock() + timeout_s
-    last = sum(worker_counters(wp)[0] for wp in group)
-    while last < count:
-        if clock() > deadline:
-            raise TimeoutError(f"{len(group)} workers: {last} of {count} rows after {timeout_s:.0f}s")
-        for wp in group:
-            if not wp.alive():
-                raise RuntimeError(f"{wp.name} exited; last log lines:\n{wp.tail()}")
-        sleep(0.1)
-        now = sum(worker_counters(wp)[0] for wp in group)
-        if now > last:  # a member that did not answer /readyz in time counts 0 this round
-            progress(now - last)
-            last = now
 
 
 def worker_counters(worker: WorkerProcess) -> tuple[int, int]:
@@ -349,19 +336,9 @@ def raw_kafka(
     k = settings.kafka
     src, dst = topics
     produce_burst(k.bootstrap_servers, src, messages, time.time)
-    consumer = KafkaConsumer(
-        bootstrap_servers=k.bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_bytes=k.fetch_max_bytes,
-        max_partition_fetch_bytes=k.max_partition_fetch_bytes,
-    )
+    consumer = _read_from_start(settings, src, clock)
     producer = make_producer(k, "embedstream-bench-raw")
     try:
-        parts = [TopicPartition(src, p) for p in sorted(_partitions(consumer, src, clock))]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
         total = len(messages)
         done = 0
         start = clock()
@@ -388,6 +365,24 @@ def raw_consume(settings: Settings, topic: str, count: int, clock: Clock, progre
     The most one kafka-python process can read here: a model faster than this cannot be kept busy
     by one worker, whatever the worker does with the messages.
     """
+    consumer = _read_from_start(settings, topic, clock)
+    try:
+        done = 0
+        start = clock()
+        while done < count:
+            got = sum(len(records) for records in consumer.poll(timeout_ms=500).values())
+            done += got
+            progress(got)
+            if clock() - start > 300:
+                raise TimeoutError(f"raw consume read {done} of {count} messages in 300 s")
+        seconds = clock() - start
+    finally:
+        consumer.close()
+    return StageResult(done, seconds)
+
+
+def _read_from_start(settings: Settings, topic: str, clock: Clock) -> KafkaConsumer:
+    """A consumer outside any group on every partition of ``topic`` from offset 0, fetching as the worker does."""
     k = settings.kafka
     consumer = KafkaConsumer(
         bootstrap_servers=k.bootstrap_servers,
@@ -401,18 +396,10 @@ def raw_consume(settings: Settings, topic: str, count: int, clock: Clock, progre
         parts = [TopicPartition(topic, p) for p in sorted(_partitions(consumer, topic, clock))]
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)
-        done = 0
-        start = clock()
-        while done < count:
-            got = sum(len(records) for records in consumer.poll(timeout_ms=500).values())
-            done += got
-            progress(got)
-            if clock() - start > 300:
-                raise TimeoutError(f"raw consume read {done} of {count} messages in 300 s")
-        seconds = clock() - start
-    finally:
+    except BaseException:
         consumer.close()
-    return StageResult(done, seconds)
+        raise
+    return consumer
 
 
 def _partitions(consumer: KafkaConsumer, topic: str, clock: Clock) -> set[int]:
