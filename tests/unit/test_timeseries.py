@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import numpy as np
 import orjson
@@ -50,6 +51,16 @@ def test_an_observation_and_a_window_decode():
     assert w.covers == ((TP0, 0),)
     bare = parse({"series_id": "s", "values": [[0, 0, 0]] * 4})
     assert (bare.start_ms, bare.end_ms) == (1_000, 1_000), "times default to the Kafka timestamp"
+
+
+def test_values_up_to_the_float32_limit_decode_exactly_without_numpy_warnings():
+    top = float(np.finfo(np.float32).max)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflowing cast would warn
+        o = parse(obs_doc("s", 5, (top, -top, 2**40)))
+        bad = parse(obs_doc("s", 5, (top * 1.0001, 0, 0)))
+    assert isinstance(o, Observation) and o.values.tolist() == [top, -top, 2**40]
+    assert isinstance(bad, BadRecord) and bad.reason == "non_finite" and "1 value(s)" in bad.message
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,11 @@ def text_traffic(base: Settings, count: int, bad_every: int) -> DemoTraffic:
     return DemoTraffic("text", settings, messages)
 
 
+# A window costs the autoencoder microseconds, so a batch of 16 or 32 is mostly per-request cost
+# (the RPC, Arrow, a produce): 256 drained a backlog about 3x faster than 16 (1,900 -> 5,700 windows/s).
+TIMESERIES_BATCH = 256
+
+
 def timeseries_traffic(base: Settings, windows: int, workdir: Path) -> DemoTraffic:
     """Trains the autoencoder on generated normal data (seconds), then streams labelled windows."""
     import pyarrow.csv as pcsv
@@ -73,8 +78,14 @@ def timeseries_traffic(base: Settings, windows: int, workdir: Path) -> DemoTraff
     settings = _pipeline(
         base,
         "timeseries",
-        {"family": "autoencoder", "weights": str(weights["autoencoder"]), "arch": "autoencoder", "model_name": None},
-        batch={"max_size": 16},
+        {
+            "family": "autoencoder",
+            "weights": str(weights["autoencoder"]),
+            "arch": "autoencoder",
+            "model_name": None,
+            "max_batch_size": TIMESERIES_BATCH,
+        },
+        batch={"max_size": TIMESERIES_BATCH},
     )
     signal = synthetic.labelled_signal(windows, 32, seed=21)
     messages: list[Message] = []

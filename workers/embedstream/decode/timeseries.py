@@ -65,6 +65,7 @@ def _loads(raw: bytes) -> Any:
         return json.loads(raw)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 # What a JSON number (or null) parses to; bool is deliberately absent although it subclasses int.
 _NUMERIC_TYPES = frozenset({int, float, type(None)})
 
@@ -104,8 +105,8 @@ def parse_timeseries(
         return bad("invalid_timeseries", "'values' must be a non-empty array")
     is_window = isinstance(values[0], list)
     allowed = WINDOW_KEYS if is_window else OBSERVATION_KEYS
-    unknown = set(doc) - allowed
-    if unknown:
+    if not allowed.issuperset(doc):
+        unknown = set(doc) - allowed
         kind = "window" if is_window else "observation"
         return bad("invalid_timeseries", f"unknown fields {sorted(unknown)} for a {kind}")
 
@@ -124,11 +125,13 @@ def parse_timeseries(
         arr = np.array(rows, dtype=np.float64)  # null becomes NaN, dead-lettered as non_finite below
     except OverflowError as exc:  # integers beyond float range
         return bad("non_finite", f"value out of range ({exc})", "OverflowError")
-    with np.errstate(over="ignore"):
-        arr32 = arr.astype(np.float32)
-    if not np.isfinite(arr32).all():
-        n = int((~np.isfinite(arr32)).sum())
+    # One reduction catches NaN (from null), infinities and values beyond float32 (NaN compares
+    # false), before the cast, so the cast never overflows and no numpy error state is needed.
+    magnitude = np.abs(arr)
+    if not magnitude.max() <= _FLOAT32_MAX:
+        n = int((~(magnitude <= _FLOAT32_MAX)).sum())
         return bad("non_finite", f"{n} value(s) are null, NaN, infinite or beyond float32")
+    arr32 = arr.astype(np.float32)
 
     if not is_window:
         ts = _timestamp(doc, "timestamp_ms", -1) if "timestamp_ms" in doc else None
