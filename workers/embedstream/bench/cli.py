@@ -23,7 +23,7 @@ def register(sub: Any, flag: Callable[..., None]) -> dict[str, Handler]:
         p,
         "--count",
         "BENCH_COUNT",
-        "messages per stage for every modality (default: image 400, text 600, timeseries 2000)",
+        "messages per stage for every modality (default: image 400, text 600, timeseries 20000)",
         type=int,
     )
     flag(

@@ -20,6 +20,7 @@ STAGES: dict[str, str] = {
     "triton": "Triton alone (no Kafka)",
     "perf_analyzer": "perf_analyzer (Triton's own client)",
     "pipeline": "pipeline at saturation",
+    "pipeline_live": "pipeline at saturation, messages arriving",
     "pipeline_half": "pipeline at 50% load",
     "pipeline_scaled": "pipeline at saturation, --workers in one group",
     "null": "null encoder pipeline",
@@ -168,9 +169,10 @@ def targets(b: ModalityBench) -> dict[str, Target]:
             PIPELINE_VS_BARE_TARGET,
             f"{n} workers: ",
         )
-    one = s["pipeline_scaled"].extra.get("one_worker_same_way") if "pipeline_scaled" in s else None
-    if one:
-        out["scale_out"] = _throughput_ratio("--workers / 1 worker, timed the same way", rate["pipeline_scaled"], one)
+    if "pipeline_scaled" in s and "pipeline_live" in s:
+        out["scale_out"] = _throughput_ratio(
+            "--workers / 1 worker, timed the same way", rate["pipeline_scaled"], rate["pipeline_live"]
+        )
     if "triton" in s and "perf_analyzer" in s:
         out["triton_vs_perf_analyzer"] = _throughput_ratio(
             "Triton alone, our client / perf_analyzer", rate["triton"], rate["perf_analyzer"]

@@ -19,7 +19,7 @@ from embedstream.service import encoder_spec
 from embedstream.worker import Deferred
 
 MODALITIES = ("image", "text", "timeseries")
-DEFAULT_COUNTS = {"image": 400, "text": 600, "timeseries": 2000}
+DEFAULT_COUNTS = {"image": 400, "text": 600, "timeseries": 20000}
 
 
 @dataclass
