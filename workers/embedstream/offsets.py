@@ -25,7 +25,9 @@ class OffsetTracker:
         self._committed: dict[TopicPartition, int] = {}
 
     def track(self, tp: TopicPartition, offset: int) -> None:
-        st = self._parts.setdefault(tp, _PartitionState())
+        st = self._parts.get(tp)
+        if st is None:  # not setdefault: that would build a state for every message
+            st = self._parts[tp] = _PartitionState()
         # The first offset seen is where this worker's position started: nothing below it is ours to commit.
         self._committed.setdefault(tp, offset)
         st.pending.add(offset)

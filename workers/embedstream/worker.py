@@ -493,5 +493,5 @@ def _source(rec: Any) -> SourceMessage:
         key=rec.key,
         value=rec.value or b"",
         timestamp_ms=rec.timestamp if rec.timestamp and rec.timestamp > 0 else int(time.time() * 1000),
-        headers=tuple((k, v or b"") for k, v in (rec.headers or [])),
+        headers=tuple((k, v or b"") for k, v in rec.headers) if rec.headers else (),
     )

@@ -112,32 +112,44 @@ def parse_timeseries(
 
     rows = values if is_window else [values]
     # One pass over the element types in C rather than a Python check per value: this is the hot loop.
-    if not all(type(row) is list for row in rows) or not _NUMERIC_TYPES.issuperset(
-        map(type, itertools.chain.from_iterable(rows))
-    ):
+    if is_window:
+        numbers = all(type(row) is list for row in rows) and _NUMERIC_TYPES.issuperset(
+            map(type, itertools.chain.from_iterable(rows))
+        )
+    else:
+        numbers = _NUMERIC_TYPES.issuperset(map(type, values))
+    if not numbers:
         return bad("invalid_timeseries", "'values' must hold numbers (a window: arrays of numbers)")
     if is_window and len(rows) != window_length:
         return bad("wrong_shape", f"window of {len(rows)} points, the model takes {window_length}")
     widths = {len(row) for row in rows}
     if widths != {channels}:
         return bad("wrong_shape", f"{sorted(widths)} channels, the model takes {channels}")
-    try:
-        arr = np.array(rows, dtype=np.float64)  # null becomes NaN, dead-lettered as non_finite below
-    except OverflowError as exc:  # integers beyond float range
-        return bad("non_finite", f"value out of range ({exc})", "OverflowError")
-    # One reduction catches NaN (from null), infinities and values beyond float32 (NaN compares
-    # false), before the cast, so the cast never overflows and no numpy error state is needed.
-    magnitude = np.abs(arr)
-    if not magnitude.max() <= _FLOAT32_MAX:
-        n = int((~(magnitude <= _FLOAT32_MAX)).sum())
-        return bad("non_finite", f"{n} value(s) are null, NaN, infinite or beyond float32")
-    arr32 = arr.astype(np.float32)
+    if not is_window:
+        # A handful of numbers: checked in Python, where each numpy call would cost more than the
+        # check. NaN fails both comparisons; a huge integer compares exactly and fails too.
+        n = sum(1 for v in values if v is None or not -_FLOAT32_MAX <= v <= _FLOAT32_MAX)
+        if n:
+            return bad("non_finite", f"{n} value(s) are null, NaN, infinite or beyond float32")
+        arr32 = np.array(values, dtype=np.float32)
+    else:
+        try:
+            arr = np.array(rows, dtype=np.float64)  # null becomes NaN, dead-lettered as non_finite below
+        except OverflowError as exc:  # integers beyond float range
+            return bad("non_finite", f"value out of range ({exc})", "OverflowError")
+        # One reduction catches NaN (from null), infinities and values beyond float32 (NaN compares
+        # false), before the cast, so the cast never overflows and no numpy error state is needed.
+        magnitude = np.abs(arr)
+        if not magnitude.max() <= _FLOAT32_MAX:
+            n = int((~(magnitude <= _FLOAT32_MAX)).sum())
+            return bad("non_finite", f"{n} value(s) are null, NaN, infinite or beyond float32")
+        arr32 = arr.astype(np.float32)
 
     if not is_window:
         ts = _timestamp(doc, "timestamp_ms", -1) if "timestamp_ms" in doc else None
         if ts is None:
             return bad("invalid_timeseries", "'timestamp_ms' is required: an integer from 0 to 2**63-1")
-        return Observation(msg, series_id, ts, arr32[0])
+        return Observation(msg, series_id, ts, arr32)
     end = _timestamp(doc, "end_ms", msg.timestamp_ms)
     start = _timestamp(doc, "start_ms", end if end is not None else 0)
     if start is None or end is None or start > end:

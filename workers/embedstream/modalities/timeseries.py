@@ -54,6 +54,7 @@ from embedstream.sinks.arrow_codec import RowMeta
 from embedstream.worker import Deferred
 
 _Key = tuple[str, int, str]  # topic, partition, series_id
+_ABSORBED = Deferred()
 
 
 @dataclass
@@ -181,6 +182,8 @@ class TimeSeriesModality:
         if not isinstance(parsed, Observation):
             return parsed
         item, dead = self.windows.add(parsed)
+        if item is None and not dead:
+            return _ABSORBED  # most points: one shared instance instead of one per message
         return Deferred(item, tuple(dead))
 
     def decode_many(self, msgs: Sequence[SourceMessage]) -> list[TimeSeriesWindow | BadRecord | Deferred]:
