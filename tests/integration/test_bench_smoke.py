@@ -37,7 +37,8 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
     assert set(ts["stages"]) == set(STAGES)
     for name, stage in ts["stages"].items():
         if name != "perf_analyzer":  # it sends as many requests as its measurement windows take
-            want = 100 if name in ("null", "raw_kafka", "raw_consume") else 96 if name == "pipeline_scaled" else 48
+            want = {"null": 100, "raw_kafka": 100, "raw_consume": 100, "pipeline_scaled": 96, "pipeline_points": 1600}
+            want = want.get(name, 48)
             assert stage["messages"] == want, name
         assert stage["messages"] > 0, name
         assert stage["throughput"] > 0, name
@@ -48,6 +49,8 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
     assert pa["messages"] == pa["requests"] * pa["batch"]
     assert len(ts["stages"]["pipeline_half"]["latencies_ms"]) == 48
     assert ts["stages"]["pipeline"]["batches"] > 0
+    # 50 series x 32 points: one window each, every one published (told apart by row id, not key)
+    assert ts["stages"]["pipeline_points"]["windows"] == 50
     scaled = ts["stages"]["pipeline_scaled"]
     # both members of the group took their share of the partitions, and nothing was embedded twice
     assert scaled["workers"] == 2 and len(scaled["embedded_by"]) == 2

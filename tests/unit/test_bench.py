@@ -16,6 +16,12 @@ from embedstream.bench.report import (
     summary_table,
     targets,
 )
+from embedstream.bench.workload import POINT_SERIES, observation_traffic
+from embedstream.config import load_settings
+from embedstream.modalities import modality_for
+from embedstream.records import SourceMessage
+from embedstream.service import encoder_spec
+from embedstream.worker import Deferred
 
 
 def _bench(modality: str = "image", **overrides) -> ModalityBench:
@@ -38,6 +44,7 @@ def _bench(modality: str = "image", **overrides) -> ModalityBench:
         "pipeline": StageResult(320, 2.5),  # 128/s
         "pipeline_live": StageResult(320, 2.56),  # 125/s
         "pipeline_half": StageResult(320, 5.0),
+        "pipeline_points": StageResult(1600, 0.4, {"windows": 50, "series": 50}),
         "pipeline_scaled": StageResult(320, 1.6, {"workers": 2}),  # 200/s
         "null": StageResult(320, 0.8),  # 400/s
         "raw_kafka": StageResult(320, 0.2),  # 1600/s
@@ -217,3 +224,17 @@ def test_latency_bound_uses_the_measured_model_time_of_the_batch_it_got():
     t = targets(b)["p99_at_half_load"]
     assert t.target == pytest.approx(1.5 * (20.0 + 30.0))
     assert "measured" in t.detail and "batch of 3.0" in t.detail
+
+
+def test_observation_traffic_closes_exactly_the_windows_it_promises():
+    settings = load_settings(encoder={"family": "autoencoder", "arch": "w16c3h16l4", "weights": "random"})
+    points, windows = observation_traffic(settings, 1000)
+    assert len(points) >= 1000 and len(points) % (POINT_SERIES * 16) == 0
+    assert windows == len(points) // 16
+    modality = modality_for(encoder_spec(settings), settings)
+    # each series keyed to itself, so the worker sees it on one partition, in order
+    assert len({key for key, _ in points}) == POINT_SERIES
+    out = [modality.decode(SourceMessage("t", 0, i, k, v, 0)) for i, (k, v) in enumerate(points)]
+    assert all(isinstance(d, Deferred) and not d.dead_letters for d in out)
+    assert sum(d.item is not None for d in out) == windows
+    assert modality.windows.open_points() == 0  # nothing left waiting for a later point

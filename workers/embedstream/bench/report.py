@@ -22,6 +22,7 @@ STAGES: dict[str, str] = {
     "pipeline": "pipeline at saturation",
     "pipeline_live": "pipeline at saturation, messages arriving",
     "pipeline_half": "pipeline at 50% load",
+    "pipeline_points": "pipeline, one observation a message, arriving",
     "pipeline_scaled": "pipeline at saturation, --workers in one group",
     "null": "null encoder pipeline",
     "raw_kafka": "raw kafka-python consume+produce",

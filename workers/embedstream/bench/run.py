@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from embedstream.bench import perf_analyzer, stages
 from embedstream.bench.plots import latency_plot, throughput_plot
 from embedstream.bench.report import STAGES, ModalityBench, StageResult, ratio, report_json
-from embedstream.bench.workload import Workload, build_workload, preprocessed_batches, rekey
+from embedstream.bench.workload import POINT_SERIES, Workload, build_workload, preprocessed_batches, rekey
 from embedstream.config import Settings
 from embedstream.export import local_cpu_target
 from embedstream.kafka_io import ensure_topics
@@ -83,9 +83,11 @@ class _Board:
         for w in workloads:
             # Stage keys, not the long labels: the live table has to fit an 80-column terminal.
             for key in STAGES:
-                if key == "pipeline_scaled" and workers < 2:
+                if (key == "pipeline_scaled" and workers < 2) or (key == "pipeline_points" and not w.points):
                     continue
                 total = max(plumbing_count, len(w.messages)) if key in PLUMBING_STAGES else len(w.messages)
+                if key == "pipeline_points":
+                    total = len(w.points)
                 if key == "pipeline_scaled":
                     total *= workers
                 self.tasks[(w.modality, key)] = bar.add_task(
@@ -226,6 +228,10 @@ def _bench_modality(
         if b.half_batch:
             size = max(1, round(b.half_batch))
             b.half_batch_model_ms = stages.model_latency(real, w.messages, size, target.torch_threads, clocks.mono)
+        if w.points:
+            res = _points(real, followers[0], w, board.advance(m, "pipeline_points"), clocks)
+            board.done(m, "pipeline_points", res, f"{w.point_windows} windows")
+            b.stages["pipeline_points"] = res
         if scale_out > 1:
             messages = _at_least(w.messages, len(w.messages) * scale_out)
             res = _scaled_out(stack, real, workers[0], followers[0], scale_out, messages, board, m, clocks)
@@ -333,6 +339,28 @@ def _burst(
     rows = follower.wait_for(prefix, len(messages), WAIT_TIMEOUT_S, stages.no_progress)
     by_worker = [stages.worker_counters(wp)[0] - b for wp, b in zip(group, before, strict=True)]
     return len(rows), max(rows.values()) / 1000 - started, by_worker
+
+
+def _points(
+    settings: Settings, follower: stages.Follower, w: Workload, progress: Callable[[int], None], clocks: Clocks
+) -> StageResult:
+    """Observations, one point a message, produced into the running worker, which windows them.
+
+    Throughput in points (messages) = N / (last window's output timestamp - the moment producing
+    started). A series' windows share its key, so they are told apart by row id.
+    """
+    k = settings.kafka
+    before = stages.worker_counters(follower.worker)[0]
+    per_window = len(w.points) // w.point_windows
+
+    def points_done(windows: int) -> None:
+        progress(windows * per_window)
+
+    started = stages.produce_burst(k.bootstrap_servers, k.input_topic, w.points, clocks.wall)
+    stages.wait_embedded([follower.worker], before + w.point_windows, WAIT_TIMEOUT_S, points_done, clocks.sleep, before)
+    rows = follower.wait_for(b"points-", w.point_windows, WAIT_TIMEOUT_S, stages.no_progress, by_id=True)
+    extra = {"windows": len(rows), "series": POINT_SERIES}
+    return StageResult(len(w.points), max(rows.values()) / 1000 - started, extra)
 
 
 def _paced(

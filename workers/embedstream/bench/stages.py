@@ -208,8 +208,10 @@ class Follower:
 
     reader: TopicReader
     worker: WorkerProcess
-    # key -> output record timestamp (ms), for every row seen so far.
+    # key -> output record timestamp (ms), for every row seen so far; and the same by row id, for
+    # rows that share a key (the windows of one series).
     seen: dict[bytes, int] = field(default_factory=dict)
+    seen_ids: dict[bytes, int] = field(default_factory=dict)
     _consumed_tables: int = 0
 
     def poll(self, timeout_s: float = 0.2) -> None:
@@ -218,20 +220,30 @@ class Follower:
         for ts, table in times[self._consumed_tables :]:
             for key in table.column("key").to_pylist():
                 self.seen[bytes(key)] = ts
+            for row_id in table.column("id").to_pylist():
+                self.seen_ids[row_id.encode()] = ts
         self._consumed_tables = len(times)
         if self.reader.result.dead_letters:
             first = self.reader.result.dead_letters[0]
             raise RuntimeError(f"{self.worker.name} dead-lettered {first.key!r}: {first.reason}")
 
     def wait_for(
-        self, prefix: bytes, count: int, timeout_s: float, progress: Progress, clock: Clock = time.monotonic
+        self,
+        prefix: bytes,
+        count: int,
+        timeout_s: float,
+        progress: Progress,
+        clock: Clock = time.monotonic,
+        *,
+        by_id: bool = False,
     ) -> dict[bytes, int]:
-        """Block until ``count`` rows keyed ``prefix...`` arrived; returns their output timestamps."""
+        """Block until ``count`` rows keyed ``prefix...`` (``by_id``: with such ids) arrived; their timestamps."""
         deadline = clock() + timeout_s
         done = 0
         while True:
             self.poll()
-            rows = {k: ts for k, ts in self.seen.items() if k.startswith(prefix)}
+            seen = self.seen_ids if by_id else self.seen
+            rows = {k: ts for k, ts in seen.items() if k.startswith(prefix)}
             if len(rows) > done:
                 progress(len(rows) - done)
                 done = len(rows)

@@ -6,11 +6,13 @@ message becomes exactly one output row and counts line up.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import orjson
 
 from embedstream.config import Settings, load_settings
 from embedstream.demo_data import Message, image_traffic, text_traffic, timeseries_traffic
@@ -20,6 +22,7 @@ from embedstream.worker import Deferred
 
 MODALITIES = ("image", "text", "timeseries")
 DEFAULT_COUNTS = {"image": 400, "text": 600, "timeseries": 20000}
+POINT_SERIES = 50  # series in the one-point-a-message traffic, each keyed to one partition
 
 
 @dataclass
@@ -28,6 +31,9 @@ class Workload:
     settings: Settings
     null_settings: Settings
     messages: list[Message]
+    # Time series only: observations, one point a message, that close exactly ``point_windows`` windows.
+    points: list[Message] = field(default_factory=list)
+    point_windows: int = 0
 
     @property
     def raw_topics(self) -> tuple[str, str]:
@@ -57,7 +63,27 @@ def build_workload(base: Settings, modality: str, count: int, workdir: Path) -> 
     else:
         traffic = timeseries_traffic(base, count, workdir)
     messages = [(k, v) for k, v in traffic.messages if not k.startswith(b"window-bad")]
-    return Workload(modality, traffic.settings, null_twin(traffic.settings), messages)
+    w = Workload(modality, traffic.settings, null_twin(traffic.settings), messages)
+    if modality == "timeseries":
+        w.points, w.point_windows = observation_traffic(traffic.settings, count)
+    return w
+
+
+def observation_traffic(settings: Settings, count: int) -> tuple[list[Message], int]:
+    """At least ``count`` observations over ``POINT_SERIES`` series, keyed by series id as producers should.
+
+    Each series gets a whole number of the model's windows, so the points close exactly that many
+    windows (tumbling) and none is left open.
+    """
+    length, channels = encoder_spec(settings).inputs[0].dims
+    per_series = length * max(1, -(-count // (POINT_SERIES * length)))
+    points: list[Message] = []
+    for t in range(per_series):
+        for s in range(POINT_SERIES):
+            values = [round(math.sin(0.1 * t + s + c), 4) for c in range(channels)]
+            doc = {"series_id": f"points-{s:03d}", "timestamp_ms": 1_700_000_000_000 + t * 1000, "values": values}
+            points.append((f"points-{s:03d}".encode(), orjson.dumps(doc)))
+    return points, POINT_SERIES * per_series // length
 
 
 def rekey(messages: Sequence[Message], prefix: str) -> list[Message]:
