@@ -330,13 +330,19 @@ def _burst(
     prefix: bytes,
     progress: Callable[[int], None],
     clocks: Clocks,
+    rows_expected: int | None = None,
+    by_id: bool = False,
 ) -> tuple[int, float, list[int]]:
-    """Produce ``messages`` to a running group; (rows, seconds to the last output, rows per member)."""
+    """Produce ``messages`` to a running group; (rows, seconds to the last output, rows per member).
+
+    ``rows_expected`` defaults to one row a message; ``by_id`` tells rows apart by id, not key.
+    """
     k = settings.kafka
+    expected = len(messages) if rows_expected is None else rows_expected
     before = [stages.worker_counters(wp)[0] for wp in group]
     started = stages.produce_burst(k.bootstrap_servers, k.input_topic, messages, clocks.wall)
-    stages.wait_embedded(group, sum(before) + len(messages), WAIT_TIMEOUT_S, progress, clocks.sleep, sum(before))
-    rows = follower.wait_for(prefix, len(messages), WAIT_TIMEOUT_S, stages.no_progress)
+    stages.wait_embedded(group, sum(before) + expected, WAIT_TIMEOUT_S, progress, clocks.sleep, sum(before))
+    rows = follower.wait_for(prefix, expected, WAIT_TIMEOUT_S, stages.no_progress, by_id=by_id)
     by_worker = [stages.worker_counters(wp)[0] - b for wp, b in zip(group, before, strict=True)]
     return len(rows), max(rows.values()) / 1000 - started, by_worker
 
@@ -349,18 +355,16 @@ def _points(
     Throughput in points (messages) = N / (last window's output timestamp - the moment producing
     started). A series' windows share its key, so they are told apart by row id.
     """
-    k = settings.kafka
-    before = stages.worker_counters(follower.worker)[0]
     per_window = len(w.points) // w.point_windows
 
     def points_done(windows: int) -> None:
         progress(windows * per_window)
 
-    started = stages.produce_burst(k.bootstrap_servers, k.input_topic, w.points, clocks.wall)
-    stages.wait_embedded([follower.worker], before + w.point_windows, WAIT_TIMEOUT_S, points_done, clocks.sleep, before)
-    rows = follower.wait_for(b"points-", w.point_windows, WAIT_TIMEOUT_S, stages.no_progress, by_id=True)
-    extra = {"windows": len(rows), "series": POINT_SERIES}
-    return StageResult(len(w.points), max(rows.values()) / 1000 - started, extra)
+    group = [follower.worker]
+    rows, seconds, _ = _burst(
+        settings, group, follower, w.points, b"points-", points_done, clocks, rows_expected=w.point_windows, by_id=True
+    )
+    return StageResult(len(w.points), seconds, {"windows": rows, "series": POINT_SERIES})
 
 
 def _paced(
