@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from embedstream.config import Settings, load_settings
-from embedstream.runtime.stack import LocalStack
+from embedstream.local.stack import LocalStack
 
 from ..integration.helpers import private_topics
 

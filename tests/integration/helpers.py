@@ -7,7 +7,7 @@ from collections import Counter
 
 from kafka import KafkaProducer
 
-from embedstream.readback import Readback, TopicReader
+from embedstream.local.readback import Readback, TopicReader
 
 _counter = itertools.count()
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from embedstream.bench.report import STAGES
 from embedstream.cli import main
+from embedstream.local.bench.report import STAGES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

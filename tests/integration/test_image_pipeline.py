@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from embedstream.decode.image import decode_image
-from embedstream.records import DecodedImage, SourceMessage
-from embedstream.runtime.worker_process import WorkerProcess
-from embedstream.samples import corrupt, samples
+from embedstream.local.samples import corrupt, samples
+from embedstream.local.worker_process import WorkerProcess
+from embedstream.modalities.image import DecodedImage, decode_image
+from embedstream.records import SourceMessage
 from embedstream.service import encoder_spec
 from embedstream.sinks.deadletter import REASON, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, WORKER_ID
 

@@ -9,9 +9,9 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
 from embedstream.kafka_io import ensure_topics
+from embedstream.local.samples import samples
+from embedstream.local.worker_process import WorkerProcess
 from embedstream.ops.replay import REPLAY_SOURCE
-from embedstream.runtime.worker_process import WorkerProcess
-from embedstream.samples import samples
 from embedstream.sinks import deadletter as dl
 from tests.integration.helpers import produce, read_until_complete
 from tests.unit.test_ops import arrow_message, run_ops

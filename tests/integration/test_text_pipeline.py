@@ -20,10 +20,10 @@ from embedstream.config import load_settings
 from embedstream.encoders.transformer import packaged_model_dir
 from embedstream.export import local_cpu_target
 from embedstream.inference.triton import TritonBackend
+from embedstream.local.stack import LocalStack
+from embedstream.local.worker_process import WorkerProcess
 from embedstream.modalities import modality_for
 from embedstream.records import SourceMessage
-from embedstream.runtime.stack import LocalStack
-from embedstream.runtime.worker_process import WorkerProcess
 from embedstream.service import encoder_spec
 
 from .helpers import accounting, read_all

@@ -18,8 +18,8 @@ from kafka import KafkaProducer
 
 from embedstream.config import load_settings
 from embedstream.encoders import get_family
-from embedstream.runtime.stack import LocalStack
-from embedstream.runtime.worker_process import WorkerProcess
+from embedstream.local.stack import LocalStack
+from embedstream.local.worker_process import WorkerProcess
 from embedstream.training import synthetic
 from embedstream.training.fit import TrainConfig, train_from_file
 

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from embedstream.bench.plots import latency_plot, throughput_plot
-from embedstream.bench.report import (
+from embedstream.config import load_settings
+from embedstream.local.bench.plots import latency_plot, throughput_plot
+from embedstream.local.bench.report import (
     STAGES,
     ModalityBench,
     StageResult,
@@ -16,12 +17,10 @@ from embedstream.bench.report import (
     summary_table,
     targets,
 )
-from embedstream.bench.workload import POINT_SERIES, observation_traffic
-from embedstream.config import load_settings
+from embedstream.local.bench.workload import POINT_SERIES, observation_traffic
 from embedstream.modalities import modality_for
-from embedstream.records import SourceMessage
+from embedstream.records import Deferred, SourceMessage
 from embedstream.service import encoder_spec
-from embedstream.worker import Deferred
 
 
 def _bench(modality: str = "image", **overrides) -> ModalityBench:
@@ -142,7 +141,7 @@ def test_scaled_out_pipeline_is_held_to_the_pipeline_target_and_compared_with_on
 def test_report_json_shape():
     doc = report_json([_bench(), _bench("text")], {"started_at": "2024-01-01T00:00:00+00:00"})
     json.dumps(doc)  # plain JSON types only
-    assert doc["schema"] == "embedstream.bench/1" and doc["started_at"]
+    assert doc["schema"] == "embedstream.local.bench/1" and doc["started_at"]
     assert set(doc["modalities"]) == {"image", "text"}
     image = doc["modalities"]["image"]
     assert set(image["stages"]) == set(STAGES)
@@ -208,8 +207,8 @@ def test_null_encoder_refuses_an_arch_that_names_no_real_encoder(arch):
 
 
 def test_null_twin_and_rekey():
-    from embedstream.bench.workload import null_twin, rekey
     from embedstream.config import load_settings
+    from embedstream.local.bench.workload import null_twin, rekey
 
     base = load_settings(encoder={"family": "autoencoder", "arch": "w16c3h16l4", "weights": "random"})
     twin = null_twin(base)

@@ -11,7 +11,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from embedstream import decode_embeddings
-from embedstream.decode import envelope
+from embedstream.modalities import _envelope as envelope
 from embedstream.records import REASONS, BadRecord, SourceMessage
 from embedstream.sinks import deadletter
 from embedstream.sinks.arrow_codec import (
@@ -192,7 +192,7 @@ def rows_and_embeddings(n, dim=8):
             partition=3,
             offset=100 + i,
             timestamp_ms=1_700_000_000_000 + i,
-            extra=(640 + i, 480 - i),
+            extra={"source_width": 640 + i, "source_height": 480 - i},
         )
         for i in range(n)
     ]
@@ -214,8 +214,8 @@ def test_encode_decode_round_trip_keeps_values_and_embeddings():
     assert table.column("event_time").cast(pa.int64()).to_pylist() == [r.timestamp_ms for r in rows]
     assert table.column("model_name").to_pylist() == ["clip"] * 5
     assert table.column("model_version").to_pylist() == ["2"] * 5
-    assert table.column("source_width").to_pylist() == [r.extra[0] for r in rows]
-    assert table.column("source_height").to_pylist() == [r.extra[1] for r in rows]
+    assert table.column("source_width").to_pylist() == [r.extra["source_width"] for r in rows]
+    assert table.column("source_height").to_pylist() == [r.extra["source_height"] for r in rows]
     col = table.column("embedding").combine_chunks()
     np.testing.assert_array_equal(col.values.to_numpy().reshape(-1, col.type.list_size), emb)
 

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from embedstream.config import ImageLimits
-from embedstream.decode.image import decode_image
 from embedstream.encoders import ImagePreprocessing
-from embedstream.records import BadRecord, DecodedImage, SourceMessage
-from embedstream.samples import corrupt, encode, render
+from embedstream.local.samples import corrupt, encode, render
+from embedstream.modalities.image import DecodedImage, decode_image
+from embedstream.records import BadRecord, SourceMessage
 
 PREP = ImagePreprocessing(
     height=32, width=32, resize_shorter_to=36, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3

@@ -43,7 +43,10 @@ def record(offset: int, value: bytes, key: bytes | None = b"k", headers=None, pa
 
 def arrow_message(ids: list[str], dim: int = 8, model: str = "image-m", version: str = "1", seed: int = 0) -> bytes:
     schema = output_schema("image", model, version, dim)
-    rows = [RowMeta(i.encode(), i, "in", 1, n, 1_700_000_000_000, (64, 48)) for n, i in enumerate(ids)]
+    rows = [
+        RowMeta(i.encode(), i, "in", 1, n, 1_700_000_000_000, {"source_width": 64, "source_height": 48})
+        for n, i in enumerate(ids)
+    ]
     emb = np.random.default_rng(seed).normal(size=(len(ids), dim)).astype(np.float32)
     return encode_batch(schema, rows, emb)
 

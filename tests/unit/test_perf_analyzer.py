@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from embedstream.bench import perf_analyzer as pa
 from embedstream.config import load_settings
 from embedstream.encoders import EncoderSpec, TensorSpec
+from embedstream.local.bench import perf_analyzer as pa
 
 # Captured from `embedstream bench` on this stack (perf_analyzer 2.51.0, -b 32, concurrency 2):
 # text-all-MiniLM-L6-v2 over the wire, then image-mobilenetv3_small_100 over system shared memory.

@@ -15,12 +15,12 @@ from jsonschema import Draft202012Validator
 
 from embedstream import decode_embeddings
 from embedstream.config import EncoderSettings, Settings, TextLimits, load_settings
-from embedstream.decode.text import ALLOWED_KEYS, DecodedText, TextTokenizer, decode_text, decode_texts
 from embedstream.encoders import get_family
 from embedstream.encoders.transformer import packaged_model_dir, resolve_source
 from embedstream.errors import ConfigError
 from embedstream.export import export_model
 from embedstream.modalities import modality_for
+from embedstream.modalities.text import ALLOWED_KEYS, DecodedText, TextTokenizer, decode_text, decode_texts
 from embedstream.records import BadRecord, SourceMessage
 from embedstream.sinks.arrow_codec import encode_batch, output_schema
 

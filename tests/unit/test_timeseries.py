@@ -10,17 +10,22 @@ import pytest
 from kafka.structs import TopicPartition
 
 from embedstream.config import load_settings
-from embedstream.decode.timeseries import Observation, TimeSeriesWindow, parse_timeseries
 from embedstream.encoders import get_family
 from embedstream.errors import ConfigError
 from embedstream.inference.local import TorchBackend
 from embedstream.modalities import modality_for
-from embedstream.modalities.timeseries import SlidingWindows, TimeSeriesModality
-from embedstream.records import BadRecord, SourceMessage
+from embedstream.modalities.timeseries import (
+    Observation,
+    SlidingWindows,
+    TimeSeriesModality,
+    TimeSeriesWindow,
+    parse_timeseries,
+)
+from embedstream.records import BadRecord, Deferred, SourceMessage
 from embedstream.sinks.arrow_codec import decode_embeddings
 from embedstream.sinks.deadletter import REASON, SOURCE_OFFSET
 from embedstream.testing import FakeBackend, FakeConsumer, FakeProducer
-from embedstream.worker import Deferred, Worker
+from embedstream.worker import Worker
 
 TOPIC = "ts"
 TP0 = TopicPartition(TOPIC, 0)

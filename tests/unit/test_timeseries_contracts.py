@@ -7,7 +7,13 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-from embedstream.decode.timeseries import OBSERVATION_KEYS, WINDOW_KEYS, Observation, TimeSeriesWindow, parse_timeseries
+from embedstream.modalities.timeseries import (
+    OBSERVATION_KEYS,
+    WINDOW_KEYS,
+    Observation,
+    TimeSeriesWindow,
+    parse_timeseries,
+)
 from embedstream.records import REASONS, BadRecord, SourceMessage
 from embedstream.sinks.arrow_codec import output_schema
 

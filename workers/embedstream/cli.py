@@ -147,7 +147,7 @@ def _local_settings(path: str | None) -> Settings:
 def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from embedstream.demo import MODALITIES, print_summary, run_demo
+    from embedstream.local.demo import MODALITIES, print_summary, run_demo
 
     console = Console()
     settings = _local_settings(args.config)
@@ -166,8 +166,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from embedstream.runtime.stack import LocalStack
-    from embedstream.runtime.worker_process import WorkerProcess
+    from embedstream.local.stack import LocalStack
+    from embedstream.local.worker_process import WorkerProcess
 
     stop = _stop_on_signals()
     settings = _local_settings(args.config)
@@ -200,8 +200,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from embedstream.demo import produce
-    from embedstream.samples import samples
+    from embedstream.local.demo import produce
+    from embedstream.local.samples import samples
 
     batch = [(s.key, s.value) for s in samples(args.count, bad_every=args.bad_every)]
     n = len(produce(args.bootstrap, args.topic, batch))
@@ -211,7 +211,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 # Command groups that live beside their code; each module's register(subparsers, flag) adds its
 # subcommands and returns their handlers.
-COMMAND_MODULES: tuple[str, ...] = ("embedstream.training.cli", "embedstream.ops.cli", "embedstream.bench.cli")
+COMMAND_MODULES: tuple[str, ...] = ("embedstream.training.cli", "embedstream.ops.cli", "embedstream.local.bench.cli")
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "worker": cmd_worker,

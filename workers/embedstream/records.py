@@ -1,11 +1,13 @@
-"""The values that travel between the steps: a source message, a decoded item, or a bad record."""
+"""The values that travel between the steps: a source message, a bad record, a deferred result, a row.
+
+A modality's own record types (decoded images, token ids, windows) live in its module.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
-
-import numpy as np
+from typing import Any, Literal
 
 # Stable, machine-readable dead-letter reasons (schemas/dead-letter.json lists the same set).
 Reason = Literal[
@@ -52,18 +54,6 @@ class SourceMessage:
 
 
 @dataclass(frozen=True)
-class DecodedImage:
-    """Pixels ready for the model (uint8, H x W x 3) and where they came from."""
-
-    source: SourceMessage
-    id: str
-    event_time_ms: int
-    pixels: np.ndarray = field(repr=False)
-    source_width: int
-    source_height: int
-
-
-@dataclass(frozen=True)
 class BadRecord:
     """A message that cannot be embedded; it goes to the dead-letter topic, never up the stack."""
 
@@ -71,3 +61,40 @@ class BadRecord:
     reason: Reason
     message: str
     error_class: str = "ValueError"
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A modality's decode result when a message does not map to exactly one row of its own.
+
+    Time-series observations are the case: a point joins its series' open window and only a later
+    point completes a window row that stands for many messages. ``item`` is the row this message
+    completed (None: the message was only absorbed into the modality's state); ``dead_letters``
+    are other messages the modality gave up on meanwhile (e.g. the points of an evicted series).
+    An absorbed message's offset stays unfinished until a row covers it or it is dead-lettered,
+    so the partition's commit point stays behind it and a restart re-reads it.
+    """
+
+    item: Any | None = None
+    dead_letters: tuple[BadRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class RowMeta:
+    """Per-row provenance carried from the input message to the output row.
+
+    ``extra`` holds the modality's own columns by Arrow field name (the modality declares the fields).
+    """
+
+    key: bytes | None
+    id: str
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    extra: Mapping[str, int | float | str | bool] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, source: SourceMessage, id: str, event_time_ms: int, extra: Mapping[str, Any] | None = None) -> RowMeta:
+        """The row of a decoded item from its source message."""
+        return cls(source.key, id, source.topic, source.partition, source.offset, event_time_ms, extra or {})

@@ -29,7 +29,7 @@ from embedstream.inference import InferenceBackend
 from embedstream.modalities import Modality
 from embedstream.offsets import OffsetTracker
 from embedstream.outage import OutageGate
-from embedstream.records import BadRecord, SourceMessage
+from embedstream.records import BadRecord, Deferred, SourceMessage
 from embedstream.sinks.arrow_codec import CONTENT_TYPE, SCHEMA_VERSION, BatchEncoder, model_field, output_schema
 from embedstream.sinks.deadletter import VALUE_DROPPED, dead_letter_headers
 
@@ -44,30 +44,6 @@ _PendingSend = tuple[FutureRecordMetadata, list[tuple[TopicPartition, int]]]
 class _Inferred:
     ok: list[tuple[list[Any], dict[str, np.ndarray]]] = field(default_factory=list)
     rejected: list[tuple[Any, str]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Deferred:
-    """A modality's decode result when a message does not map to exactly one row of its own.
-
-    Time-series observations are the case: a point joins its series' open window and only a later
-    point completes a window row that stands for many messages. ``item`` is the row this message
-    completed (None: the message was only absorbed into the modality's state); ``dead_letters``
-    are other messages the modality gave up on meanwhile (e.g. the points of an evicted series).
-    An absorbed message's offset stays unfinished until a row lists it in its ``covers`` or it is
-    dead-lettered, so the partition's commit point stays behind it and a restart re-reads it.
-    """
-
-    item: Any | None = None
-    dead_letters: tuple[BadRecord, ...] = ()
-
-
-def _covers(item: Any) -> list[tuple[TopicPartition, int]]:
-    """The input offsets a row finishes: its own message, or those the item lists (a window's points)."""
-    covers = getattr(item, "covers", None)
-    if covers is not None:
-        return list(covers)
-    return [(TopicPartition(item.source.topic, item.source.partition), item.source.offset)]
 
 
 @dataclass
@@ -330,7 +306,9 @@ class Worker:
         for part, outputs in result.ok:
             self._publish(part, outputs)
         for item, why in result.rejected:
-            self._dead_letter(BadRecord(item.source, "inference_rejected", why, "BackendError"), _covers(item))
+            self._dead_letter(
+                BadRecord(item.source, "inference_rejected", why, "BackendError"), self._modality.covers(item)
+            )
 
     def _publish(self, items: Sequence[Any], outputs: dict[str, np.ndarray]) -> None:
         embeddings = outputs[self._backend.spec.embedding_output.name]
@@ -339,7 +317,7 @@ class Worker:
         now_ms = time.time() * 1000
         for it in items:
             # Event time as the row carries it (envelope time, or the broker timestamp).
-            self._end_to_end.observe(max(0.0, now_ms - getattr(it, "event_time_ms", it.source.timestamp_ms)) / 1000)
+            self._end_to_end.observe(max(0.0, now_ms - self._modality.event_time_ms(it)) / 1000)
         by_partition: dict[tuple[str, int], list[int]] = defaultdict(list)
         for i, it in enumerate(items):
             by_partition[(it.source.topic, it.source.partition)].append(i)
@@ -364,7 +342,7 @@ class Worker:
                 key=f"{topic}/{partition}".encode(),
                 headers=[*self._out_headers, ("embedstream.rows", str(n).encode())],
             )
-            self._pending.append((fut, [c for it in ordered[start : start + n] for c in _covers(it)]))
+            self._pending.append((fut, [c for it in ordered[start : start + n] for c in self._modality.covers(it)]))
             self.stats.output_messages += 1
             self.stats.embedded += n
             self._embedded.inc(n)
@@ -461,9 +439,7 @@ class Worker:
         dropped = self._outage.drop_partitions(partitions)
         if dropped:
             log.warning("dropped %d held messages of revoked partitions; their new owner re-reads them", dropped)
-        forget = getattr(self._modality, "forget", None)
-        if forget is not None:
-            forget(list(partitions))  # e.g. open windows: the new owner rebuilds them from the uncommitted log
+        self._modality.forget(list(partitions))  # e.g. open windows: the new owner rebuilds them from the log
         self._tracker.forget(list(partitions))
 
     def on_assigned(self, partitions: list[TopicPartition]) -> None:

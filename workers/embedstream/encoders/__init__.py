@@ -1,7 +1,9 @@
-"""Encoder specs and the families that build them; importing a family registers it."""
+"""Encoder specs and the families that build them.
 
-from embedstream.encoders import autoencoder, cnn, lstm, transformer
-from embedstream.encoders import null as null  # registers the plumbing-only family used by `embedstream bench`
+The spec types import nothing heavy. A family module (which imports torch) is imported the first
+time its name is looked up, so code that only reads specs never loads a network library.
+"""
+
 from embedstream.encoders._registry import EncoderFamily, get_family, list_families, register_family
 from embedstream.encoders._spec import EncoderSpec, ImagePreprocessing, TensorSpec
 
@@ -10,11 +12,7 @@ __all__ = [
     "EncoderSpec",
     "ImagePreprocessing",
     "TensorSpec",
-    "autoencoder",
-    "cnn",
     "get_family",
     "list_families",
-    "lstm",
     "register_family",
-    "transformer",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -30,6 +31,14 @@ class EncoderFamily:
 
 
 _FAMILIES: dict[str, EncoderFamily] = {}
+# Where each known family lives; importing the module registers it. The null family is a local tool.
+_MODULES = {
+    "cnn": "embedstream.encoders.cnn",
+    "transformer": "embedstream.encoders.transformer",
+    "lstm": "embedstream.encoders.lstm",
+    "autoencoder": "embedstream.encoders.autoencoder",
+    "null": "embedstream.local.null_encoder",
+}
 
 
 def register_family(family: EncoderFamily) -> EncoderFamily:
@@ -40,12 +49,14 @@ def register_family(family: EncoderFamily) -> EncoderFamily:
 
 
 def get_family(name: str) -> EncoderFamily:
+    if name not in _FAMILIES and name in _MODULES:
+        importlib.import_module(_MODULES[name])
     try:
         return _FAMILIES[name]
     except KeyError:
-        known = ", ".join(sorted(_FAMILIES)) or "none"
+        known = ", ".join(sorted(set(_FAMILIES) | set(_MODULES))) or "none"
         raise ConfigError(f"unknown encoder family {name!r} (known: {known})") from None
 
 
 def list_families() -> list[str]:
-    return sorted(_FAMILIES)
+    return sorted(set(_FAMILIES) | set(_MODULES))

@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 import orjson
 
-Modality = Literal["image", "text", "timeseries"]
 TritonDType = Literal["UINT8", "INT32", "INT64", "FP32", "BOOL"]
 
 
@@ -51,7 +50,7 @@ class EncoderSpec:
 
     name: str
     version: str
-    modality: Modality
+    modality: str  # a name in embedstream.modalities.MODALITIES
     family: str
     source: str
     inputs: tuple[TensorSpec, ...]

@@ -1,7 +1,9 @@
-"""Modalities: what the worker loop needs to know about one kind of input.
+"""Modalities: everything the worker loop needs to know about one kind of input, one module each.
 
-Each modality lives in its own module and registers itself; the Arrow columns it adds to the
-output are declared in ``sinks/arrow_codec.py`` (``MODALITY_FIELDS``), beside the common ones.
+A modality module owns its decoding (bytes -> its record type, or a BadRecord value), its record
+type, the Arrow columns it adds to the output (``FIELDS``) and the values of those columns by name.
+It registers itself under its name; ``MODALITIES`` lists where each known modality lives, so a new
+one is one module plus its line here.
 """
 
 from __future__ import annotations
@@ -11,49 +13,78 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import pyarrow as pa
+from kafka.structs import TopicPartition
 
 from embedstream.errors import ConfigError
 
 if TYPE_CHECKING:
     from embedstream.config import Settings
     from embedstream.encoders import EncoderSpec
-    from embedstream.records import BadRecord, SourceMessage
-    from embedstream.sinks.arrow_codec import RowMeta
+    from embedstream.records import BadRecord, Deferred, RowMeta, SourceMessage
 
 
 class Modality(Protocol):
+    """What the loop calls, and nothing else: the loop reads no attribute a modality does not declare here."""
+
     name: str
+    fields: tuple[pa.Field, ...]  # the modality's output columns, after the common ones
 
-    def decode(self, msg: SourceMessage) -> Any | BadRecord:
-        """Bytes -> an item the model can take, or a BadRecord (never an exception)."""
+    def decode(self, msg: SourceMessage) -> Any | BadRecord | Deferred:
+        """Bytes -> an item the model can take, a BadRecord, or a Deferred (never an exception)."""
 
-    def decode_many(self, msgs: Sequence[SourceMessage]) -> list[Any]:
+    def decode_many(self, msgs: Sequence[SourceMessage]) -> list[Any | BadRecord | Deferred]:
         """``decode`` for what one poll returned, in order; a modality batches or parallelises it here."""
 
     def stack(self, items: Sequence[Any]) -> tuple[np.ndarray, ...]:
         """Items -> the model's input tensors for one batch, in the spec's input order."""
 
     def row(self, item: Any) -> RowMeta:
-        """Provenance and modality columns of the item's output row."""
+        """Provenance and the modality's columns (by field name) of the item's output row."""
+
+    def covers(self, item: Any) -> list[tuple[TopicPartition, int]]:
+        """The input offsets the item's row finishes once it is acknowledged."""
+
+    def event_time_ms(self, item: Any) -> int:
+        """When the item's input happened, for the end-to-end latency metric."""
+
+    def forget(self, partitions: Sequence[TopicPartition]) -> None:
+        """Drop state kept for partitions this worker lost; their new owner rebuilds it from the log."""
 
 
 ModalityFactory = Callable[["EncoderSpec", "Settings"], Modality]
-_MODALITIES: dict[str, ModalityFactory] = {}
-_MODULES = {
+_FACTORIES: dict[str, ModalityFactory] = {}
+_FIELDS: dict[str, tuple[pa.Field, ...]] = {}
+MODALITIES: dict[str, str] = {
     "image": "embedstream.modalities.image",
     "text": "embedstream.modalities.text",
     "timeseries": "embedstream.modalities.timeseries",
 }
 
 
-def register_modality(name: str, factory: ModalityFactory) -> None:
-    _MODALITIES[name] = factory
+def register_modality(name: str, factory: ModalityFactory, fields: tuple[pa.Field, ...]) -> None:
+    _FACTORIES[name] = factory
+    _FIELDS[name] = fields
+
+
+def _load(name: str) -> None:
+    if name not in _FACTORIES:
+        if name not in MODALITIES:
+            raise ConfigError(f"no worker for modality {name!r} (known: {sorted(MODALITIES)})")
+        importlib.import_module(MODALITIES[name])
 
 
 def modality_for(spec: EncoderSpec, settings: Settings) -> Modality:
-    if spec.modality not in _MODALITIES and spec.modality in _MODULES:
-        importlib.import_module(_MODULES[spec.modality])
-    factory = _MODALITIES.get(spec.modality)
-    if factory is None:
-        raise ConfigError(f"no worker for modality {spec.modality!r} (known: {sorted(_MODULES)})")
-    return factory(spec, settings)
+    _load(spec.modality)
+    return _FACTORIES[spec.modality](spec, settings)
+
+
+def modality_fields(name: str) -> tuple[pa.Field, ...]:
+    """The Arrow columns a modality adds to its output rows."""
+    _load(name)
+    return _FIELDS[name]
+
+
+def source_offset(source: SourceMessage) -> list[tuple[TopicPartition, int]]:
+    """The covers of an item that stands for its own message only (most items)."""
+    return [(TopicPartition(source.topic, source.partition), source.offset)]

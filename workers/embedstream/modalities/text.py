@@ -1,22 +1,120 @@
-"""Text: UTF-8 bytes (raw or in a JSON envelope) -> token ids, padded per batch to its longest text."""
+"""Text: UTF-8 (raw or in a JSON envelope, ``schemas/text-envelope.schema.json``) -> token ids for the model.
+
+Guards run cheapest first: message size, UTF-8, envelope, blank text, then the tokenizer. Text
+longer than the model's max length is truncated by the tokenizer (as sentence-transformers does)
+and the row records it; only blank or undecodable text is dead-lettered. Each batch is padded
+to its longest text.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+from kafka.structs import TopicPartition
 
-from embedstream.config import Settings
-from embedstream.decode.text import DecodedText, TextTokenizer, decode_text, decode_texts
+from embedstream.config import Settings, TextLimits
 from embedstream.encoders import EncoderSpec
 from embedstream.errors import ConfigError
-from embedstream.modalities import register_modality
-from embedstream.records import BadRecord, SourceMessage
-from embedstream.sinks.arrow_codec import RowMeta
+from embedstream.modalities import register_modality, source_offset
+from embedstream.modalities._envelope import default_id, is_envelope, parse_object, read_meta
+from embedstream.modalities._tokenizer import TextTokenizer
+from embedstream.records import BadRecord, RowMeta, SourceMessage
+
+ALLOWED_KEYS = frozenset({"id", "text", "event_time_ms", "metadata"})
+FIELDS: tuple[pa.Field, ...] = (
+    pa.field("truncated", pa.bool_(), nullable=False),
+    pa.field("token_count", pa.int32(), nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class DecodedText:
+    """Token ids ready for the model (int64, special tokens included, at most max_length) and their origin."""
+
+    source: SourceMessage
+    id: str
+    event_time_ms: int
+    input_ids: np.ndarray = field(repr=False)
+    token_count: int
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class _Text:
+    text: str
+    id: str
+    event_time_ms: int
+
+
+def decode_text(msg: SourceMessage, tokenizer: TextTokenizer, limits: TextLimits) -> DecodedText | BadRecord:
+    return decode_texts([msg], tokenizer, limits)[0]
+
+
+def decode_texts(
+    msgs: Sequence[SourceMessage], tokenizer: TextTokenizer, limits: TextLimits
+) -> list[DecodedText | BadRecord]:
+    """Each message checked on its own, then every good text tokenized in one call; results in input order."""
+    out: list[DecodedText | BadRecord | _Text] = [_text_of(msg, limits) for msg in msgs]
+    good = [i for i, t in enumerate(out) if isinstance(t, _Text)]
+    texts: list[_Text] = [out[i] for i in good]  # type: ignore[misc]
+    try:
+        encoded = tokenizer.encode_many([t.text for t in texts])
+    except Exception:  # the tokenizer is third-party code: find the text it fails on, fail only that record
+        encoded = [_encode_one(tokenizer, t.text) for t in texts]
+    for i, t, enc in zip(good, texts, encoded, strict=True):
+        msg = msgs[i]
+        if isinstance(enc, Exception):
+            out[i] = BadRecord(msg, "undecodable", f"tokenizer failed: {enc}", type(enc).__name__)
+        else:
+            out[i] = DecodedText(msg, t.id, t.event_time_ms, *enc)
+    return out  # type: ignore[return-value]
+
+
+def _encode_one(tokenizer: TextTokenizer, text: str) -> tuple[np.ndarray, int, bool] | Exception:
+    try:
+        return tokenizer.encode(text)
+    except Exception as exc:
+        return exc
+
+
+def _text_of(msg: SourceMessage, limits: TextLimits) -> _Text | BadRecord:
+    if not msg.value:
+        return BadRecord(msg, "empty", "message value is empty")
+    if len(msg.value) > limits.max_message_bytes:
+        return BadRecord(msg, "oversize", f"{len(msg.value)} bytes > limit {limits.max_message_bytes}")
+    try:
+        # utf-8-sig: a leading byte-order mark is an encoding artefact, not text to embed.
+        raw = msg.value.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        return BadRecord(msg, "invalid_utf8", f"message value is not valid UTF-8: {exc}", "UnicodeDecodeError")
+    parsed = _unwrap(msg, raw) if is_envelope(msg) else _Text(raw, default_id(msg), msg.timestamp_ms)
+    if isinstance(parsed, BadRecord):
+        return parsed
+    if not parsed.text.strip():
+        return BadRecord(msg, "empty", "text is empty or only whitespace")
+    return parsed
+
+
+def _unwrap(msg: SourceMessage, raw: str) -> _Text | BadRecord:
+    """Read a text envelope; any deviation from the schema is a BadRecord."""
+    doc = parse_object(msg, raw, ALLOWED_KEYS)
+    if isinstance(doc, BadRecord):
+        return doc
+    text = doc.get("text")
+    if not isinstance(text, str):
+        return BadRecord(msg, "invalid_envelope", "JSON envelope: 'text' must be a string")
+    meta = read_meta(msg, doc)
+    if isinstance(meta, BadRecord):
+        return meta
+    return _Text(text, *meta)
 
 
 class TextModality:
     name = "text"
+    fields = FIELDS
 
     def __init__(self, spec: EncoderSpec, settings: Settings) -> None:
         location, max_length = spec.extra.get("tokenizer"), spec.extra.get("max_length")
@@ -46,7 +144,17 @@ class TextModality:
         return ids, mask
 
     def row(self, item: DecodedText) -> RowMeta:
-        return RowMeta.of(item.source, item.id, item.event_time_ms, (item.truncated, item.token_count))
+        extra = {"truncated": item.truncated, "token_count": item.token_count}
+        return RowMeta.of(item.source, item.id, item.event_time_ms, extra)
+
+    def covers(self, item: DecodedText) -> list[tuple[TopicPartition, int]]:
+        return source_offset(item.source)
+
+    def event_time_ms(self, item: DecodedText) -> int:
+        return item.event_time_ms
+
+    def forget(self, partitions: Sequence[TopicPartition]) -> None:
+        return None  # no state across messages
 
 
-register_modality("text", TextModality)
+register_modality("text", TextModality, FIELDS)

@@ -1,5 +1,11 @@
 """Time series: observations windowed per series, or whole windows, -> (T x C) float32 model input.
 
+Messages are JSON, one observation or one whole window each (``schemas/timeseries-observation.schema.json``
+and ``schemas/timeseries-window.schema.json``); a message is a window when its ``values`` is a list
+of lists. JSON has no NaN: the parser still accepts the common non-standard ``NaN``/``Infinity``
+tokens (and ``null``) so that such values reach the check that dead-letters them as ``non_finite``
+instead of being lumped with unparseable bytes.
+
 Window length T and channel count C come from the model (the encoder spec, i.e. what it was
 trained on); the stride and the memory bounds from ``[timeseries]`` settings. Windowing is by
 point count and event time only; it never reads a clock.
@@ -37,134 +43,153 @@ The rules (also in ``schemas/timeseries-observation.schema.json``):
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict, deque
+import itertools
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import orjson
+import pyarrow as pa
 from kafka.structs import TopicPartition
 
 from embedstream.config import Settings
-from embedstream.decode.timeseries import Observation, TimeSeriesWindow, parse_timeseries
 from embedstream.encoders import EncoderSpec
 from embedstream.errors import ConfigError
 from embedstream.modalities import register_modality
-from embedstream.records import BadRecord, SourceMessage
-from embedstream.sinks.arrow_codec import RowMeta
-from embedstream.worker import Deferred
+from embedstream.modalities._envelope import MAX_INT64
+from embedstream.modalities._windows import Observation, SlidingWindows, TimeSeriesWindow
+from embedstream.records import BadRecord, Deferred, Reason, RowMeta, SourceMessage
 
-_Key = tuple[str, int, str]  # topic, partition, series_id
+__all__ = [
+    "FIELDS",
+    "OBSERVATION_KEYS",
+    "WINDOW_KEYS",
+    "Observation",
+    "SlidingWindows",
+    "TimeSeriesModality",
+    "TimeSeriesWindow",
+    "parse_timeseries",
+]
+
+FIELDS: tuple[pa.Field, ...] = (
+    pa.field("series_id", pa.string(), nullable=False),
+    pa.field("window_start", pa.timestamp("ms", tz="UTC"), nullable=False),
+    pa.field("window_end", pa.timestamp("ms", tz="UTC"), nullable=False),
+    pa.field("points", pa.int32(), nullable=False),
+    pa.field("messages_finished", pa.int32(), nullable=False),
+)
 _ABSORBED = Deferred()
 
-
-@dataclass
-class _Series:
-    points: deque[Observation] = field(default_factory=deque)
-    last_ts: int = -1
-    in_published: int = 0  # leading buffered points that were already part of an emitted window
+OBSERVATION_KEYS = frozenset({"series_id", "timestamp_ms", "values", "metadata"})
+WINDOW_KEYS = frozenset({"series_id", "start_ms", "end_ms", "values", "metadata"})
 
 
-class SlidingWindows:
-    """Per-series count windows with LRU-bounded state; returns windows and the dead letters it decides."""
+def _loads(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        # orjson is strict about NaN/Infinity; the stdlib parser reads them, so they can be named non_finite.
+        return json.loads(raw)
 
-    def __init__(self, length: int, stride: int, max_series: int, idle_evict_ms: int | None = None) -> None:
-        if not 1 <= stride <= length:
-            raise ConfigError(f"timeseries.stride must be from 1 to the window length {length}, got {stride}")
-        self.length = length
-        self.stride = stride
-        self.max_series = max_series
-        self.idle_evict_ms = idle_evict_ms
-        self._series: OrderedDict[_Key, _Series] = OrderedDict()
-        self._newest: dict[tuple[str, int], int] = {}  # newest event time per partition, for idle eviction
-        self.counters: Counter[str] = Counter()
 
-    def __len__(self) -> int:
-        return len(self._series)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# What a JSON number (or null) parses to; bool is deliberately absent although it subclasses int.
+_NUMERIC_TYPES = frozenset({int, float, type(None)})
 
-    def open_points(self) -> int:
-        return sum(len(s.points) for s in self._series.values())
 
-    def add(self, obs: Observation) -> tuple[TimeSeriesWindow | BadRecord | None, list[BadRecord]]:
-        """Take one point: (a completed window, a ``late`` dead letter or None; dead letters of evictions)."""
-        src = obs.source
-        key = (src.topic, src.partition, obs.series_id)
-        st = self._series.get(key)
-        if st is not None and obs.timestamp_ms <= st.last_ts:
-            self.counters["late"] += 1
-            why = (
-                f"timestamp_ms {obs.timestamp_ms} is not after the last accepted point of series "
-                f"{obs.series_id!r} ({st.last_ts}); points must arrive in time order per series"
-            )
-            return BadRecord(src, "late", why), []
-        part = (src.topic, src.partition)
-        self._newest[part] = max(self._newest.get(part, obs.timestamp_ms), obs.timestamp_ms)
-        dead: list[BadRecord] = []
-        if st is None:
-            st = self._series[key] = _Series()
-            self.counters["series_opened"] += 1
-            while len(self._series) > self.max_series:
-                dead += self._evict(*self._series.popitem(last=False), f"over max_series={self.max_series}")
-        else:
-            self._series.move_to_end(key)
-        dead += self._evict_idle(key)
-        st.points.append(obs)
-        st.last_ts = obs.timestamp_ms
-        if len(st.points) < self.length:
-            self.counters["absorbed"] += 1
-            return None, dead
-        pts = st.points
-        window = TimeSeriesWindow(
-            source=src,
-            series_id=obs.series_id,
-            start_ms=pts[0].timestamp_ms,
-            end_ms=pts[-1].timestamp_ms,
-            values=np.stack([p.values for p in pts]),
-            covers=tuple(
-                (TopicPartition(p.source.topic, p.source.partition), p.source.offset)
-                for p in (pts[i] for i in range(self.stride))
-            ),
+def _timestamp(doc: dict[str, Any], name: str, default: int) -> int | None:
+    v = doc.get(name, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_INT64:
+        return None
+    return v
+
+
+def parse_timeseries(
+    msg: SourceMessage, window_length: int, channels: int, max_bytes: int
+) -> Observation | TimeSeriesWindow | BadRecord:
+    """Bytes -> an observation, a window, or a BadRecord; never raises on bad input."""
+
+    def bad(reason: Reason, why: str, error_class: str = "ValueError") -> BadRecord:
+        return BadRecord(msg, reason, why, error_class)
+
+    if not msg.value:
+        return bad("empty", "empty message")
+    if len(msg.value) > max_bytes:
+        return bad("oversize", f"{len(msg.value)} bytes > timeseries.max_message_bytes {max_bytes}")
+    try:
+        doc = _loads(msg.value)
+    except (ValueError, RecursionError) as exc:
+        return bad("invalid_timeseries", f"not valid JSON ({exc})", type(exc).__name__)
+    if not isinstance(doc, dict):
+        return bad("invalid_timeseries", f"expected a JSON object, got {type(doc).__name__}")
+    series_id = doc.get("series_id")
+    if not isinstance(series_id, str) or not series_id:
+        return bad("invalid_timeseries", "'series_id' must be a non-empty string")
+    if "metadata" in doc and not isinstance(doc["metadata"], dict):
+        return bad("invalid_timeseries", "'metadata' must be an object")
+    values = doc.get("values")
+    if not isinstance(values, list) or not values:
+        return bad("invalid_timeseries", "'values' must be a non-empty array")
+    is_window = isinstance(values[0], list)
+    allowed = WINDOW_KEYS if is_window else OBSERVATION_KEYS
+    if not allowed.issuperset(doc):
+        unknown = set(doc) - allowed
+        kind = "window" if is_window else "observation"
+        return bad("invalid_timeseries", f"unknown fields {sorted(unknown)} for a {kind}")
+
+    rows = values if is_window else [values]
+    # One pass over the element types in C rather than a Python check per value: this is the hot loop.
+    if is_window:
+        numbers = all(type(row) is list for row in rows) and _NUMERIC_TYPES.issuperset(
+            map(type, itertools.chain.from_iterable(rows))
         )
-        for _ in range(self.stride):
-            pts.popleft()
-        st.in_published = len(pts)
-        self.counters["windows"] += 1
-        return window, dead
+    else:
+        numbers = _NUMERIC_TYPES.issuperset(map(type, values))
+    if not numbers:
+        return bad("invalid_timeseries", "'values' must hold numbers (a window: arrays of numbers)")
+    if is_window and len(rows) != window_length:
+        return bad("wrong_shape", f"window of {len(rows)} points, the model takes {window_length}")
+    widths = {len(row) for row in rows}
+    if widths != {channels}:
+        return bad("wrong_shape", f"{sorted(widths)} channels, the model takes {channels}")
+    if not is_window:
+        # A handful of numbers: checked in Python, where each numpy call would cost more than the
+        # check. NaN fails both comparisons; a huge integer compares exactly and fails too.
+        n = sum(1 for v in values if v is None or not -_FLOAT32_MAX <= v <= _FLOAT32_MAX)
+        if n:
+            return bad("non_finite", f"{n} value(s) are null, NaN, infinite or beyond float32")
+        arr32 = np.array(values, dtype=np.float32)
+    else:
+        try:
+            arr = np.array(rows, dtype=np.float64)  # null becomes NaN, dead-lettered as non_finite below
+        except OverflowError as exc:  # integers beyond float range
+            return bad("non_finite", f"value out of range ({exc})", "OverflowError")
+        # One reduction catches NaN (from null), infinities and values beyond float32 (NaN compares
+        # false), before the cast, so the cast never overflows and no numpy error state is needed.
+        magnitude = np.abs(arr)
+        if not magnitude.max() <= _FLOAT32_MAX:
+            n = int((~(magnitude <= _FLOAT32_MAX)).sum())
+            return bad("non_finite", f"{n} value(s) are null, NaN, infinite or beyond float32")
+        arr32 = arr.astype(np.float32)
 
-    def _evict_idle(self, current: _Key) -> list[BadRecord]:
-        # Only the least recently updated series are looked at: O(1) per point, not a scan.
-        dead: list[BadRecord] = []
-        if self.idle_evict_ms is None:
-            return dead
-        while self._series:
-            key, st = next(iter(self._series.items()))
-            if key == current or st.last_ts >= self._newest[key[:2]] - self.idle_evict_ms:
-                break
-            del self._series[key]
-            dead += self._evict(key, st, f"idle for more than {self.idle_evict_ms} ms of event time")
-        return dead
-
-    def _evict(self, key: _Key, st: _Series, why: str) -> list[BadRecord]:
-        self.counters["series_evicted"] += 1
-        self.counters["points_evicted"] += len(st.points)
-        n = len(st.points)
-        msg = (
-            f"series {key[2]!r} evicted ({why}) with {n} unfinished point(s), {st.in_published} of them "
-            "already part of a published window"
-        )
-        return [BadRecord(p.source, "evicted", msg, "Eviction") for p in st.points]
-
-    def forget(self, partitions: Sequence[TopicPartition]) -> int:
-        """Drop the state of lost partitions; returns the points dropped (their new owner re-reads them)."""
-        lost = {(tp.topic, tp.partition) for tp in partitions}
-        gone = [k for k in self._series if k[:2] in lost]
-        dropped = sum(len(self._series.pop(k).points) for k in gone)
-        for part in lost:
-            self._newest.pop(part, None)
-        return dropped
+    if not is_window:
+        ts = _timestamp(doc, "timestamp_ms", -1) if "timestamp_ms" in doc else None
+        if ts is None:
+            return bad("invalid_timeseries", "'timestamp_ms' is required: an integer from 0 to 2**63-1")
+        return Observation(msg, series_id, ts, arr32)
+    end = _timestamp(doc, "end_ms", msg.timestamp_ms)
+    start = _timestamp(doc, "start_ms", end if end is not None else 0)
+    if start is None or end is None or start > end:
+        return bad("invalid_timeseries", "'start_ms'/'end_ms' must be integers from 0 to 2**63-1, start <= end")
+    return TimeSeriesWindow(
+        msg, series_id, start, end, arr32, ((TopicPartition(msg.topic, msg.partition), msg.offset),)
+    )
 
 
 class TimeSeriesModality:
     name = "timeseries"
+    fields = FIELDS
 
     def __init__(self, spec: EncoderSpec, settings: Settings) -> None:
         dims = spec.inputs[0].dims
@@ -201,11 +226,24 @@ class TimeSeriesModality:
             partition=src.partition,
             offset=src.offset,
             timestamp_ms=item.end_ms,
-            extra=(item.series_id, item.start_ms, item.end_ms, item.points, len(item.covers)),
+            extra={
+                "series_id": item.series_id,
+                "window_start": item.start_ms,
+                "window_end": item.end_ms,
+                "points": item.points,
+                "messages_finished": len(item.covers),
+            },
         )
+
+    def covers(self, item: TimeSeriesWindow) -> list[tuple[TopicPartition, int]]:
+        return list(item.covers)
+
+    def event_time_ms(self, item: TimeSeriesWindow) -> int:
+        # The broker time of the message that completed the window: window timestamps may be on any clock.
+        return item.source.timestamp_ms
 
     def forget(self, partitions: Sequence[TopicPartition]) -> None:
         self.windows.forget(partitions)
 
 
-register_modality("timeseries", TimeSeriesModality)
+register_modality("timeseries", TimeSeriesModality, FIELDS)

@@ -8,16 +8,31 @@ language-neutral form; a test holds this module to it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from embedstream.modalities import modality_fields
+from embedstream.records import RowMeta
+
+__all__ = [
+    "COMMON_FIELDS",
+    "CONTENT_TYPE",
+    "SCHEMA_VERSION",
+    "BatchEncoder",
+    "RowMeta",
+    "decode_embeddings",
+    "embeddings_matrix",
+    "encode_batch",
+    "model_field",
+    "output_schema",
+]
+
 SCHEMA_VERSION = "1"
 CONTENT_TYPE = "application/vnd.apache.arrow.stream"
 
-# Columns every modality carries, in order; the modality's own columns follow, then `embedding`.
+# Columns every modality carries, in order; the modality's own columns follow (``FIELDS`` in its
+# module), then the model's extra outputs, then `embedding`.
 COMMON_FIELDS: tuple[pa.Field, ...] = (
     pa.field("key", pa.binary(), nullable=True),
     pa.field("id", pa.string(), nullable=False),
@@ -28,25 +43,6 @@ COMMON_FIELDS: tuple[pa.Field, ...] = (
     pa.field("model_name", pa.string(), nullable=False),
     pa.field("model_version", pa.string(), nullable=False),
 )
-
-MODALITY_FIELDS: dict[str, tuple[pa.Field, ...]] = {
-    "image": (
-        pa.field("source_width", pa.int32(), nullable=False),
-        pa.field("source_height", pa.int32(), nullable=False),
-    ),
-    "text": (
-        pa.field("truncated", pa.bool_(), nullable=False),
-        pa.field("token_count", pa.int32(), nullable=False),
-    ),
-    "timeseries": (
-        pa.field("series_id", pa.string(), nullable=False),
-        pa.field("window_start", pa.timestamp("ms", tz="UTC"), nullable=False),
-        pa.field("window_end", pa.timestamp("ms", tz="UTC"), nullable=False),
-        pa.field("points", pa.int32(), nullable=False),
-        pa.field("messages_finished", pa.int32(), nullable=False),
-    ),
-}
-
 
 _ARROW_TYPE = {"FP32": pa.float32(), "BOOL": pa.bool_(), "INT32": pa.int32(), "INT64": pa.int64()}
 
@@ -59,9 +55,10 @@ def model_field(column: str, triton_dtype: str) -> pa.Field:
 def output_schema(
     modality: str, model_name: str, model_version: str, dim: int, model_fields: Sequence[pa.Field] = ()
 ) -> pa.Schema:
+    """Common columns, then the modality's own (it declares them), the model's extra outputs, the embedding."""
     fields = [
         *COMMON_FIELDS,
-        *MODALITY_FIELDS.get(modality, ()),
+        *modality_fields(modality),
         *model_fields,
         pa.field("embedding", pa.list_(pa.field("item", pa.float32(), nullable=False), dim), nullable=False),
     ]
@@ -73,24 +70,6 @@ def output_schema(
         "embedstream.embedding_dim": str(dim),
     }
     return pa.schema(fields, metadata=metadata)
-
-
-@dataclass(frozen=True)
-class RowMeta:
-    """Per-row provenance carried from the input message to the output row."""
-
-    key: bytes | None
-    id: str
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-    extra: tuple[int | float | str, ...] = ()
-
-    @classmethod
-    def of(cls, source: Any, id: str, event_time_ms: int, extra: tuple[Any, ...] = ()) -> RowMeta:
-        """The row of a decoded item from its source message (any object with Kafka coordinates)."""
-        return cls(source.key, id, source.topic, source.partition, source.offset, event_time_ms, extra)
 
 
 # End-of-stream marker of the IPC stream format (continuation token, zero-length metadata).
@@ -109,11 +88,14 @@ class BatchEncoder:
     def __init__(self, schema: pa.Schema) -> None:
         self.schema = schema
         self._dim: int = schema.field("embedding").type.list_size
-        self._types = [f.type for f in schema]
-        self._extra = list(enumerate(schema.names[len(COMMON_FIELDS) : -1]))
+        self._types = {f.name: f.type for f in schema}
+        # The columns between the common ones and the embedding: the modality's and the model's, by name.
+        self._extra = [(f.name, f.type) for f in list(schema)[len(COMMON_FIELDS) : -1]]
         meta = schema.metadata or {}
-        self._model_name = pa.scalar(meta.get(b"embedstream.model_name", b"").decode(), self._types[6])
-        self._model_version = pa.scalar(meta.get(b"embedstream.model_version", b"").decode(), self._types[7])
+        self._model_name = pa.scalar(meta.get(b"embedstream.model_name", b"").decode(), self._types["model_name"])
+        self._model_version = pa.scalar(
+            meta.get(b"embedstream.model_version", b"").decode(), self._types["model_version"]
+        )
         self._schema_bytes = schema.serialize().to_pybytes()
 
     def encode(
@@ -155,21 +137,20 @@ class BatchEncoder:
             raise ValueError(f"embeddings shape {embeddings.shape} does not match {n} rows x {dim}")
         flat = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1)
         columns: list[pa.Array] = [
-            pa.array([r.key for r in rows], types[0]),
-            pa.array([r.id for r in rows], types[1]),
-            pa.array([r.topic for r in rows], types[2]),
-            pa.array([r.partition for r in rows], types[3]),
-            pa.array([r.offset for r in rows], types[4]),
-            pa.array([r.timestamp_ms for r in rows], types[5]),
+            pa.array([r.key for r in rows], types["key"]),
+            pa.array([r.id for r in rows], types["id"]),
+            pa.array([r.topic for r in rows], types["source_topic"]),
+            pa.array([r.partition for r in rows], types["source_partition"]),
+            pa.array([r.offset for r in rows], types["source_offset"]),
+            pa.array([r.timestamp_ms for r in rows], types["event_time"]),
             pa.repeat(self._model_name, n),
             pa.repeat(self._model_version, n),
         ]
-        base = len(COMMON_FIELDS)
-        for i, name in self._extra:
+        for name, type_ in self._extra:
             if name in model_columns:
-                columns.append(pa.array(np.asarray(model_columns[name]).reshape(n), types[base + i]))
+                columns.append(pa.array(np.asarray(model_columns[name]).reshape(n), type_))
             else:
-                columns.append(pa.array([r.extra[i] for r in rows], types[base + i]))
+                columns.append(pa.array([r.extra[name] for r in rows], type_))
         columns.append(pa.FixedSizeListArray.from_arrays(pa.array(flat), dim))
         return pa.RecordBatch.from_arrays(columns, schema=self.schema)
 

@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from embedstream.errors import RuntimeStartError
-from embedstream.runtime.process import ChildProcess, free_port
+from embedstream.local.process import ChildProcess, free_port
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from embedstream.config import Settings
-from embedstream.demo_data import DemoTraffic, image_traffic, text_traffic, timeseries_traffic
-from embedstream.readback import Readback, TopicReader
-from embedstream.runtime.stack import LocalStack
-from embedstream.runtime.worker_process import WorkerProcess
+from embedstream.local.demo_data import DemoTraffic, image_traffic, text_traffic, timeseries_traffic
+from embedstream.local.readback import Readback, TopicReader
+from embedstream.local.stack import LocalStack
+from embedstream.local.worker_process import WorkerProcess
 
 MODALITIES = ("image", "text", "timeseries")
 

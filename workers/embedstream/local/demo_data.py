@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from embedstream.config import Settings, load_settings
-from embedstream.samples import samples
+from embedstream.local.samples import samples
 
 Message = tuple[bytes, bytes]
 

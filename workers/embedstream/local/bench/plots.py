@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from embedstream.bench.report import STAGES, ModalityBench, percentile
+from embedstream.local.bench.report import STAGES, ModalityBench, percentile
 
 
 def _pyplot() -> Any:

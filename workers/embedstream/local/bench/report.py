@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-SCHEMA = "embedstream.bench/1"
+SCHEMA = "embedstream.local.bench/1"
 # Stage keys in the order they run; the labels are what tables and plots show.
 STAGES: dict[str, str] = {
     "bare": "bare model in-process",

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from embedstream.bench.report import StageResult
 from embedstream.config import Settings
 from embedstream.encoders import EncoderSpec
 from embedstream.inference.triton import NUMPY_DTYPE, shared_memory_bytes
+from embedstream.local.bench.report import StageResult
 from embedstream.service import encoder_spec
 
 BINARY = "perf_analyzer"

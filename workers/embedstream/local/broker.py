@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from embedstream.errors import RuntimeStartError
-from embedstream.runtime.process import ChildProcess, free_port, port_open
+from embedstream.local.process import ChildProcess, free_port, port_open
 
 log = logging.getLogger(__name__)
 

@@ -16,16 +16,16 @@ import orjson
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from embedstream.bench import perf_analyzer, stages
-from embedstream.bench.plots import latency_plot, throughput_plot
-from embedstream.bench.report import STAGES, ModalityBench, StageResult, ratio, report_json
-from embedstream.bench.workload import POINT_SERIES, Workload, build_workload, preprocessed_batches, rekey
 from embedstream.config import Settings
 from embedstream.export import local_cpu_target
 from embedstream.kafka_io import ensure_topics
-from embedstream.readback import TopicReader
-from embedstream.runtime.stack import LocalStack
-from embedstream.runtime.worker_process import WorkerProcess
+from embedstream.local.bench import perf_analyzer, stages
+from embedstream.local.bench.plots import latency_plot, throughput_plot
+from embedstream.local.bench.report import STAGES, ModalityBench, StageResult, ratio, report_json
+from embedstream.local.bench.workload import POINT_SERIES, Workload, build_workload, preprocessed_batches, rekey
+from embedstream.local.readback import TopicReader
+from embedstream.local.stack import LocalStack
+from embedstream.local.worker_process import WorkerProcess
 from embedstream.service import encoder_spec
 
 HALF_LOAD = 0.5

@@ -18,15 +18,15 @@ import torch
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
-from embedstream.bench.report import StageResult
 from embedstream.config import Settings
-from embedstream.demo_data import Message
 from embedstream.encoders import get_family
 from embedstream.inference.local import TorchBackend
 from embedstream.inference.triton import TritonBackend
 from embedstream.kafka_io import make_producer
-from embedstream.readback import TopicReader
-from embedstream.runtime.worker_process import WorkerProcess
+from embedstream.local.bench.report import StageResult
+from embedstream.local.demo_data import Message
+from embedstream.local.readback import TopicReader
+from embedstream.local.worker_process import WorkerProcess
 from embedstream.service import encoder_spec
 
 Clock = Callable[[], float]
@@ -102,7 +102,7 @@ def model_latency(settings: Settings, messages: Sequence[Message], batch: int, t
 
     The model time of the latency bound: what one served instance needs for the batch it gets.
     """
-    from embedstream.bench.workload import preprocessed_batches
+    from embedstream.local.bench.workload import preprocessed_batches
 
     # Bench traffic has no bad messages: the first ``batch`` messages make one full batch.
     inputs = preprocessed_batches(_with_batch(settings, max_size=batch), messages[:batch])[0]

@@ -12,8 +12,8 @@ from embedstream.config import Settings, load_settings
 from embedstream.encoders import EncoderSpec
 from embedstream.export import ExportTarget, export_model, local_cpu_target
 from embedstream.kafka_io import ensure_topics
-from embedstream.runtime.broker import LocalBroker
-from embedstream.runtime.triton import LocalTriton
+from embedstream.local.broker import LocalBroker
+from embedstream.local.triton import LocalTriton
 
 log = logging.getLogger(__name__)
 

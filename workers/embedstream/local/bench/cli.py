@@ -51,10 +51,10 @@ def register(sub: Any, flag: Callable[..., None]) -> dict[str, Handler]:
 def cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from embedstream.bench.report import summary_table
-    from embedstream.bench.run import BenchOptions, run_bench
-    from embedstream.bench.workload import DEFAULT_COUNTS, MODALITIES
     from embedstream.config import load_settings
+    from embedstream.local.bench.report import summary_table
+    from embedstream.local.bench.run import BenchOptions, run_bench
+    from embedstream.local.bench.workload import DEFAULT_COUNTS, MODALITIES
 
     console = Console()
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]

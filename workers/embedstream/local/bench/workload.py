@@ -15,10 +15,9 @@ import numpy as np
 import orjson
 
 from embedstream.config import Settings, load_settings
-from embedstream.demo_data import Message, image_traffic, text_traffic, timeseries_traffic
-from embedstream.records import BadRecord, SourceMessage
+from embedstream.local.demo_data import Message, image_traffic, text_traffic, timeseries_traffic
+from embedstream.records import BadRecord, Deferred, SourceMessage
 from embedstream.service import encoder_spec
-from embedstream.worker import Deferred
 
 MODALITIES = ("image", "text", "timeseries")
 DEFAULT_COUNTS = {"image": 400, "text": 600, "timeseries": 20000}
