@@ -33,7 +33,7 @@ class Modality(Protocol):
     def decode(self, msg: SourceMessage) -> Any | BadRecord | Deferred:
         """Bytes -> an item the model can take, a BadRecord, or a Deferred (never an exception)."""
 
-    def decode_many(self, msgs: Sequence[SourceMessage]) -> list[Any | BadRecord | Deferred]:
+    def decode_many(self, msgs: Sequence[SourceMessage]) -> Sequence[Any | BadRecord | Deferred]:
         """``decode`` for what one poll returned, in order; a modality batches or parallelises it here."""
 
     def stack(self, items: Sequence[Any]) -> tuple[np.ndarray, ...]:

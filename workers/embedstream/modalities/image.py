@@ -22,7 +22,7 @@ from embedstream.encoders import EncoderSpec, ImagePreprocessing
 from embedstream.errors import ConfigError
 from embedstream.modalities import register_modality, source_offset
 from embedstream.modalities._envelope import default_id, is_envelope, unwrap
-from embedstream.records import BadRecord, RowMeta, SourceMessage
+from embedstream.records import BadRecord, Reason, RowMeta, SourceMessage
 
 FIELDS: tuple[pa.Field, ...] = (
     pa.field("source_width", pa.int32(), nullable=False),
@@ -74,7 +74,7 @@ def decode_image(msg: SourceMessage, prep: ImagePreprocessing, limits: ImageLimi
 
 
 class _Rejected(Exception):
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -82,7 +82,7 @@ class _Rejected(Exception):
 def _pixels(data: bytes, prep: ImagePreprocessing, limits: ImageLimits) -> tuple[np.ndarray, int, int]:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         if img.format not in limits.formats:
             raise _Rejected("unsupported_format", f"format {img.format} not in {list(limits.formats)}")
         width, height = img.size

@@ -59,7 +59,8 @@ def decode_texts(
     """Each message checked on its own, then every good text tokenized in one call; results in input order."""
     out: list[DecodedText | BadRecord | _Text] = [_text_of(msg, limits) for msg in msgs]
     good = [i for i, t in enumerate(out) if isinstance(t, _Text)]
-    texts: list[_Text] = [out[i] for i in good]  # type: ignore[misc]
+    texts = [t for t in out if isinstance(t, _Text)]
+    encoded: Sequence[tuple[np.ndarray, int, bool] | Exception]
     try:
         encoded = tokenizer.encode_many([t.text for t in texts])
     except Exception:  # the tokenizer is third-party code: find the text it fails on, fail only that record
@@ -70,7 +71,7 @@ def decode_texts(
             out[i] = BadRecord(msg, "undecodable", f"tokenizer failed: {enc}", type(enc).__name__)
         else:
             out[i] = DecodedText(msg, t.id, t.event_time_ms, *enc)
-    return out  # type: ignore[return-value]
+    return out  # type: ignore[return-value]  # every _Text was replaced by its result above
 
 
 def _encode_one(tokenizer: TextTokenizer, text: str) -> tuple[np.ndarray, int, bool] | Exception:
