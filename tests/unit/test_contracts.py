@@ -11,6 +11,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from embedstream import decode_embeddings
+from embedstream.modalities import MODALITIES
 from embedstream.modalities import _envelope as envelope
 from embedstream.records import REASONS, BadRecord, SourceMessage
 from embedstream.sinks import deadletter
@@ -155,7 +156,9 @@ def expected_fields(contract, modality, dim):
     return [(f["name"], f["type"].replace("[dim]", f"[{dim}]"), f["nullable"]) for f in fields]
 
 
-@pytest.mark.parametrize(("modality", "dim"), [("image", 8), ("image", 768), ("text", 4)])
+@pytest.mark.parametrize(
+    ("modality", "dim"), [("image", 8), ("image", 768), ("text", 4), *((m, 16) for m in sorted(MODALITIES))]
+)
 def test_output_schema_matches_the_contract(modality, dim):
     contract = load("embedding.arrow.json")
     assert contract["schema_version"] == SCHEMA_VERSION

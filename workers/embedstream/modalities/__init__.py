@@ -2,13 +2,14 @@
 
 A modality module owns its decoding (bytes -> its record type, or a BadRecord value), its record
 type, the Arrow columns it adds to the output (``FIELDS``) and the values of those columns by name.
-It registers itself under its name; ``MODALITIES`` lists where each known modality lives, so a new
-one is one module plus its line here.
+It registers itself under its name, which is its module's name: every public module of this package
+is a modality (``MODALITIES``), so adding one is adding its module.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -56,9 +57,7 @@ ModalityFactory = Callable[["EncoderSpec", "Settings"], Modality]
 _FACTORIES: dict[str, ModalityFactory] = {}
 _FIELDS: dict[str, tuple[pa.Field, ...]] = {}
 MODALITIES: dict[str, str] = {
-    "image": "embedstream.modalities.image",
-    "text": "embedstream.modalities.text",
-    "timeseries": "embedstream.modalities.timeseries",
+    info.name: f"{__name__}.{info.name}" for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")
 }
 
 
