@@ -105,86 +105,114 @@ def _timestamp(doc: dict[str, Any], name: str, default: int) -> int | None:
     return v
 
 
+# A rejection: (reason, message, error class) for the BadRecord.
+_Why = tuple[Reason, str, str]
+
+
 def parse_timeseries(
     msg: SourceMessage, window_length: int, channels: int, max_bytes: int
 ) -> Observation | TimeSeriesWindow | BadRecord:
     """Bytes -> an observation, a window, or a BadRecord; never raises on bad input."""
+    doc = _document(msg, max_bytes)
+    if isinstance(doc, tuple):
+        return BadRecord(msg, *doc)
+    values = doc["values"]
+    is_window = isinstance(values[0], list)
+    rows = values if is_window else [values]
+    why = _shape_problem(rows, is_window, window_length, channels)
+    if why is not None:
+        return BadRecord(msg, *why)
+    arr32 = _window_values(rows) if is_window else _point_values(values)
+    if isinstance(arr32, tuple):
+        return BadRecord(msg, *arr32)
+    return _window(msg, doc, arr32) if is_window else _observation(msg, doc, arr32)
 
-    def bad(reason: Reason, why: str, error_class: str = "ValueError") -> BadRecord:
-        return BadRecord(msg, reason, why, error_class)
 
+def _document(msg: SourceMessage, max_bytes: int) -> dict[str, Any] | _Why:
+    """The JSON object with a series id, non-empty values and only the fields its shape allows."""
     if not msg.value:
-        return bad("empty", "empty message")
+        return "empty", "empty message", "ValueError"
     if len(msg.value) > max_bytes:
-        return bad("oversize", f"{len(msg.value)} bytes > timeseries.max_message_bytes {max_bytes}")
+        return "oversize", f"{len(msg.value)} bytes > timeseries.max_message_bytes {max_bytes}", "ValueError"
     try:
         doc = _loads(msg.value)
     except (ValueError, RecursionError) as exc:
-        return bad("invalid_timeseries", f"not valid JSON ({exc})", type(exc).__name__)
+        return "invalid_timeseries", f"not valid JSON ({exc})", type(exc).__name__
     if not isinstance(doc, dict):
-        return bad("invalid_timeseries", f"expected a JSON object, got {type(doc).__name__}")
+        return "invalid_timeseries", f"expected a JSON object, got {type(doc).__name__}", "ValueError"
     series_id = doc.get("series_id")
     if not isinstance(series_id, str) or not series_id:
-        return bad("invalid_timeseries", "'series_id' must be a non-empty string")
+        return "invalid_timeseries", "'series_id' must be a non-empty string", "ValueError"
     if "metadata" in doc and not isinstance(doc["metadata"], dict):
-        return bad("invalid_timeseries", "'metadata' must be an object")
+        return "invalid_timeseries", "'metadata' must be an object", "ValueError"
     values = doc.get("values")
     if not isinstance(values, list) or not values:
-        return bad("invalid_timeseries", "'values' must be a non-empty array")
+        return "invalid_timeseries", "'values' must be a non-empty array", "ValueError"
     is_window = isinstance(values[0], list)
     allowed = WINDOW_KEYS if is_window else OBSERVATION_KEYS
     if not allowed.issuperset(doc):
         unknown = set(doc) - allowed
         kind = "window" if is_window else "observation"
-        return bad("invalid_timeseries", f"unknown fields {sorted(unknown)} for a {kind}")
+        return "invalid_timeseries", f"unknown fields {sorted(unknown)} for a {kind}", "ValueError"
+    return doc
 
-    rows = values if is_window else [values]
+
+def _shape_problem(rows: list[Any], is_window: bool, window_length: int, channels: int) -> _Why | None:
     # One pass over the element types in C rather than a Python check per value: this is the hot loop.
     if is_window:
         numbers = all(type(row) is list for row in rows) and _NUMERIC_TYPES.issuperset(
             map(type, itertools.chain.from_iterable(rows))
         )
     else:
-        numbers = _NUMERIC_TYPES.issuperset(map(type, values))
+        numbers = _NUMERIC_TYPES.issuperset(map(type, rows[0]))
     if not numbers:
-        return bad("invalid_timeseries", "'values' must hold numbers (a window: arrays of numbers)")
+        return "invalid_timeseries", "'values' must hold numbers (a window: arrays of numbers)", "ValueError"
     if is_window and len(rows) != window_length:
-        return bad("wrong_shape", f"window of {len(rows)} points, the model takes {window_length}")
+        return "wrong_shape", f"window of {len(rows)} points, the model takes {window_length}", "ValueError"
     widths = {len(row) for row in rows}
     if widths != {channels}:
-        return bad("wrong_shape", f"{sorted(widths)} channels, the model takes {channels}")
-    if not is_window:
-        # A handful of numbers: checked in Python, where each numpy call would cost more than the
-        # check. NaN fails both comparisons; a huge integer compares exactly and fails too.
-        n = sum(1 for v in values if v is None or not -_FLOAT32_MAX <= v <= _FLOAT32_MAX)
-        if n:
-            return bad("non_finite", f"{n} value(s) are null, NaN, infinite or beyond float32")
-        arr32 = np.array(values, dtype=np.float32)
-    else:
-        try:
-            arr = np.array(rows, dtype=np.float64)  # null becomes NaN, dead-lettered as non_finite below
-        except OverflowError as exc:  # integers beyond float range
-            return bad("non_finite", f"value out of range ({exc})", "OverflowError")
-        # One reduction catches NaN (from null), infinities and values beyond float32 (NaN compares
-        # false), before the cast, so the cast never overflows and no numpy error state is needed.
-        magnitude = np.abs(arr)
-        if not magnitude.max() <= _FLOAT32_MAX:
-            n = int((~(magnitude <= _FLOAT32_MAX)).sum())
-            return bad("non_finite", f"{n} value(s) are null, NaN, infinite or beyond float32")
-        arr32 = arr.astype(np.float32)
+        return "wrong_shape", f"{sorted(widths)} channels, the model takes {channels}", "ValueError"
+    return None
 
-    if not is_window:
-        ts = _timestamp(doc, "timestamp_ms", -1) if "timestamp_ms" in doc else None
-        if ts is None:
-            return bad("invalid_timeseries", "'timestamp_ms' is required: an integer from 0 to 2**63-1")
-        return Observation(msg, series_id, ts, arr32)
+
+def _point_values(values: list[Any]) -> np.ndarray | _Why:
+    # A handful of numbers: checked in Python, where each numpy call would cost more than the
+    # check. NaN fails both comparisons; a huge integer compares exactly and fails too.
+    n = sum(1 for v in values if v is None or not -_FLOAT32_MAX <= v <= _FLOAT32_MAX)
+    if n:
+        return "non_finite", f"{n} value(s) are null, NaN, infinite or beyond float32", "ValueError"
+    return np.array(values, dtype=np.float32)
+
+
+def _window_values(rows: list[Any]) -> np.ndarray | _Why:
+    try:
+        arr = np.array(rows, dtype=np.float64)  # null becomes NaN, dead-lettered as non_finite below
+    except OverflowError as exc:  # integers beyond float range
+        return "non_finite", f"value out of range ({exc})", "OverflowError"
+    # One reduction catches NaN (from null), infinities and values beyond float32 (NaN compares
+    # false), before the cast, so the cast never overflows and no numpy error state is needed.
+    magnitude = np.abs(arr)
+    if not magnitude.max() <= _FLOAT32_MAX:
+        n = int((~(magnitude <= _FLOAT32_MAX)).sum())
+        return "non_finite", f"{n} value(s) are null, NaN, infinite or beyond float32", "ValueError"
+    return arr.astype(np.float32)
+
+
+def _observation(msg: SourceMessage, doc: dict[str, Any], values: np.ndarray) -> Observation | BadRecord:
+    ts = _timestamp(doc, "timestamp_ms", -1) if "timestamp_ms" in doc else None
+    if ts is None:
+        return BadRecord(msg, "invalid_timeseries", "'timestamp_ms' is required: an integer from 0 to 2**63-1")
+    return Observation(msg, doc["series_id"], ts, values)
+
+
+def _window(msg: SourceMessage, doc: dict[str, Any], values: np.ndarray) -> TimeSeriesWindow | BadRecord:
     end = _timestamp(doc, "end_ms", msg.timestamp_ms)
     start = _timestamp(doc, "start_ms", end if end is not None else 0)
     if start is None or end is None or start > end:
-        return bad("invalid_timeseries", "'start_ms'/'end_ms' must be integers from 0 to 2**63-1, start <= end")
-    return TimeSeriesWindow(
-        msg, series_id, start, end, arr32, ((TopicPartition(msg.topic, msg.partition), msg.offset),)
-    )
+        why = "'start_ms'/'end_ms' must be integers from 0 to 2**63-1, start <= end"
+        return BadRecord(msg, "invalid_timeseries", why)
+    covers = ((TopicPartition(msg.topic, msg.partition), msg.offset),)
+    return TimeSeriesWindow(msg, doc["series_id"], start, end, values, covers)
 
 
 class TimeSeriesModality:
