@@ -103,10 +103,14 @@ class SlidingWindows:
         if len(st.points) < self.length:
             self.counters["absorbed"] += 1
             return None, dead
+        return self._emit(st, obs), dead
+
+    def _emit(self, st: _Series, newest: Observation) -> TimeSeriesWindow:
+        """The full buffer as a window row; its oldest ``stride`` points are finished by it and leave."""
         pts = st.points
         window = TimeSeriesWindow(
-            source=src,
-            series_id=obs.series_id,
+            source=newest.source,
+            series_id=newest.series_id,
             start_ms=pts[0].timestamp_ms,
             end_ms=pts[-1].timestamp_ms,
             values=np.stack([p.values for p in pts]),
@@ -119,7 +123,7 @@ class SlidingWindows:
             pts.popleft()
         st.in_published = len(pts)
         self.counters["windows"] += 1
-        return window, dead
+        return window
 
     def _evict_idle(self, current: _Key) -> list[BadRecord]:
         # Only the least recently updated series are looked at: O(1) per point, not a scan.
