@@ -5,8 +5,8 @@ import os
 import time
 from collections import Counter
 
-from kafka import KafkaProducer
-
+from embedstream.config import KafkaSettings
+from embedstream.kafka_io import make_writer
 from embedstream.local.readback import Readback, TopicReader
 
 _counter = itertools.count()
@@ -30,7 +30,7 @@ def private_topics(settings, test_name: str, partitions: int):
 
 def produce(bootstrap: str, topic: str, messages: list[tuple]) -> None:
     """Messages are (key, value) or (key, value, headers)."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all", max_request_size=16 << 20)
+    producer = make_writer(KafkaSettings(bootstrap_servers=bootstrap), linger_ms=5, max_request_size=16 << 20)
     for key, value, *headers in messages:
         producer.send(topic, key=key, value=value, headers=headers[0] if headers else None)
     producer.flush()
@@ -39,7 +39,7 @@ def produce(bootstrap: str, topic: str, messages: list[tuple]) -> None:
 
 def read_all(settings, expected: int, timeout_s: float = 180.0) -> Readback:
     k = settings.kafka
-    reader = TopicReader(k.bootstrap_servers, k.output_topic, k.dead_letter_topic, k.delivery == "exactly_once")
+    reader = TopicReader(k, k.delivery == "exactly_once")
     try:
         return reader.read_until(expected, timeout_s)
     finally:
@@ -48,7 +48,7 @@ def read_all(settings, expected: int, timeout_s: float = 180.0) -> Readback:
 
 def wait_for_rows(settings, at_least: int, timeout_s: float = 120.0) -> int:
     k = settings.kafka
-    reader = TopicReader(k.bootstrap_servers, k.output_topic, k.dead_letter_topic, k.delivery == "exactly_once")
+    reader = TopicReader(k, k.delivery == "exactly_once")
     try:
         deadline = time.monotonic() + timeout_s
         seen = 0
@@ -77,7 +77,7 @@ def accounting(produced_keys: list[bytes], result: Readback) -> dict[str, int]:
 def read_until_complete(settings, produced_keys: list[bytes], timeout_s: float = 180.0, settle_s: float = 2.0):
     """Read until every produced key is seen (as a row or a dead letter), then a little longer for late duplicates."""
     k = settings.kafka
-    reader = TopicReader(k.bootstrap_servers, k.output_topic, k.dead_letter_topic, k.delivery == "exactly_once")
+    reader = TopicReader(k, k.delivery == "exactly_once")
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and accounting(produced_keys, reader.result)["missing"]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
-from embedstream.kafka_io import ensure_topics
+from embedstream.config import KafkaSettings
+from embedstream.kafka_io import ensure_topics, make_reader, make_writer, partitions_of
 from embedstream.local.samples import samples
 from embedstream.local.worker_process import WorkerProcess
 from embedstream.ops.replay import REPLAY_SOURCE
@@ -20,12 +20,10 @@ pytestmark = pytest.mark.integration
 
 
 def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    consumer = make_reader(KafkaSettings(bootstrap_servers=bootstrap))
     try:
         deadline = time.monotonic() + timeout_s
-        while not consumer.partitions_for_topic(topic) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        tps = [TopicPartition(topic, p) for p in partitions_of(consumer, topic, timeout_s)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         got: list = []
@@ -38,7 +36,7 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.
 
 
 def send(bootstrap: str, topic: str, messages: list[dict]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=16 << 20)
+    producer = make_writer(KafkaSettings(bootstrap_servers=bootstrap), linger_ms=0, max_request_size=16 << 20)
     for m in messages:
         producer.send(topic, **m)
     producer.flush()

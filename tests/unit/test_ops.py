@@ -306,6 +306,7 @@ def test_redrive_plan_filters_by_reason_and_skips_dropped_values():
 
 def test_redrive_needs_a_target(monkeypatch, capsys):
     monkeypatch.setattr(ops_cli, "_read_dead_letters", lambda consumer, topic: [dead_letter(0, "empty")])
-    monkeypatch.setattr("embedstream.ops.kafka.make_reader", lambda k: type("C", (), {"close": lambda self: None})())
+    no_consumer = type("C", (), {"close": lambda self: None})
+    monkeypatch.setattr("embedstream.kafka_io.make_reader", lambda k, **_: no_consumer())
     assert run_ops(["dlq", "redrive", "dlq"]) == 2
     assert "--to is required" in capsys.readouterr().out

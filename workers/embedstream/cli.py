@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from embedstream.errors import EmbedstreamError
 
@@ -25,8 +25,8 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"EMBEDSTREAM_{name}", default)
 
 
-def _flag(p: argparse.ArgumentParser, flag: str, env: str, help: str, **kw: object) -> None:
-    default = _env(env, kw.pop("default", None))  # type: ignore[arg-type]
+def _flag(p: argparse.ArgumentParser, flag: str, env: str, help: str, **kw: Any) -> None:
+    default = _env(env, kw.pop("default", None))
     p.add_argument(flag, default=default, help=f"{help} [env EMBEDSTREAM_{env}; default: %(default)s]", **kw)
 
 
@@ -200,11 +200,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
+    from embedstream.config import KafkaSettings
     from embedstream.local.demo import produce
     from embedstream.local.samples import samples
 
     batch = [(s.key, s.value) for s in samples(args.count, bad_every=args.bad_every)]
-    n = len(produce(args.bootstrap, args.topic, batch))
+    n = len(produce(KafkaSettings(bootstrap_servers=args.bootstrap), args.topic, batch))
     print(f"produced {n} images to {args.topic}")
     return 0
 

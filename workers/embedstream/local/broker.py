@@ -50,11 +50,12 @@ class LocalBroker:
         return self
 
     def _answers_metadata(self) -> bool:
-        from kafka import KafkaAdminClient
+        from embedstream.config import KafkaSettings
+        from embedstream.kafka_io import make_admin
 
         if not port_open(self.port):  # spares the client's connection-refused error logs while starting
             return False
-        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000)
+        admin = make_admin(KafkaSettings(bootstrap_servers=self.bootstrap), request_timeout_ms=2000)
         try:
             admin.list_topics()
             return True

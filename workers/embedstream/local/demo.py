@@ -8,18 +8,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from kafka import KafkaProducer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from embedstream.config import Settings
+from embedstream.config import KafkaSettings, Settings
+from embedstream.kafka_io import make_writer
 from embedstream.local.demo_data import DemoTraffic, image_traffic, text_traffic, timeseries_traffic
 from embedstream.local.readback import Readback, TopicReader
 from embedstream.local.stack import LocalStack
 from embedstream.local.worker_process import WorkerProcess
 
 MODALITIES = ("image", "text", "timeseries")
+# Room for the largest sample images in one request, whatever the settings' producer limit.
+MAX_REQUEST_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,9 @@ class DemoSummary:
         return self.produced - self.embedded - self.dead_lettered
 
 
-def produce(bootstrap: str, topic: str, batch: Sequence[tuple[bytes, bytes]]) -> dict[bytes, float]:
+def produce(k: KafkaSettings, topic: str, batch: Sequence[tuple[bytes, bytes]]) -> dict[bytes, float]:
     """Send the batch; returns when each key was sent (ms since the epoch), for latency."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all", max_request_size=16 << 20)
+    producer = make_writer(k, linger_ms=5, max_request_size=MAX_REQUEST_BYTES)
     sent: dict[bytes, float] = {}
     for key, value in batch:
         sent[key] = time.time() * 1000
@@ -123,14 +125,9 @@ def run_demo(
                 w.start()
             for w in workers:
                 w.wait_ready()
-        readers = [
-            TopicReader(s.kafka.bootstrap_servers, s.kafka.output_topic, s.kafka.dead_letter_topic) for s in local
-        ]
+        readers = [TopicReader(s.kafka) for s in local]
         started = time.monotonic()
-        sent = [
-            produce(s.kafka.bootstrap_servers, s.kafka.input_topic, t.messages)
-            for s, t in zip(local, traffic, strict=True)
-        ]
+        sent = [produce(s.kafka, s.kafka.input_topic, t.messages) for s, t in zip(local, traffic, strict=True)]
         console.print(", ".join(f"{len(t.messages)} {t.modality} messages" for t in traffic) + " produced")
         done_at = _follow(traffic, readers, workers, started, console)
         return [

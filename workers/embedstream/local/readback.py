@@ -6,9 +6,10 @@ import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
+from embedstream.config import KafkaSettings
+from embedstream.kafka_io import make_reader, partitions_of
 from embedstream.sinks.arrow_codec import decode_embeddings
 from embedstream.sinks.deadletter import REASON
 
@@ -40,30 +41,17 @@ class Readback:
 
 
 class TopicReader:
-    """A group-less consumer over every partition of the output and dead-letter topics."""
+    """A group-less consumer over every partition of the settings' output and dead-letter topics."""
 
-    def __init__(self, bootstrap: str, output_topic: str, dead_letter_topic: str, read_committed: bool = False) -> None:
-        self._out, self._dlq = output_topic, dead_letter_topic
-        self._consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap,
-            enable_auto_commit=False,
-            group_id=None,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed" if read_committed else "read_uncommitted",
+    def __init__(self, k: KafkaSettings, read_committed: bool = False) -> None:
+        self._out, self._dlq = k.output_topic, k.dead_letter_topic
+        self._consumer = make_reader(
+            k, auto_offset_reset="earliest", read_committed=read_committed, settings_fetch_sizes=False
         )
-        parts = [TopicPartition(t, p) for t in (output_topic, dead_letter_topic) for p in sorted(self._partitions(t))]
+        parts = [TopicPartition(t, p) for t in (self._out, self._dlq) for p in partitions_of(self._consumer, t)]
         self._consumer.assign(parts)
         self._consumer.seek_to_beginning(*parts)
         self.result = Readback()
-
-    def _partitions(self, topic: str) -> set[int]:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            parts = self._consumer.partitions_for_topic(topic)
-            if parts:
-                return parts
-            time.sleep(0.2)
-        raise TimeoutError(f"topic {topic!r} has no partitions")
 
     def poll(self, timeout_s: float = 0.5) -> int:
         """Read what has arrived; returns how many input messages it accounted for (rows + dead letters)."""

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embedstream.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kafka import KafkaConsumer, KafkaProducer
+
+    from embedstream.config import KafkaSettings
+    from embedstream.ops.replay import ReplayRange
 
 Handler = Callable[[argparse.Namespace], int]
 Flag = Callable[..., None]
@@ -76,6 +83,18 @@ def _err(text: str) -> None:
     print(text, file=sys.stderr)
 
 
+def _reader(k: KafkaSettings) -> KafkaConsumer:
+    from embedstream.kafka_io import make_reader
+
+    return make_reader(k, client_id=f"{k.client_id}-ops")
+
+
+def _writer(k: KafkaSettings) -> KafkaProducer:
+    from embedstream.kafka_io import make_writer
+
+    return make_writer(k, client_id=f"{k.client_id}-ops", enable_idempotence=True)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from embedstream.config import load_settings
     from embedstream.ops.configcheck import render_masked
@@ -92,12 +111,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from embedstream.ops.kafka import make_reader
     from embedstream.ops.tail import Sample, plot_pca, tail
 
     settings = _settings(args)
     sample = Sample(args.plot_sample) if args.plot else None
-    consumer = make_reader(settings.kafka)
+    consumer = _reader(settings.kafka)
     try:
         rows, bad = tail(
             consumer,
@@ -129,13 +147,9 @@ def _required(args: argparse.Namespace, **names: str) -> None:
             raise ConfigError(f"{option} is required")
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from embedstream.kafka_io import ensure_topics
-    from embedstream.ops.kafka import AckedSender, make_reader, make_writer, parse_time_ms, partitions_of
-    from embedstream.ops.replay import ReplayRange, plan, replay
+def _replay_range(args: argparse.Namespace) -> ReplayRange:
+    from embedstream.ops.kafka import parse_time_ms
+    from embedstream.ops.replay import ReplayRange
 
     _required(args, from_topic="--from-topic", to_topic="--to-topic")
     if args.from_topic == args.to_topic:
@@ -148,9 +162,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         partitions = tuple(int(x) for x in args.partition.split(",")) if args.partition else None
     except ValueError:
         raise ConfigError(f"--partition: not a comma-separated list of numbers: {args.partition!r}") from None
-    settings = _settings(args)
-    k = settings.kafka
-    r = ReplayRange(
+    return ReplayRange(
         topic=args.from_topic,
         partitions=partitions,
         start_offset=args.start_offset,
@@ -158,7 +170,31 @@ def cmd_replay(args: argparse.Namespace) -> int:
         start_time_ms=parse_time_ms(args.start_time) if args.start_time else None,
         end_time_ms=parse_time_ms(args.end_time) if args.end_time else None,
     )
-    consumer = make_reader(k)
+
+
+@contextmanager
+def _replay_progress(total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task("replay", total=total)
+        yield lambda d: progress.advance(task, d)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from embedstream.kafka_io import ensure_topics, partitions_of
+    from embedstream.ops.kafka import AckedSender
+    from embedstream.ops.replay import plan, replay
+
+    r = _replay_range(args)
+    k = _settings(args).kafka
+    consumer = _reader(k)
     try:
         try:
             spans = plan(consumer, r)
@@ -173,26 +209,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         # Same partition count as the source, so each record can keep its partition number (and order).
         ensure_topics(k, {args.to_topic: len(partitions_of(consumer, r.topic))})
         target = set(partitions_of(consumer, args.to_topic))
-        producer = make_writer(k)
+        producer = _writer(k)
         try:
-            progress = Progress(
-                TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                console=Console(stderr=True),
-            )  # fmt: skip
-            with progress:
-                # An upper bound: compaction and transaction markers leave offsets without records.
-                task = progress.add_task("replay", total=total)
+            # An upper bound: compaction and transaction markers leave offsets without records.
+            with _replay_progress(total) as advance:
                 sender = AckedSender(producer)
                 n = replay(
-                    consumer,
-                    sender,
-                    spans,
-                    r.topic,
-                    args.to_topic,
-                    target,
-                    lambda d: progress.advance(task, d),
-                    r.start_time_ms,
-                    r.end_time_ms,
+                    consumer, sender, spans, r.topic, args.to_topic, target, advance, r.start_time_ms, r.end_time_ms
                 )
         finally:
             producer.close()
@@ -203,7 +226,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _read_dead_letters(consumer: Any, topic: str) -> list[Any]:
-    from embedstream.ops.kafka import clamp_spans, partitions_of, read_spans, watermarks
+    from embedstream.kafka_io import partitions_of
+    from embedstream.ops.kafka import clamp_spans, read_spans, watermarks
 
     parts = partitions_of(consumer, topic)
     low, high = watermarks(consumer, topic, parts)
@@ -213,10 +237,8 @@ def _read_dead_letters(consumer: Any, topic: str) -> list[Any]:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from embedstream.ops.kafka import make_reader
-
     settings = _settings(args)
-    consumer = make_reader(settings.kafka)
+    consumer = _reader(settings.kafka)
     try:
         records = _read_dead_letters(consumer, args.topic)
     finally:
@@ -248,7 +270,7 @@ def _dlq_list(args: argparse.Namespace, records: list[Any]) -> int:
 
 def _dlq_redrive(args: argparse.Namespace, settings: Any, records: list[Any]) -> int:
     from embedstream.ops.dlq import plan_redrive, redrive_message
-    from embedstream.ops.kafka import AckedSender, make_writer
+    from embedstream.ops.kafka import AckedSender
 
     _required(args, to_topic="--to")
     plan = plan_redrive(records, args.reason)
@@ -264,7 +286,7 @@ def _dlq_redrive(args: argparse.Namespace, settings: Any, records: list[Any]) ->
     if args.dry_run:
         print(f"would redrive {len(plan.send)} dead letters from {args.topic} to {args.to_topic}")
         return 0
-    producer = make_writer(settings.kafka)
+    producer = _writer(settings.kafka)
     try:
         sender = AckedSender(producer)
         for rec in plan.send:

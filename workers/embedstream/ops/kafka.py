@@ -1,4 +1,4 @@
-"""Group-less Kafka access for the operations commands: bounded reads over explicit offset ranges."""
+"""Bounded reads over explicit offset ranges for the operations commands (clients: ``embedstream.kafka_io``)."""
 
 from __future__ import annotations
 
@@ -12,46 +12,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
 
-from embedstream.config import KafkaSettings
 from embedstream.errors import ConfigError
-from embedstream.kafka_io import _security
-
-
-def make_reader(k: KafkaSettings) -> KafkaConsumer:
-    # No group: an operator's read must never take partitions from, or commit for, a worker group.
-    return KafkaConsumer(
-        bootstrap_servers=k.bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        client_id=f"{k.client_id}-ops",
-        fetch_max_bytes=k.fetch_max_bytes,
-        max_partition_fetch_bytes=k.max_partition_fetch_bytes,
-        **_security(k),
-    )
-
-
-def make_writer(k: KafkaSettings) -> KafkaProducer:
-    return KafkaProducer(
-        bootstrap_servers=k.bootstrap_servers,
-        client_id=f"{k.client_id}-ops",
-        acks="all",
-        linger_ms=k.producer_linger_ms,
-        max_request_size=k.producer_max_request_bytes,
-        enable_idempotence=True,
-        **_security(k),
-    )
-
-
-def partitions_of(consumer: KafkaConsumer, topic: str, timeout_s: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        parts = consumer.partitions_for_topic(topic)
-        if parts:
-            return sorted(parts)
-        if time.monotonic() > deadline:
-            raise ConfigError(f"topic {topic!r} does not exist or has no partitions")
-        # Metadata for a topic this client has not asked about yet arrives after a refresh.
-        time.sleep(0.2)
 
 
 def parse_time_ms(text: str) -> int:
@@ -137,8 +98,8 @@ def read_spans(
     started_ms = int(time.time() * 1000)
     tps = {p: TopicPartition(topic, p) for p in pending}
     consumer.assign(list(tps.values()))
-    for p, span in pending.items():
-        consumer.seek(tps[p], span.start)
+    for p, first in pending.items():
+        consumer.seek(tps[p], first.start)
     last_record = dict.fromkeys(pending, time.monotonic())
 
     def finish(p: int) -> None:

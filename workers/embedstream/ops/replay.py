@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 
-from embedstream.ops.kafka import AckedSender, Span, clamp_spans, offsets_at, partitions_of, read_spans, watermarks
+from embedstream.kafka_io import partitions_of
+from embedstream.ops.kafka import AckedSender, Span, clamp_spans, offsets_at, read_spans, watermarks
 
 # Provenance of a replayed record: "<topic>/<partition>/<offset>" of the original.
 REPLAY_SOURCE = "embedstream.replay.source"

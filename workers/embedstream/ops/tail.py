@@ -13,7 +13,7 @@ import pyarrow as pa
 from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
-from embedstream.ops.kafka import partitions_of
+from embedstream.kafka_io import partitions_of
 from embedstream.sinks.arrow_codec import decode_embeddings, embeddings_matrix
 
 

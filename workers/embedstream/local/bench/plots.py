@@ -49,7 +49,8 @@ def latency_plot(results: Sequence[ModalityBench], path: Path) -> Path:
     fig, (hist, cdf) = plt.subplots(1, 2, figsize=(11, 4.2))
     for b in with_lat:
         lat = np.sort(np.asarray(b.latencies_ms))
-        label = f"{b.modality} (p50 {percentile(lat, 50):.0f}, p99 {percentile(lat, 99):.0f} ms)"
+        p50, p99 = percentile(b.latencies_ms, 50), percentile(b.latencies_ms, 99)
+        label = f"{b.modality} (p50 {p50:.0f}, p99 {p99:.0f} ms)"
         hist.hist(lat, bins=40, alpha=0.5, label=label)
         cdf.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=b.modality)
     hist.set_xlabel("latency ms (output timestamp - input timestamp)")

@@ -174,10 +174,7 @@ def _bench_modality(
     )
     m = w.modality
     workers = [WorkerProcess(real, stack.workdir, f"bench-{m}"), WorkerProcess(null, stack.workdir, f"bench-null-{m}")]
-    followers = [
-        stages.Follower(TopicReader(k.bootstrap_servers, k.output_topic, k.dead_letter_topic), wp)
-        for k, wp in zip((real.kafka, null.kafka), workers, strict=True)
-    ]
+    followers = [stages.Follower(TopicReader(k), wp) for k, wp in zip((real.kafka, null.kafka), workers, strict=True)]
     try:
         batches = preprocessed_batches(real, w.messages)
 
@@ -279,7 +276,7 @@ def _backlog(
     partitions). Producing is not timed and does not compete with the worker for the CPU.
     """
     k = settings.kafka
-    stages.produce_burst(k.bootstrap_servers, k.input_topic, messages, clocks.wall)
+    stages.produce_burst(k, k.input_topic, messages, clocks.wall)
     worker.start()
     assigned_at = stages.wait_assigned(worker, clocks.wall, clocks.sleep)
     # The outputs are read once the worker is done, so reading them takes no CPU from it meanwhile.
@@ -340,7 +337,7 @@ def _burst(
     k = settings.kafka
     expected = len(messages) if rows_expected is None else rows_expected
     before = [stages.worker_counters(wp)[0] for wp in group]
-    started = stages.produce_burst(k.bootstrap_servers, k.input_topic, messages, clocks.wall)
+    started = stages.produce_burst(k, k.input_topic, messages, clocks.wall)
     stages.wait_embedded(group, sum(before) + expected, WAIT_TIMEOUT_S, progress, clocks.sleep, sum(before))
     rows = follower.wait_for(prefix, expected, WAIT_TIMEOUT_S, stages.no_progress, by_id=by_id)
     by_worker = [stages.worker_counters(wp)[0] - b for wp, b in zip(group, before, strict=True)]
@@ -381,9 +378,7 @@ def _paced(
     stop = threading.Event()
 
     def produce() -> None:
-        sent.update(
-            stages.produce_paced(k.bootstrap_servers, k.input_topic, messages, rate, clocks.wall, clocks.sleep, stop)
-        )
+        sent.update(stages.produce_paced(k, k.input_topic, messages, rate, clocks.wall, clocks.sleep, stop))
 
     # The producer keeps its schedule on its own thread while this one waits for the worker.
     thread = threading.Thread(target=produce, name="bench-paced-producer", daemon=True)

@@ -18,11 +18,11 @@ import torch
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
-from embedstream.config import Settings
+from embedstream.config import KafkaSettings, Settings
 from embedstream.encoders import get_family
 from embedstream.inference.local import TorchBackend
 from embedstream.inference.triton import TritonBackend
-from embedstream.kafka_io import make_producer
+from embedstream.kafka_io import make_producer, make_reader, make_writer, partitions_of
 from embedstream.local.bench.report import StageResult
 from embedstream.local.demo_data import Message
 from embedstream.local.readback import TopicReader
@@ -32,6 +32,8 @@ from embedstream.service import encoder_spec
 Clock = Callable[[], float]
 Progress = Callable[[int], None]
 Batches = Sequence[tuple[np.ndarray, ...]]
+# Room for the largest bench images in one request, whatever the settings' producer limit.
+MAX_REQUEST_BYTES = 16 << 20
 
 
 def _rows(batches: Batches) -> int:
@@ -156,13 +158,13 @@ def triton_alone(settings: Settings, batches: Batches, clock: Clock, progress: P
     return StageResult(done, seconds, {"in_flight": in_flight, "protocol": settings.triton.protocol})
 
 
-def _producer(bootstrap: str, linger_ms: int) -> KafkaProducer:
-    return KafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms, acks="all", max_request_size=16 << 20)
+def _producer(k: KafkaSettings, linger_ms: int) -> KafkaProducer:
+    return make_writer(k, linger_ms=linger_ms, max_request_size=MAX_REQUEST_BYTES)
 
 
-def produce_burst(bootstrap: str, topic: str, messages: Sequence[Message], wall: Clock) -> float:
+def produce_burst(k: KafkaSettings, topic: str, messages: Sequence[Message], wall: Clock) -> float:
     """Everything at once; returns when producing started (epoch seconds)."""
-    producer = _producer(bootstrap, linger_ms=5)
+    producer = _producer(k, linger_ms=5)
     try:
         started = wall()
         for key, value in messages:
@@ -174,7 +176,7 @@ def produce_burst(bootstrap: str, topic: str, messages: Sequence[Message], wall:
 
 
 def produce_paced(
-    bootstrap: str,
+    k: KafkaSettings,
     topic: str,
     messages: Sequence[Message],
     rate: float,
@@ -183,7 +185,7 @@ def produce_paced(
     stop: threading.Event,
 ) -> dict[bytes, int]:
     """One message every 1/rate s on a fixed schedule (no drift); returns each key's send timestamp (ms)."""
-    producer = _producer(bootstrap, linger_ms=0)  # lingering would add to the latency measured
+    producer = _producer(k, linger_ms=0)  # lingering would add to the latency measured
     sent: dict[bytes, int] = {}
     try:
         start = wall()
@@ -347,8 +349,8 @@ def raw_kafka(
     """
     k = settings.kafka
     src, dst = topics
-    produce_burst(k.bootstrap_servers, src, messages, time.time)
-    consumer = _read_from_start(settings, src, clock)
+    produce_burst(k, src, messages, time.time)
+    consumer = _read_from_start(settings, src)
     producer = make_producer(k, "embedstream-bench-raw")
     try:
         total = len(messages)
@@ -377,7 +379,7 @@ def raw_consume(settings: Settings, topic: str, count: int, clock: Clock, progre
     The most one kafka-python process can read here: a model faster than this cannot be kept busy
     by one worker, whatever the worker does with the messages.
     """
-    consumer = _read_from_start(settings, topic, clock)
+    consumer = _read_from_start(settings, topic)
     try:
         done = 0
         start = clock()
@@ -393,32 +395,14 @@ def raw_consume(settings: Settings, topic: str, count: int, clock: Clock, progre
     return StageResult(done, seconds)
 
 
-def _read_from_start(settings: Settings, topic: str, clock: Clock) -> KafkaConsumer:
+def _read_from_start(settings: Settings, topic: str) -> KafkaConsumer:
     """A consumer outside any group on every partition of ``topic`` from offset 0, fetching as the worker does."""
-    k = settings.kafka
-    consumer = KafkaConsumer(
-        bootstrap_servers=k.bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_bytes=k.fetch_max_bytes,
-        max_partition_fetch_bytes=k.max_partition_fetch_bytes,
-    )
+    consumer = make_reader(settings.kafka, auto_offset_reset="earliest")
     try:
-        parts = [TopicPartition(topic, p) for p in sorted(_partitions(consumer, topic, clock))]
+        parts = [TopicPartition(topic, p) for p in partitions_of(consumer, topic)]
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)
     except BaseException:
         consumer.close()
         raise
     return consumer
-
-
-def _partitions(consumer: KafkaConsumer, topic: str, clock: Clock) -> set[int]:
-    deadline = clock() + 10
-    while clock() < deadline:
-        parts = consumer.partitions_for_topic(topic)
-        if parts:
-            return set(parts)
-        time.sleep(0.2)
-    raise TimeoutError(f"topic {topic!r} has no partitions")
