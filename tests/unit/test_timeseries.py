@@ -251,9 +251,9 @@ def run(worker, consumer, producer, steps=60):
     for _ in range(steps):
         worker.step()
         producer.flush()
-        if consumer.drained() and not worker._inflight and not len(worker._batcher):
+        if consumer.drained() and not worker.in_flight_batches and not worker.queued:
             break
-    worker._drain()  # publish what is batched and collect every ack; window state stays as it is
+    worker.drain()  # publish what is batched and collect every ack; window state stays as it is
 
 
 def out_rows(producer, topic="embeddings.image"):
@@ -331,7 +331,7 @@ def test_eviction_releases_commits_and_every_message_is_accounted_for_once():
         finished[r["id"]] = r["messages_finished"]
     dead = dlq(producer)
     assert set(dead.values()) == {"evicted"}
-    open_points = worker._modality.windows.open_points()
+    open_points = worker.modality.windows.open_points()
     assert sum(finished.values()) + len(dead) + open_points == len(msgs)
     assert consumer.committed[TP0] == len(msgs) - open_points
 

@@ -37,7 +37,7 @@ def png(color: int, size=(20, 16)) -> bytes:
     return buf.getvalue()
 
 
-def make_worker(records, producer=None, backend=None, clock=time.monotonic, **overrides):
+def make_worker(records, producer=None, backend=None, clock=time.monotonic, consumer_type=FakeConsumer, **overrides):
     settings = load_settings(
         batch={"max_size": 4, "max_wait_ms": 0, **overrides.pop("batch", {})},
         encoder={"max_batch_size": 8},
@@ -45,7 +45,7 @@ def make_worker(records, producer=None, backend=None, clock=time.monotonic, **ov
         worker_id="w-test",
         **overrides,
     )
-    consumer = FakeConsumer(records)
+    consumer = consumer_type(records)
     producer = producer or FakeProducer()
     backend = backend or FakeBackend(SPEC)
     return Worker(settings, ImageModality(SPEC, settings), backend, consumer, producer, clock), consumer, producer
@@ -56,7 +56,7 @@ def run_until_drained(worker, consumer, steps=50):
         worker.step()
         if consumer.drained() and not worker.status()["in_flight"]:
             break
-    worker._drain()
+    worker.drain()
 
 
 def run_until_consumed(worker, consumer):
@@ -160,11 +160,16 @@ def test_run_stops_on_request_and_commits_everything_done():
 
 def test_a_message_pinned_to_another_model_is_dead_lettered():
     msgs = [(b"ok", png(1)), (b"pinned-ok", png(2)), (b"other", png(3)), (b"old", png(4))]
-    worker, consumer, producer = make_worker({0: msgs})
-    queue = consumer._queues[0]
-    queue[1].headers = [("embedstream.model", b"image-test:1")]
-    queue[2].headers = [("embedstream.model", b"image-clip")]
-    queue[3].headers = [("embedstream.model", b"image-test:0")]
+    pins = {b"pinned-ok": b"image-test:1", b"other": b"image-clip", b"old": b"image-test:0"}
+
+    class Pinning(FakeConsumer):
+        def poll(self, timeout_ms=0, max_records=None):
+            polled = super().poll(timeout_ms, max_records)
+            for rec in (r for recs in polled.values() for r in recs):
+                rec.headers = [("embedstream.model", pins[rec.key])] if rec.key in pins else []
+            return polled
+
+    worker, consumer, producer = make_worker({0: msgs}, consumer_type=Pinning)
     run_until_drained(worker, consumer)
     assert sorted(r["key"] for r in rows(producer)) == [b"ok", b"pinned-ok"]
     reasons = {k: dict(h)[REASON] for k, _, h in producer.sent["deadletter.image"]}

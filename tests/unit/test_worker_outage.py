@@ -84,7 +84,7 @@ def test_shutdown_during_an_outage_commits_only_what_was_embedded():
 
     backend.infer = infer_then_go_down
     assert step_until(worker, lambda: worker.status()["degraded"])
-    worker._drain()
+    worker.drain()
     embedded = len(rows(producer))
     assert embedded == 4
     assert consumer.committed.get(TP0) == 4, "commit stops at the first message that was not embedded"

@@ -1,0 +1,36 @@
+"""What enters the loop: a consumed Kafka record as a SourceMessage, and the producer's model pin."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from embedstream.encoders import EncoderSpec
+from embedstream.records import BadRecord, SourceMessage
+
+MODEL_HEADER = "embedstream.model"
+
+
+def source_message(rec: Any) -> SourceMessage:
+    """A kafka-python ConsumerRecord, reduced to what the pipeline needs."""
+    return SourceMessage(
+        topic=rec.topic,
+        partition=rec.partition,
+        offset=rec.offset,
+        key=rec.key,
+        value=rec.value or b"",
+        timestamp_ms=rec.timestamp if rec.timestamp and rec.timestamp > 0 else int(time.time() * 1000),
+        headers=tuple((k, v or b"") for k, v in rec.headers) if rec.headers else (),
+    )
+
+
+def wrong_model(msg: SourceMessage, spec: EncoderSpec) -> BadRecord | None:
+    """A producer may pin the encoder with a ``embedstream.model`` header ("name" or "name:version")."""
+    wanted = msg.header(MODEL_HEADER)
+    if wanted is None:
+        return None
+    name, _, version = wanted.decode("utf-8", "replace").partition(":")
+    if name == spec.name and version in ("", spec.version):
+        return None
+    served = f"{spec.name}:{spec.version}"
+    return BadRecord(msg, "unknown_model", f"message asks for model {wanted!r}; this worker serves {served}")
