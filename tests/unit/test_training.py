@@ -12,10 +12,10 @@ from safetensors import safe_open
 from embedstream.cli import main
 from embedstream.config import EncoderSettings
 from embedstream.encoders import get_family
+from embedstream.encoders._sidecar import Sidecar
 from embedstream.errors import ConfigError
 from embedstream.export import export_model
 from embedstream.training import synthetic
-from embedstream.training.artifacts import Sidecar
 from embedstream.training.data import load_series
 from embedstream.training.fit import TrainConfig, train_from_file
 

@@ -9,22 +9,20 @@ repeated in the JSON sidecar, so the served model computes the flag and the work
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 import torch
 
 from embedstream.encoders._registry import EncoderFamily, register_family
-from embedstream.encoders._spec import EncoderSpec, TensorSpec
-from embedstream.encoders.lstm import load_weights, window_spec
-from embedstream.training.artifacts import NEVER, load_sidecar
+from embedstream.encoders._sidecar import NEVER, load_sidecar
+from embedstream.encoders._spec import EncoderSpec, TensorSpec, TritonDType
+from embedstream.encoders._weights import load_weights
+from embedstream.encoders.lstm import window_spec
 
 if TYPE_CHECKING:
     from embedstream.config import EncoderSettings
 
-log = logging.getLogger(__name__)
-
-OUTPUTS = (
+OUTPUTS: tuple[tuple[str, TritonDType, str | None], ...] = (
     ("embedding__0", "FP32", None),
     ("reconstruction_error__1", "FP32", "reconstruction_error"),
     ("anomaly__2", "BOOL", "anomaly"),
@@ -32,6 +30,10 @@ OUTPUTS = (
 
 
 class WindowAutoencoder(torch.nn.Module):
+    mean: torch.Tensor
+    std: torch.Tensor
+    threshold: torch.Tensor
+
     def __init__(
         self,
         window: int,
@@ -69,23 +71,28 @@ def describe(settings: EncoderSettings) -> EncoderSpec:
     side = load_sidecar("autoencoder", settings.weights, settings.arch)
     assert side.latent is not None
     dims = {"embedding__0": (side.latent,)}
-    outputs = tuple(TensorSpec(name, dtype, dims.get(name, (1,)), column) for name, dtype, column in OUTPUTS)  # type: ignore[arg-type]
+    outputs = tuple(TensorSpec(name, dtype, dims.get(name, (1,)), column) for name, dtype, column in OUTPUTS)
     return window_spec("autoencoder", settings, side, outputs)
 
 
 def build(settings: EncoderSettings) -> torch.nn.Module:
     side = load_sidecar("autoencoder", settings.weights, settings.arch)
-    assert side.latent is not None
-    if settings.weights == "random":
-        log.warning("autoencoder uses random weights, as configured: embeddings and anomaly flags carry no meaning")
-        torch.manual_seed(settings.seed)
-    module = WindowAutoencoder(
-        side.window_length, side.channels, side.hidden, side.latent, side.mean, side.std, side.threshold
+    latent = side.latent
+    assert latent is not None  # load_sidecar refuses an autoencoder without one
+
+    def architecture() -> torch.nn.Module:
+        return WindowAutoencoder(
+            side.window_length, side.channels, side.hidden, latent, side.mean, side.std, side.threshold
+        )
+
+    return load_weights(
+        settings.weights,
+        architecture,
+        what="autoencoder",
+        seed=settings.seed,
+        fit="strict",
+        random_means="embeddings and anomaly flags carry no meaning",
     )
-    if settings.weights != "random":
-        assert settings.weights is not None
-        load_weights(module, settings.weights)
-    return module.eval()
 
 
 def example_inputs(spec: EncoderSpec, batch: int) -> tuple[torch.Tensor, ...]:

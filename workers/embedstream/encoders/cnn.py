@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 import math
+from collections.abc import Sequence
 from functools import lru_cache
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from embedstream.encoders._registry import EncoderFamily, register_family
 from embedstream.encoders._spec import EncoderSpec, ImagePreprocessing, TensorSpec
+from embedstream.encoders._weights import load_weights
 from embedstream.errors import ConfigError
 
 if TYPE_CHECKING:
     from embedstream.config import EncoderSettings
-
-log = logging.getLogger(__name__)
 
 INPUT_NAME = "pixels__0"
 OUTPUT_NAME = "embedding__0"
@@ -28,6 +26,9 @@ class UInt8ImageEncoder(torch.nn.Module):
 
     Normalising here keeps the wire format at one byte per channel and lets the GPU do it.
     """
+
+    scale: torch.Tensor
+    shift: torch.Tensor
 
     def __init__(self, backbone: torch.nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
@@ -41,7 +42,7 @@ class UInt8ImageEncoder(torch.nn.Module):
 
 
 @lru_cache(maxsize=8)
-def _probe(arch: str) -> tuple[int, dict]:
+def _probe(arch: str) -> tuple[int, dict[str, Any]]:
     import timm
     from timm.data import resolve_data_config
 
@@ -65,8 +66,8 @@ def describe(settings: EncoderSettings) -> EncoderSpec:
         width=width,
         resize_shorter_to=math.floor(min(height, width) / crop_pct),
         interpolation=str(data_cfg.get("interpolation") or "bilinear"),
-        mean=tuple(float(v) for v in data_cfg["mean"]),
-        std=tuple(float(v) for v in data_cfg["std"]),
+        mean=_rgb(data_cfg["mean"], "mean", settings.arch),
+        std=_rgb(data_cfg["std"], "std", settings.arch),
     )
     return EncoderSpec(
         name=settings.model_name or f"image-{settings.arch}",
@@ -82,48 +83,28 @@ def describe(settings: EncoderSettings) -> EncoderSpec:
     )
 
 
+def _rgb(values: Sequence[float], what: str, arch: str) -> tuple[float, float, float]:
+    if len(values) != 3:
+        raise ConfigError(f"timm's {what} for {arch!r} has {len(values)} values; the image worker sends RGB")
+    r, g, b = (float(v) for v in values)
+    return r, g, b
+
+
 def build_backbone(settings: EncoderSettings) -> torch.nn.Module:
     """The timm model with the weights the settings ask for, in eval mode."""
     import timm
 
-    weights = settings.weights
-    if weights is None:
-        raise ConfigError(
-            "encoder.weights is not set: give a checkpoint path, 'pretrained' (downloads from the model hub), "
-            "or 'random' (embeddings without meaning, for trying the pipeline)"
-        )
-    if weights == "pretrained":
-        model = timm.create_model(settings.arch, pretrained=True, num_classes=0)
-    elif weights == "random":
-        log.warning("encoder %s uses random weights, as configured: embeddings carry no meaning", settings.arch)
-        torch.manual_seed(settings.seed)
-        model = timm.create_model(settings.arch, pretrained=False, num_classes=0)
-    else:
-        model = timm.create_model(settings.arch, pretrained=False, num_classes=0)
-        _load_checkpoint(model, Path(weights))
-    return model.eval()
+    def create(pretrained: bool) -> torch.nn.Module:
+        return timm.create_model(settings.arch, pretrained=pretrained, num_classes=0)
 
-
-def _load_checkpoint(model: torch.nn.Module, path: Path) -> None:
-    if not path.is_file():
-        raise ConfigError(f"encoder weights file not found: {path} (use 'random' or 'pretrained' to opt out)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        # weights_only refuses pickled code objects: a checkpoint can carry tensors, nothing else.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-    own = model.state_dict()
-    unexpected = [k for k in state if k not in own]
-    state = {k: v for k, v in state.items() if k in own}
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise ConfigError(f"checkpoint {path} lacks {len(missing)} tensors of the model, e.g. {missing[:3]}")
-    if unexpected:
-        log.info("checkpoint %s: ignoring %d tensors the pooled model has no use for", path, len(unexpected))
-    model.load_state_dict(state)
+    return load_weights(
+        settings.weights,
+        lambda: create(False),
+        pretrained=lambda: create(True),
+        what=f"encoder {settings.arch}",
+        seed=settings.seed,
+        fit="lenient",
+    )
 
 
 def build(settings: EncoderSettings) -> torch.nn.Module:

@@ -7,27 +7,27 @@ sends raw values and the server normalises.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from embedstream.encoders._registry import EncoderFamily, register_family
+from embedstream.encoders._sidecar import Sidecar, load_sidecar
 from embedstream.encoders._spec import EncoderSpec, TensorSpec
-from embedstream.errors import ConfigError
-from embedstream.training.artifacts import Sidecar, load_sidecar
+from embedstream.encoders._weights import load_weights
 
 if TYPE_CHECKING:
     from embedstream.config import EncoderSettings
-
-log = logging.getLogger(__name__)
 
 INPUT_NAME = "window__0"
 OUTPUT_NAME = "embedding__0"
 
 
 class LSTMEncoder(torch.nn.Module):
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(
         self, channels: int, hidden: int, layers: int = 1, mean: tuple[float, ...] = (), std: tuple[float, ...] = ()
     ) -> None:
@@ -72,22 +72,6 @@ def window_spec(family: str, settings: EncoderSettings, side: Sidecar, outputs: 
     )
 
 
-def load_weights(module: torch.nn.Module, weights: str) -> None:
-    """Load a safetensors file strictly: every tensor of the module, nothing pickled, nothing left out."""
-    from safetensors.torch import load_file
-
-    state = load_file(weights)
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ConfigError(f"{weights} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ConfigError(f"{weights}: tensor {k} is {tuple(v.shape)}, the model needs {tuple(own[k].shape)}")
-    module.load_state_dict(state)
-
-
 def describe(settings: EncoderSettings) -> EncoderSpec:
     side = load_sidecar("lstm", settings.weights, settings.arch)
     return window_spec("lstm", settings, side, (TensorSpec(OUTPUT_NAME, "FP32", (side.hidden,)),))
@@ -95,14 +79,13 @@ def describe(settings: EncoderSettings) -> EncoderSpec:
 
 def build(settings: EncoderSettings) -> torch.nn.Module:
     side = load_sidecar("lstm", settings.weights, settings.arch)
-    if settings.weights == "random":
-        log.warning("lstm encoder uses random weights, as configured: embeddings carry no meaning")
-        torch.manual_seed(settings.seed)
-    module = LSTMEncoder(side.channels, side.hidden, side.layers, side.mean, side.std)
-    if settings.weights != "random":
-        assert settings.weights is not None
-        load_weights(module, settings.weights)
-    return module.eval()
+    return load_weights(
+        settings.weights,
+        lambda: LSTMEncoder(side.channels, side.hidden, side.layers, side.mean, side.std),
+        what="lstm encoder",
+        seed=settings.seed,
+        fit="strict",
+    )
 
 
 def example_inputs(spec: EncoderSpec, batch: int) -> tuple[torch.Tensor, ...]:

@@ -19,6 +19,7 @@ import torch
 
 from embedstream.encoders._registry import EncoderFamily, register_family
 from embedstream.encoders._spec import EncoderSpec, TensorSpec
+from embedstream.encoders._weights import load_weights
 from embedstream.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -164,24 +165,31 @@ def describe(settings: EncoderSettings) -> EncoderSpec:
 
 
 def build_backbone(settings: EncoderSettings) -> torch.nn.Module:
-    """The ``AutoModel`` with the weights the settings ask for, in eval mode."""
+    """The ``AutoModel`` with the weights the settings ask for, in eval mode.
+
+    No weights set means the model directory's own (the packaged MiniLM carries them), which is also
+    what "pretrained" loads, from the hub where the name is not a local directory.
+    """
     from transformers import AutoConfig, AutoModel
 
     local_only = _local_only(settings)
     source, _, _ = _probe(settings.arch, local_only)
-    weights = settings.weights
-    if weights in (None, "pretrained"):
-        model = AutoModel.from_pretrained(source, local_files_only=local_only)
-    elif weights == "random":
-        log.warning("encoder %s uses random weights, as configured: embeddings carry no meaning", settings.arch)
-        torch.manual_seed(settings.seed)
-        model = AutoModel.from_config(AutoConfig.from_pretrained(source, local_files_only=local_only))
-    else:
-        from embedstream.encoders.cnn import _load_checkpoint
 
-        model = AutoModel.from_config(AutoConfig.from_pretrained(source, local_files_only=local_only))
-        _load_checkpoint(model, Path(weights))
-    return model.eval()
+    def untrained() -> torch.nn.Module:
+        return AutoModel.from_config(AutoConfig.from_pretrained(source, local_files_only=local_only))
+
+    def pretrained() -> torch.nn.Module:
+        return AutoModel.from_pretrained(source, local_files_only=local_only)
+
+    return load_weights(
+        settings.weights,
+        untrained,
+        pretrained=pretrained,
+        unset="pretrained",
+        what=f"encoder {settings.arch}",
+        seed=settings.seed,
+        fit="lenient",
+    )
 
 
 def build(settings: EncoderSettings) -> torch.nn.Module:

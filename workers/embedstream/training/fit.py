@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from embedstream.encoders._sidecar import Sidecar, sidecar_path
 from embedstream.encoders.autoencoder import WindowAutoencoder
 from embedstream.encoders.lstm import LSTMEncoder
 from embedstream.errors import ConfigError
-from embedstream.training.artifacts import Sidecar, sidecar_path
 from embedstream.training.data import load_series, make_windows, split_holdout
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,8 @@ def fit_autoencoder(
             advance("autoencoder", loss_value)
     model.eval()
     with torch.inference_mode():
-        _, held_err = model.errors(torch.from_numpy(data.held))
-    held_err = held_err.squeeze(1).numpy()
+        _, held_errors = model.errors(torch.from_numpy(data.held))
+    held_err = held_errors.squeeze(1).numpy()
     threshold = float(np.quantile(held_err, cfg.threshold_quantile))
     model.threshold.fill_(threshold)
     side = Sidecar(

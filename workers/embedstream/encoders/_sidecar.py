@@ -4,6 +4,8 @@ The sidecar carries what is needed to rebuild the module before loading the tens
 channels, layer sizes) and what a reader wants without torch (normalisation, anomaly threshold and
 how it was fitted). Tensors never travel as pickles: safetensors holds the weights and the
 normalisation/threshold buffers, and the JSON repeats the latter for people and other tools.
+``embedstream train`` writes it and the time-series families read it; it lives with the encoders so
+that reading one imports neither torch nor the training code.
 """
 
 from __future__ import annotations
