@@ -237,3 +237,73 @@ def test_observation_traffic_closes_exactly_the_windows_it_promises():
     assert all(isinstance(d, Deferred) and not d.dead_letters for d in out)
     assert sum(d.item is not None for d in out) == windows
     assert modality.windows.open_points() == 0  # nothing left waiting for a later point
+
+
+def _workload(points: int = 0):
+    from embedstream.local.bench.workload import Workload
+
+    settings = load_settings()
+    messages = [(f"k{i}".encode(), b"v") for i in range(40)]
+    w = Workload("timeseries" if points else "image", settings, settings, messages)
+    w.points = [(b"p", b"v")] * points
+    w.point_windows = points // 16
+    return w
+
+
+def _options(workers: int = 1, plumbing_count: int = 100):
+    from pathlib import Path
+
+    from embedstream.local.bench.table import BenchOptions
+
+    return BenchOptions(["image"], {"image": 40}, Path("out"), Path("work"), 4, plumbing_count, workers)
+
+
+def test_the_stage_table_is_the_report_order():
+    from embedstream.local.bench.table import STAGE_TABLE
+
+    assert [s.name for s in STAGE_TABLE] == list(STAGES)
+
+
+def test_stages_apply_by_workload_and_options_with_their_progress_totals():
+    from embedstream.local.bench.table import STAGE_TABLE
+
+    def plan(w, opts):
+        return {s.name: s.total(w, opts) for s in STAGE_TABLE if s.applies(w, opts)}
+
+    one = plan(_workload(), _options())
+    assert set(one) == set(STAGES) - {"pipeline_points", "pipeline_scaled"}
+    assert one["pipeline"] == 40 and one["null"] == one["raw_kafka"] == one["raw_consume"] == 100
+    scaled = plan(_workload(points=160), _options(workers=3, plumbing_count=10))
+    assert set(scaled) == set(STAGES)
+    assert scaled["pipeline_points"] == 160 and scaled["pipeline_scaled"] == 120
+    assert scaled["null"] == 40  # never fewer than the workload's own messages
+
+
+def test_the_bench_loop_runs_the_applicable_stages_in_order(monkeypatch):
+    from types import SimpleNamespace
+
+    from embedstream.local.bench import run
+    from embedstream.local.bench.table import Stage
+
+    calls: list[str] = []
+    ctx = SimpleNamespace(bench=_bench())
+    ctx.bench.stages = {}
+    ctx.close = lambda: calls.append("close")
+
+    def stage(name, **kw):
+        return Stage(name, lambda c: calls.append(name) or StageResult(len(calls), 1.0), **kw)
+
+    table = (
+        stage("a", note=lambda c, r: f"note {r.messages}"),
+        stage("skipped", applies=lambda w, o: False),
+        stage("b", after=lambda c: calls.append("after b"), measured_total=True),
+    )
+    monkeypatch.setattr(run, "STAGE_TABLE", table)
+    monkeypatch.setattr(run, "open_context", lambda *a: ctx)
+    monkeypatch.setattr(run, "prepare", lambda c: calls.append("prepare"))
+    done: list[tuple] = []
+    board = SimpleNamespace(advance=None, done=lambda m, s, r, note: done.append((m, s.name, r.messages, note)))
+    b = run._bench_modality(None, _workload(), board, run.Clocks(), _options())
+    assert calls == ["prepare", "a", "b", "after b", "close"]
+    assert list(b.stages) == ["a", "b"] and b.stages["b"].messages == 3
+    assert done == [("image", "a", 2, "note 2"), ("image", "b", 3, "")]

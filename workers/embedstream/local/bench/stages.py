@@ -1,7 +1,7 @@
 """The measurements: bare model, Triton alone, the pipeline (burst and paced), raw kafka-python.
 
-Clocks are passed in: ``wall`` must be epoch seconds (it is compared with Kafka record timestamps),
-``sleep`` paces the producer.
+Clocks are passed in (``Clocks``): ``wall`` must be epoch seconds (it is compared with Kafka record
+timestamps), ``sleep`` paces the producer.
 """
 
 from __future__ import annotations
@@ -34,6 +34,15 @@ Progress = Callable[[int], None]
 Batches = Sequence[tuple[np.ndarray, ...]]
 # Room for the largest bench images in one request, whatever the settings' producer limit.
 MAX_REQUEST_BYTES = 16 << 20
+
+
+@dataclass
+class Clocks:
+    """Injected time: ``wall`` is compared with Kafka timestamps, ``mono`` times the in-process stages."""
+
+    wall: Clock = time.time
+    mono: Clock = time.perf_counter
+    sleep: Callable[[float], None] = time.sleep
 
 
 def _rows(batches: Batches) -> int:

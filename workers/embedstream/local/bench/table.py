@@ -1,0 +1,280 @@
+"""The bench's stages as a table, in the order they run, and the context they share for one modality.
+
+Each stage says whether it runs for a workload and the options, how many rows its progress bar
+counts, how it is measured and what the live table notes beside its rate. Later stages read what
+earlier ones left in the context (``pipeline_half`` offers half the rates of ``pipeline`` and
+``pipeline_live``), so the order of the table is the order they must run in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from embedstream.config import Settings
+from embedstream.export import ExportTarget, local_cpu_target
+from embedstream.local.bench import perf_analyzer, pipeline, stages
+from embedstream.local.bench.report import ModalityBench, StageResult, ratio
+from embedstream.local.bench.stages import Clocks, Follower, Progress
+from embedstream.local.bench.workload import Workload, preprocessed_batches, rekey
+from embedstream.local.demo_data import Message
+from embedstream.local.readback import TopicReader
+from embedstream.local.stack import LocalStack
+from embedstream.local.worker_process import WorkerProcess
+from embedstream.service import encoder_spec
+
+HALF_LOAD = 0.5
+
+
+@dataclass
+class BenchOptions:
+    modalities: Sequence[str]
+    counts: dict[str, int]
+    out: Path
+    workdir: Path
+    partitions: int = 4
+    # The null-encoder and raw kafka-python stages get at least this many: a few hundred pass too fast to time.
+    plumbing_count: int = 3000
+    # Above 1, a further stage: this many workers in one consumer group at saturation.
+    workers: int = 1
+
+
+@dataclass
+class BenchContext:
+    """One modality's run: its real pipeline and null twin, a worker and an output follower for each."""
+
+    stack: LocalStack
+    w: Workload
+    opts: BenchOptions
+    clocks: Clocks
+    # Starts the live table's row of (modality, stage) and returns what advances it.
+    advance: Callable[[str, str], Progress]
+    real: Settings
+    null: Settings
+    target: ExportTarget  # how LocalStack exported the served models
+    bench: ModalityBench
+    workers: tuple[WorkerProcess, WorkerProcess]
+    followers: tuple[Follower, Follower]
+    batches: list[tuple[np.ndarray, ...]] = field(default_factory=list)
+
+    def progress(self, stage: str) -> Progress:
+        return self.advance(self.w.modality, stage)
+
+    @cached_property
+    def plumbing(self) -> list[Message]:
+        """The null-encoder stage's messages, which the raw kafka-python stages reuse."""
+        return rekey(pipeline.at_least(self.w.messages, self.opts.plumbing_count), "null")
+
+    def close(self) -> None:
+        for f in self.followers:
+            f.close()
+        for wp in self.workers:
+            wp.terminate()
+
+
+def open_context(
+    stack: LocalStack, w: Workload, opts: BenchOptions, clocks: Clocks, advance: Callable[[str, str], Progress]
+) -> BenchContext:
+    """The context, its workers created (not started) and its followers reading; ``close`` ends both."""
+    real, null = stack.local_settings(w.settings), stack.local_settings(w.null_settings)
+    target = local_cpu_target()
+    bench = ModalityBench(
+        modality=w.modality,
+        model=encoder_spec(real).name,
+        null_model=encoder_spec(null).name,
+        max_batch=real.batch.max_size,
+        max_wait_ms=real.batch.max_wait_ms,
+        max_in_flight=real.batch.max_in_flight,
+        torch_threads=target.torch_threads,
+        instances=target.instances,
+        cpus=os.cpu_count() or 1,
+    )
+    m = w.modality
+    workers = (WorkerProcess(real, stack.workdir, f"bench-{m}"), WorkerProcess(null, stack.workdir, f"bench-null-{m}"))
+    followers = (Follower(TopicReader(real.kafka), workers[0]), Follower(TopicReader(null.kafka), workers[1]))
+    return BenchContext(stack, w, opts, clocks, advance, real, null, target, bench, workers, followers)
+
+
+def prepare(ctx: BenchContext) -> None:
+    """The model inputs the in-process and Triton stages send, decoded once."""
+    ctx.batches = preprocessed_batches(ctx.real, ctx.w.messages)
+
+
+def _always(_w: Workload, _opts: BenchOptions) -> bool:
+    return True
+
+
+def _messages(w: Workload, _opts: BenchOptions) -> int:
+    return len(w.messages)
+
+
+def _plumbing_total(w: Workload, opts: BenchOptions) -> int:
+    return max(opts.plumbing_count, len(w.messages))
+
+
+def _no_note(_ctx: BenchContext, _res: StageResult) -> str:
+    return ""
+
+
+def _nothing(_ctx: BenchContext) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the bench (``name`` is its key in ``report.STAGES`` and in bench.json)."""
+
+    name: str
+    run: Callable[[BenchContext], StageResult]
+    note: Callable[[BenchContext, StageResult], str] = _no_note
+    applies: Callable[[Workload, BenchOptions], bool] = _always
+    total: Callable[[Workload, BenchOptions], int] = _messages
+    # Work that follows the stage once its row is done, and is not part of its time.
+    after: Callable[[BenchContext], None] = _nothing
+    # The stage decides how many rows it sends: its bar's total is what it did, not ``total``.
+    measured_total: bool = False
+
+
+def _bare(ctx: BenchContext) -> StageResult:
+    # One instance on every core, and the local Triton's shape: the better one is what the model allows.
+    shapes = list(dict.fromkeys([(1, ctx.bench.cpus), (ctx.target.instances, ctx.target.torch_threads)]))
+    return stages.best_bare_model(ctx.real, ctx.batches, shapes, ctx.clocks.mono, ctx.progress("bare"))
+
+
+def _decode(ctx: BenchContext) -> StageResult:
+    return stages.decode_only(ctx.real, ctx.w.messages, ctx.clocks.mono)
+
+
+def _triton(ctx: BenchContext) -> StageResult:
+    return stages.triton_alone(ctx.real, ctx.batches, ctx.clocks.mono, ctx.progress("triton"))
+
+
+def _perf_analyzer(ctx: BenchContext) -> StageResult:
+    """Same model, batch, requests in flight and input bytes, from Triton's own C++ client."""
+    assert ctx.stack.triton is not None  # started by LocalStack.start
+    ctx.progress("perf_analyzer")  # starts its clock; it reports once, at the end
+    return perf_analyzer.measure(ctx.real, ctx.batches, ctx.stack.triton.grpc_url, ctx.stack.workdir)
+
+
+def _saturation(ctx: BenchContext) -> StageResult:
+    worker, follower = ctx.workers[0], ctx.followers[0]
+    messages = rekey(ctx.w.messages, "sat")
+    res = pipeline.backlog(ctx.real, worker, follower, messages, b"sat-", ctx.progress("pipeline"), ctx.clocks)
+    ctx.bench.embedded, ctx.bench.batches = stages.worker_counters(worker)
+    return res
+
+
+def _live(ctx: BenchContext) -> StageResult:
+    """The same worker, timed while the messages are produced: on shared cores the producer takes
+    CPU from it, so "50% load" is half the lower of the two rates, not of the backlog's alone."""
+    live = rekey(ctx.w.messages, "live")
+    progress = ctx.progress("pipeline_live")
+    rows, seconds, _ = pipeline.burst(ctx.real, ctx.workers[:1], ctx.followers[0], live, b"live-", progress, ctx.clocks)
+    return StageResult(rows, seconds)
+
+
+def _half(ctx: BenchContext) -> StageResult:
+    b = ctx.bench
+    b.offered_rate = HALF_LOAD * min(b.stages["pipeline"].throughput, b.stages["pipeline_live"].throughput)
+    messages = rekey(ctx.w.messages, "half")
+    res, b.latencies_ms = pipeline.paced(
+        ctx.real, ctx.followers[0], messages, b.offered_rate, ctx.progress("pipeline_half"), ctx.clocks
+    )
+    embedded, batches = stages.worker_counters(ctx.workers[0])
+    b.half_batch = ratio(embedded - b.embedded, batches - b.batches)
+    return res
+
+
+def _half_batch_model_time(ctx: BenchContext) -> None:
+    b = ctx.bench
+    if b.half_batch:
+        size = max(1, round(b.half_batch))
+        b.half_batch_model_ms = stages.model_latency(
+            ctx.real, ctx.w.messages, size, ctx.target.torch_threads, ctx.clocks.mono
+        )
+
+
+def _points(ctx: BenchContext) -> StageResult:
+    return pipeline.points(ctx.real, ctx.followers[0], ctx.w, ctx.progress("pipeline_points"), ctx.clocks)
+
+
+def _scaled(ctx: BenchContext) -> StageResult:
+    n = ctx.opts.workers
+    messages = pipeline.at_least(ctx.w.messages, len(ctx.w.messages) * n)
+    return pipeline.scaled_out(
+        ctx.stack,
+        ctx.real,
+        ctx.followers[0],
+        n,
+        messages,
+        ctx.w.modality,
+        lambda: ctx.progress("pipeline_scaled"),
+        ctx.clocks,
+    )
+
+
+def _null(ctx: BenchContext) -> StageResult:
+    ctx.workers[0].terminate()  # its idle polling is not part of this stage or those after it
+    worker, follower = ctx.workers[1], ctx.followers[1]
+    return pipeline.backlog(ctx.null, worker, follower, ctx.plumbing, b"null-", ctx.progress("null"), ctx.clocks)
+
+
+def _raw_kafka(ctx: BenchContext) -> StageResult:
+    return stages.raw_kafka(ctx.real, ctx.w.raw_topics, ctx.plumbing, ctx.clocks.mono, ctx.progress("raw_kafka"))
+
+
+def _raw_consume(ctx: BenchContext) -> StageResult:
+    topic, count = ctx.w.raw_topics[0], len(ctx.plumbing)
+    return stages.raw_consume(ctx.real, topic, count, ctx.clocks.mono, ctx.progress("raw_consume"))
+
+
+STAGE_TABLE: tuple[Stage, ...] = (
+    Stage(
+        "bare",
+        _bare,
+        note=lambda c, r: f"batch {c.bench.max_batch}, {r.extra['instances']}x{r.extra['threads']} thr",
+    ),
+    Stage("decode", _decode, note=lambda c, r: "1 thread"),
+    Stage("triton", _triton, note=lambda c, r: f"{c.bench.max_in_flight} in flight"),
+    Stage(
+        "perf_analyzer",
+        _perf_analyzer,
+        note=lambda c, r: f"p99 {r.extra['p99_latency_ms']:.0f} ms/request",
+        measured_total=True,
+    ),
+    Stage("pipeline", _saturation, note=lambda c, r: f"mean batch {c.bench.mean_batch:.1f}"),
+    Stage("pipeline_live", _live),
+    Stage(
+        "pipeline_half",
+        _half,
+        note=lambda c, r: f"offered {c.bench.offered_rate:.0f}/s",
+        after=_half_batch_model_time,
+    ),
+    Stage(
+        "pipeline_points",
+        _points,
+        note=lambda c, r: f"{c.w.point_windows} windows",
+        applies=lambda w, o: bool(w.points),
+        total=lambda w, o: len(w.points),
+    ),
+    Stage(
+        "pipeline_scaled",
+        _scaled,
+        note=lambda c, r: f"{c.opts.workers} workers",
+        applies=lambda w, o: o.workers > 1,
+        total=lambda w, o: len(w.messages) * o.workers,
+    ),
+    Stage("null", _null, total=_plumbing_total, after=lambda c: c.workers[1].terminate()),
+    Stage(
+        "raw_kafka",
+        _raw_kafka,
+        note=lambda c, r: f"{r.extra['mean_message_bytes'] / 1024:.1f} KiB/msg",
+        total=_plumbing_total,
+    ),
+    Stage("raw_consume", _raw_consume, total=_plumbing_total),
+)
