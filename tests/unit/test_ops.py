@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -118,6 +119,131 @@ def test_clamp_spans_keeps_requests_inside_the_log():
     assert spans == [Span(0, 10, 50, 100), Span(1, 3, 50, 5)]
     (span,) = clamp_spans([0], low, high, {0: 80}, {0: 20})  # end before start: empty
     assert span.empty and span.size == 0
+
+
+class _Recorder:
+    """Stands in for a kafka-python client class: keeps the keyword arguments it was built with."""
+
+    built: ClassVar[list[dict]] = []
+
+    def __init__(self, **conf) -> None:
+        self.built.append(conf)
+
+
+@pytest.fixture
+def recorded_clients(monkeypatch):
+    from embedstream import kafka_io
+
+    _Recorder.built = []
+    for name in ("KafkaConsumer", "KafkaProducer", "KafkaAdminClient"):
+        monkeypatch.setattr(kafka_io, name, _Recorder)
+    return _Recorder.built
+
+
+def test_every_client_builder_applies_the_security_settings(recorded_clients):
+    from embedstream.config import KafkaSettings
+    from embedstream.kafka_io import make_admin, make_consumer, make_producer, make_reader, make_writer
+
+    k = KafkaSettings(
+        bootstrap_servers="b:9093", security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="svc",
+        sasl_password="pw", ssl_cafile="/ca.pem",
+    )  # fmt: skip
+    make_consumer(k, "c")
+    make_producer(k, "p")
+    make_reader(k)
+    make_writer(k)
+    make_admin(k, request_timeout_ms=2000)
+    assert len(recorded_clients) == 5
+    for conf in recorded_clients:
+        assert conf["bootstrap_servers"] == "b:9093" and conf["security_protocol"] == "SASL_SSL"
+        assert conf["sasl_plain_username"] == "svc" and conf["sasl_plain_password"] == "pw"
+        assert conf["ssl_cafile"] == "/ca.pem"
+    assert recorded_clients[4]["request_timeout_ms"] == 2000
+
+
+def test_reader_and_writer_knobs(recorded_clients):
+    from embedstream.config import KafkaSettings
+    from embedstream.kafka_io import make_reader, make_writer
+
+    k = KafkaSettings(client_id="es", max_partition_fetch_bytes=4096, producer_linger_ms=7)
+    make_reader(k, client_id="es-ops")
+    make_reader(k, auto_offset_reset="earliest", read_committed=True, settings_fetch_sizes=False)
+    make_writer(k, client_id="es-ops", enable_idempotence=True)
+    make_writer(k, linger_ms=0, max_request_size=16 << 20)
+    ops, local, ops_writer, local_writer = recorded_clients
+    assert ops["group_id"] is None and ops["enable_auto_commit"] is False and ops["client_id"] == "es-ops"
+    assert ops["max_partition_fetch_bytes"] == 4096 and ops["isolation_level"] == "read_uncommitted"
+    assert "client_id" not in local and "max_partition_fetch_bytes" not in local  # the client's defaults
+    assert local["auto_offset_reset"] == "earliest" and local["isolation_level"] == "read_committed"
+    assert ops_writer["linger_ms"] == 7 and ops_writer["enable_idempotence"] is True and ops_writer["acks"] == "all"
+    assert local_writer["linger_ms"] == 0 and local_writer["max_request_size"] == 16 << 20
+    assert "enable_idempotence" not in local_writer and "transactional_id" not in local_writer
+
+
+def test_partitions_of_waits_for_metadata_then_gives_up(monkeypatch):
+    from embedstream import kafka_io
+
+    monkeypatch.setattr(kafka_io.time, "sleep", lambda s: None)
+    answers = iter([None, set(), {2, 0, 1}])
+    late = type("C", (), {"partitions_for_topic": lambda self, topic: next(answers)})()
+    assert kafka_io.partitions_of(late, "t") == [0, 1, 2]
+    never = type("C", (), {"partitions_for_topic": lambda self, topic: None})()
+    with pytest.raises(kafka_io.NoPartitions, match="'t' does not exist") as err:
+        kafka_io.partitions_of(never, "t", timeout_s=0.0)
+    # An operator's command reports it as a configuration error; the local tools' callers as a timeout.
+    assert isinstance(err.value, ConfigError) and isinstance(err.value, TimeoutError)
+
+
+# --- without the tools extra (rich, matplotlib) --------------------------------------------------------------
+
+
+def test_workers_and_ops_commands_load_without_rich_or_matplotlib():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for name in ('rich', 'matplotlib'):\n"
+        "    sys.modules[name] = None  # importing it now raises ImportError\n"
+        "import embedstream.cli, embedstream.service, embedstream.worker\n"
+        "embedstream.cli.build_parser()\n"
+        "import embedstream.ops.tail, embedstream.ops.replay, embedstream.ops.dlq, embedstream.ops.configcheck\n"
+        "import embedstream.local.demo, embedstream.local.bench.report, embedstream.local.bench.plots\n"
+        "import embedstream.local.bench.run\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_require_tools_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ConfigError, match=r"--plot needs matplotlib.*pip install 'embedstream\[tools\]'"):
+        cli.require_tools("--plot", "json", "matplotlib")
+    cli.require_tools("--plot", "json")
+
+
+def test_tail_plot_without_matplotlib_fails_before_reading(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(ops_cli, "_reader", lambda k: pytest.fail("read before the plot check"))
+    assert run_ops(["tail", "out", "--plot", "pca.png"]) == 2
+    assert "embedstream[tools]" in capsys.readouterr().out
+
+
+def test_replay_progress_without_rich_prints_plain_lines(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rich", None)
+    monkeypatch.setitem(sys.modules, "rich.console", None)
+    monkeypatch.setitem(sys.modules, "rich.progress", None)
+    with ops_cli._replay_progress(20) as advance:
+        for _ in range(7):
+            advance(3)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"# replay: {n}/20" for n in (3, 6, 9, 12, 15, 18, 21)]
 
 
 # --- tail ---------------------------------------------------------------------------------------------------

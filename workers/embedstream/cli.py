@@ -13,12 +13,30 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embedstream.errors import EmbedstreamError
+from embedstream.errors import ConfigError, EmbedstreamError
 
 if TYPE_CHECKING:
     from embedstream.config import Settings
 
 log = logging.getLogger("embedstream")
+
+TOOLS_INSTALL = "pip install 'embedstream[tools]'"
+
+
+def require_tools(what: str, *modules: str) -> None:
+    """Raise ConfigError naming the install when a drawing library of the optional ``tools`` extra is missing.
+
+    Workers and most operations commands run without them, so they are imported only where something
+    is drawn; this check says so up front instead of failing half-way with an ImportError.
+    """
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ConfigError(f"{what} needs {' and '.join(missing)}, which is not installed: {TOOLS_INSTALL}")
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -145,6 +163,7 @@ def _local_settings(path: str | None) -> Settings:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    require_tools("embedstream demo", "rich")
     from rich.console import Console
 
     from embedstream.local.demo import MODALITIES, print_summary, run_demo

@@ -6,11 +6,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from embedstream.config import KafkaSettings, Settings
 from embedstream.kafka_io import make_writer
@@ -18,6 +16,10 @@ from embedstream.local.demo_data import DemoTraffic, image_traffic, text_traffic
 from embedstream.local.readback import Readback, TopicReader
 from embedstream.local.stack import LocalStack
 from embedstream.local.worker_process import WorkerProcess
+
+if TYPE_CHECKING:
+    # rich comes with the optional ``tools`` extra: imported where the demo draws.
+    from rich.console import Console
 
 MODALITIES = ("image", "text", "timeseries")
 # Room for the largest sample images in one request, whatever the settings' producer limit.
@@ -157,6 +159,8 @@ def _follow(
     console: Console,
 ) -> list[float]:
     """Live progress per modality until every message is accounted for; returns seconds per modality."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     seen = [0] * len(traffic)
     done_at = [0.0] * len(traffic)
     with Progress(
@@ -178,6 +182,8 @@ def _follow(
 
 
 def print_summary(summaries: Sequence[DemoSummary], console: Console) -> None:
+    from rich.table import Table
+
     table = Table(title="embedstream demo")
     table.add_column("figure")
     for s in summaries:

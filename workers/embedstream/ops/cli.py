@@ -113,6 +113,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_tail(args: argparse.Namespace) -> int:
     from embedstream.ops.tail import Sample, plot_pca, tail
 
+    if args.plot:
+        from embedstream.cli import require_tools
+
+        # Before reading, not after: the rows read would be lost to a missing plotting library.
+        require_tools("--plot", "matplotlib")
     settings = _settings(args)
     sample = Sample(args.plot_sample) if args.plot else None
     consumer = _reader(settings.kafka)
@@ -174,10 +179,13 @@ def _replay_range(args: argparse.Namespace) -> ReplayRange:
 
 @contextmanager
 def _replay_progress(total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+    """A progress bar on stderr; without rich (the ``tools`` extra), a plain line every tenth of the way."""
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    except ImportError:
+        yield _plain_progress(total)
+        return
     progress = Progress(
         TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=Console(stderr=True),
@@ -185,6 +193,20 @@ def _replay_progress(total: int) -> Iterator[Callable[[int], None]]:
     with progress:
         task = progress.add_task("replay", total=total)
         yield lambda d: progress.advance(task, d)
+
+
+def _plain_progress(total: int) -> Callable[[int], None]:
+    step = max(1, total // 10)
+    done = shown = 0
+
+    def advance(n: int) -> None:
+        nonlocal done, shown
+        done += n
+        if done // step > shown:
+            shown = done // step
+            _err(f"# replay: {done}/{total}")
+
+    return advance
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

@@ -49,6 +49,9 @@ def register(sub: Any, flag: Callable[..., None]) -> dict[str, Handler]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from embedstream.cli import require_tools
+
+    require_tools("embedstream bench", "rich", "matplotlib")
     from rich.console import Console
 
     from embedstream.config import load_settings

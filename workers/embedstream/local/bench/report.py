@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from rich.table import Table
+
+if TYPE_CHECKING:
+    # rich comes with the optional ``tools`` extra: imported where the table is drawn.
+    from rich.table import Table
 
 SCHEMA = "embedstream.local.bench/1"
 # Stage keys in the order they run; the labels are what tables and plots show.
@@ -266,6 +269,8 @@ def _verdict(t: Target) -> str:
 
 
 def summary_table(results: Sequence[ModalityBench]) -> Table:
+    from rich.table import Table
+
     table = Table(title="embedstream bench")
     table.add_column("figure")
     for b in results:

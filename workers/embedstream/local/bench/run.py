@@ -8,11 +8,9 @@ import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from embedstream.config import Settings
 from embedstream.kafka_io import ensure_topics
@@ -22,6 +20,11 @@ from embedstream.local.bench.stages import Clocks
 from embedstream.local.bench.table import STAGE_TABLE, BenchOptions, Stage, open_context, prepare
 from embedstream.local.bench.workload import Workload, build_workload
 from embedstream.local.stack import LocalStack
+
+if TYPE_CHECKING:
+    # rich comes with the optional ``tools`` extra: imported where the live table is drawn.
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
 
 __all__ = ["BenchOptions", "BenchRun", "Clocks", "run_bench", "write_outputs"]
 
@@ -34,6 +37,8 @@ class BenchRun:
 
 
 def _progress(console: Console) -> Progress:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     return Progress(
         TextColumn("{task.fields[modality]:>10}"),
         TextColumn("{task.description:<13}"),
