@@ -65,16 +65,15 @@ class Worker:
         self._consumer = consumer
         self._producer = producer
         self._clock = clock
-        self._batcher: MicroBatcher[Any] = MicroBatcher(
-            settings.batch.max_size, settings.batch.max_wait_ms / 1000, clock
-        )
+        batch = settings.batch
+        self._batcher: MicroBatcher[Any] = MicroBatcher(batch.max_size, batch.max_wait_ms / 1000, clock)
         self._tracker = OffsetTracker()
         self._sink = KafkaSink(settings, modality, backend.spec, producer, self._tracker)
         self._dispatcher = Dispatcher(
-            backend, modality, settings.batch.max_in_flight, clock, self._pause_for_outage, self._resume_after_outage
+            backend, modality, batch.max_in_flight, clock, self._pause_for_outage, self._resume_after_outage
         )
         self._delivery = delivery_for(settings.kafka, consumer, producer, self._sink)
-        self._early_dispatch = settings.batch.dispatch_when_free
+        self._early_dispatch = batch.dispatch_when_free
         self._commit_interval_s = settings.commit_interval_ms / 1000
         self._last_commit = clock()
         self._consumed = metrics.CONSUMED.labels(modality.name)
@@ -233,15 +232,14 @@ class Worker:
         self._backend.close()
 
     def status(self) -> dict[str, Any]:
-        assigned = self.assigned
         degraded = self._dispatcher.degraded
         return {
             "worker_id": self.settings.worker_id,
-            "ready": assigned is not None and not degraded,
+            "ready": self.assigned is not None and not degraded,
             "degraded": degraded,
             "degraded_reason": self._dispatcher.degraded_reason,
             "outages": self.stats.outages,
-            "assigned": sorted(f"{tp.topic}/{tp.partition}" for tp in assigned or []),
+            "assigned": sorted(f"{tp.topic}/{tp.partition}" for tp in self.assigned or []),
             "consumed": self.stats.consumed,
             "embedded": self.stats.embedded,
             "batches": self.stats.batches,
