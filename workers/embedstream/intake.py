@@ -1,12 +1,13 @@
-"""What enters the loop: a consumed Kafka record as a SourceMessage, and the producer's model pin."""
+"""What enters the loop: a consumed Kafka record as a SourceMessage, the producer's model pin, decode results sorted."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from embedstream.encoders import EncoderSpec
-from embedstream.records import BadRecord, SourceMessage
+from embedstream.records import BadRecord, Deferred, SourceMessage
 
 MODEL_HEADER = "embedstream.model"
 
@@ -34,3 +35,24 @@ def wrong_model(msg: SourceMessage, spec: EncoderSpec) -> BadRecord | None:
         return None
     served = f"{spec.name}:{spec.version}"
     return BadRecord(msg, "unknown_model", f"message asks for model {wanted!r}; this worker serves {served}")
+
+
+def sort_decoded(decoded: Iterable[Any]) -> tuple[list[Any], list[BadRecord]]:
+    """A modality's decode results -> (items for the model, dead letters), each in input order.
+
+    A Deferred contributes the row it completed (if any) and the messages the modality gave up on;
+    an absorbed message contributes nothing yet: the row or dead letter that covers it finishes it.
+    """
+    items: list[Any] = []
+    bad: list[BadRecord] = []
+    for item in decoded:
+        if isinstance(item, Deferred):
+            bad.extend(item.dead_letters)
+            item = item.item
+            if item is None:
+                continue
+        if isinstance(item, BadRecord):
+            bad.append(item)
+        else:
+            items.append(item)
+    return items, bad

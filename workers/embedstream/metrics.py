@@ -6,6 +6,9 @@ model so several workers scraped together stay apart.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 CONSUMED = Counter("embedstream_messages_consumed", "Input messages consumed", ["modality"])
@@ -36,3 +39,11 @@ DEGRADED = Gauge("embedstream_degraded", "1 while the inference backend is unava
 
 def exposition() -> tuple[bytes, str]:
     return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def observe_lag(consumer: Any, partitions: Iterable[Any]) -> None:
+    """Consumer lag per partition from what the consumer already knows (no broker round trip)."""
+    for tp in partitions:
+        high = consumer.highwater(tp)
+        if high is not None:
+            CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - consumer.position(tp)))

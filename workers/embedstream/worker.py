@@ -26,10 +26,10 @@ from embedstream.config import Settings
 from embedstream.delivery import delivery_for
 from embedstream.dispatch import Dispatcher, Inferred
 from embedstream.inference import InferenceBackend
-from embedstream.intake import source_message, wrong_model
+from embedstream.intake import sort_decoded, source_message, wrong_model
 from embedstream.modalities import Modality
 from embedstream.offsets import OffsetTracker
-from embedstream.records import BadRecord, Deferred, SourceMessage
+from embedstream.records import BadRecord, SourceMessage
 from embedstream.sinks.kafka import KafkaSink
 
 log = logging.getLogger(__name__)
@@ -169,17 +169,11 @@ class Worker:
                 self._dead_letter(pinned_elsewhere)
             else:
                 to_decode.append(msg)
-        for item in self._modality.decode_many(to_decode) if to_decode else ():
-            if isinstance(item, Deferred):
-                for bad in item.dead_letters:
-                    self._dead_letter(bad)
-                if item.item is None:
-                    continue  # absorbed: finished later, by the row or dead letter that covers it
-                item = item.item
-            if isinstance(item, BadRecord):
-                self._dead_letter(item)
-            else:
-                self._batcher.add(item)
+        items, bad = sort_decoded(self._modality.decode_many(to_decode) if to_decode else ())
+        for record in bad:
+            self._dead_letter(record)
+        for item in items:
+            self._batcher.add(item)
 
     def _submit(self, batch: Sequence[Any]) -> None:
         self._complete(self._dispatcher.submit(batch))
@@ -212,10 +206,7 @@ class Worker:
 
     def _update_gauges(self) -> None:
         metrics.IN_FLIGHT.labels(self._modality.name).set(self._tracker.in_flight())
-        for tp in self.assigned or []:
-            high = self._consumer.highwater(tp)
-            if high is not None:
-                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - self._consumer.position(tp)))
+        metrics.observe_lag(self._consumer, self.assigned or [])
 
     def _pause_for_outage(self) -> None:
         self.stats.outages += 1
