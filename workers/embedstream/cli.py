@@ -52,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedstream", description=__doc__)
     _flag(parser, "--log-level", "LOG_LEVEL", "logging level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_model_commands(sub)
+    _add_local_commands(sub)
+    for module in COMMAND_MODULES:
+        COMMANDS.update(importlib.import_module(module).register(sub, _flag))
+    return parser
 
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="run a worker against the broker and Triton in the config")
     _flag(p, "--config", "CONFIG", "TOML config file")
 
@@ -71,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--instances", "TRITON_INSTANCES", "model instances per device", default="1", type=int)
     _flag(p, "--torch-threads", "TORCH_THREADS", "torch threads per instance", default="2", type=int)
 
+
+def _add_local_commands(sub: argparse._SubParsersAction) -> None:
+    """The embedded stack's commands: ``up``, ``demo`` and ``produce-samples``."""
     for name, help_text in (
         ("up", "start the embedded stack and a worker; keep running until Ctrl-C"),
         ("demo", "run the main job on the embedded stack and print a summary"),
@@ -80,21 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         _flag(p, "--partitions", "PARTITIONS", "partitions of the input/output topics", default="4", type=int)
         _flag(p, "--workdir", "WORKDIR", "directory for logs and the model repository", default=".embedstream")
         if name == "demo":
-            _flag(
-                p,
-                "--count",
-                "DEMO_COUNT",
-                "sample messages per modality (time series: a third)",
-                default="300",
-                type=int,
-            )
-            _flag(
-                p,
-                "--modalities",
-                "DEMO_MODALITIES",
-                "comma-separated modalities to run",
-                default="image,text,timeseries",
-            )
+            count_help = "sample messages per modality (time series: a third)"
+            _flag(p, "--count", "DEMO_COUNT", count_help, default="300", type=int)
+            modalities_help = "comma-separated modalities to run"
+            _flag(p, "--modalities", "DEMO_MODALITIES", modalities_help, default="image,text,timeseries")
             _flag(p, "--bad-every", "DEMO_BAD_EVERY", "make every Nth image corrupt (0: none)", default="50", type=int)
         else:
             _flag(p, "--broker-port", "BROKER_PORT", "broker port (0: any free port)", default="9092", type=int)
@@ -105,9 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--topic", "KAFKA__INPUT_TOPIC", "input topic", default="images")
     _flag(p, "--count", "DEMO_COUNT", "how many", default="100", type=int)
     _flag(p, "--bad-every", "DEMO_BAD_EVERY", "make every Nth image corrupt (0: none)", default="0", type=int)
-    for module in COMMAND_MODULES:
-        COMMANDS.update(importlib.import_module(module).register(sub, _flag))
-    return parser
 
 
 def _setup_logging(level: str) -> None:
