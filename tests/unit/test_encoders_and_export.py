@@ -7,7 +7,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from embedstream.config import EncoderSettings
-from embedstream.encoders import EncoderSpec, get_family, list_families
+from embedstream.encoders import EncoderSpec, get_family, list_families, served_model_name
 from embedstream.errors import ConfigError
 from embedstream.export import ExportTarget, export_model, render_config
 
@@ -33,6 +33,13 @@ def test_spec_round_trips_through_json(family_settings):
     spec = get_family(family_settings.family).describe(family_settings)
     assert EncoderSpec.from_json(spec.to_json()) == spec
     assert spec.embedding_output.dims == (spec.embedding_dim,)
+
+
+def test_the_worker_computes_the_name_the_exporter_gives_the_model(family_settings):
+    # The worker asks Triton for this name without torch; the spec it then reads was named the same way.
+    assert served_model_name(family_settings) == get_family(family_settings.family).describe(family_settings).name
+    renamed = family_settings.model_copy(update={"model_name": "custom-name"})
+    assert served_model_name(renamed) == get_family(family_settings.family).describe(renamed).name == "custom-name"
 
 
 @pytest.mark.parametrize("target", [ExportTarget(), ExportTarget(backend="pytorch", kind="gpu", instances=2)])

@@ -392,6 +392,18 @@ def test_workers_probes_security_resources_and_secret(overlay):
             assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
 
 
+def test_workers_run_the_worker_image_and_the_export_the_exporter_image(overlay):
+    # The worker image has no torch; exporting the models needs it.
+    name, docs = overlay
+    for w in _workers(docs):
+        assert {c["image"].split(":")[0] for c in _containers(w)} == {"embedstream-worker"}
+    (export,) = _pod_spec(_triton(docs))["initContainers"]
+    assert export["args"][0] == "export-models"
+    assert export["image"].split(":")[0] == "embedstream-exporter"
+    pinned = yaml.safe_load((K8S / "overlays" / name / "kustomization.yaml").read_text())["images"]
+    assert {i["name"] for i in pinned} == {"embedstream-worker", "embedstream-exporter"}
+
+
 def test_secret_is_a_template_with_placeholders_only(overlay):
     _, docs = overlay
     (secret,) = _by_kind(docs, "Secret")

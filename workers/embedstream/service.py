@@ -1,34 +1,52 @@
-"""Assemble a worker from settings: spec, modality, Triton backend (checked), Kafka clients."""
+"""Assemble a worker from settings: the served model's spec, modality, Triton backend (checked), Kafka clients.
+
+The worker computes only the served model's name (``encoders.served_model_name``, torch-free) and reads
+the encoder spec from the model Triton serves, so a worker process never imports torch, timm or
+transformers: those belong to the exporter (``embedstream export-models``), which wrote the spec.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 from embedstream.config import Settings
-from embedstream.encoders import EncoderSpec, get_family
+from embedstream.encoders import served_model_name
 from embedstream.health import HealthServer
 from embedstream.inference.triton import TritonBackend
 from embedstream.kafka_io import make_consumer, make_producer
 from embedstream.modalities import modality_for
 from embedstream.worker import Worker, WorkerStats
 
+if TYPE_CHECKING:
+    from embedstream.encoders import EncoderSpec
+
 log = logging.getLogger(__name__)
 
 
 def encoder_spec(settings: Settings) -> EncoderSpec:
-    return get_family(settings.encoder.family).describe(settings.encoder)
+    """The spec the family computes in-process, for the local tools that run models themselves.
+
+    This imports the family's network library on first use; ``create_worker`` does not call it.
+    """
+    from embedstream.encoders import describe
+
+    return describe(settings)
 
 
 def create_worker(settings: Settings, ready_timeout_s: float = 120.0) -> Worker:
-    spec = encoder_spec(settings)
-    backend = TritonBackend(settings.triton, spec)
-    backend.wait_ready(ready_timeout_s)
-    backend.verify(settings.batch.max_size)
+    backend = TritonBackend.for_served_model(settings.triton, served_model_name(settings.encoder), ready_timeout_s)
+    try:
+        backend.verify(settings.batch.max_size, settings.encoder)
+        modality = modality_for(backend.spec, settings)
+    except BaseException:
+        backend.close()
+        raise
     client_id = f"{settings.kafka.client_id}-{settings.worker_id}"
     return Worker(
         settings,
-        modality_for(spec, settings),
+        modality,
         backend,
         make_consumer(settings.kafka, client_id),
         make_producer(settings.kafka, client_id, settings.worker_id),

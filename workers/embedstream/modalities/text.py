@@ -121,9 +121,14 @@ class TextModality:
         location, max_length = spec.extra.get("tokenizer"), spec.extra.get("max_length")
         if not location or not max_length:
             raise ConfigError(f"encoder {spec.name} names no tokenizer and max length (spec.extra)")
+        pad = spec.extra.get("pad_token_id")
         # The tokenizer may come from the model hub only where the model itself may.
         self._tokenizer = TextTokenizer(
-            str(location), int(max_length), local_files_only=settings.encoder.weights != "pretrained"
+            str(location),
+            int(max_length),
+            local_files_only=settings.encoder.weights != "pretrained",
+            pad_token_id=None if pad is None else int(pad),
+            arch=settings.encoder.arch,
         )
         self._limits = settings.text
 
