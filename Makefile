@@ -22,10 +22,12 @@ up: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check workers tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -v --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check workers tests
+	$(BIN)/mypy
 	$(BIN)/ruff format --check workers tests
 
 clean:

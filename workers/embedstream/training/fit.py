@@ -213,7 +213,12 @@ def _progress(enabled: bool, totals: dict[str, int]) -> Iterator[Advance | None]
     if not enabled:
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:  # rich is in the optional `tools` extra; training needs no bar
+        log.info("training without a progress bar: pip install 'embedstream[tools]' for one")
+        yield None
+        return
 
     with Progress(
         TextColumn("{task.description:<12}"),

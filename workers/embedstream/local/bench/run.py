@@ -78,7 +78,7 @@ class _Board:
 
 def _meta(opts: BenchOptions, began: float) -> dict[str, Any]:
     return {
-        "started_at": dt.datetime.fromtimestamp(began, dt.timezone.utc).isoformat(timespec="seconds"),
+        "started_at": dt.datetime.fromtimestamp(began, dt.UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpus": os.cpu_count(),
             "load_average_before": list(os.getloadavg()),
