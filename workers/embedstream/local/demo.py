@@ -117,32 +117,54 @@ def run_demo(
     workers: list[WorkerProcess] = []
     readers: list[TopicReader] = []
     try:
-        assert stack.triton is not None
-        console.print(f"[green]broker[/] {stack.broker.bootstrap}   [green]triton[/] grpc {stack.triton.grpc_url}")
-        console.print(f"[green]models[/] {', '.join(s.name for s in stack.specs)} in {stack.model_repository}")
+        _print_stack(stack, console)
         local = stack.all_settings
+        # Built before any starts: if one fails to start or get ready, the finally below still terminates all.
         workers = [WorkerProcess(s, stack.workdir, f"worker-{t.modality}") for s, t in zip(local, traffic, strict=True)]
-        with console.status(f"starting {len(workers)} workers and joining their consumer groups..."):
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.wait_ready()
+        _start_workers(workers, console)
         readers = [TopicReader(s.kafka) for s in local]
         started = time.monotonic()
-        sent = [produce(s.kafka, s.kafka.input_topic, t.messages) for s, t in zip(local, traffic, strict=True)]
-        console.print(", ".join(f"{len(t.messages)} {t.modality} messages" for t in traffic) + " produced")
+        sent = _produce_all(local, traffic, console)
         done_at = _follow(traffic, readers, workers, started, console)
         return [
             summarize(t, spec_name, r.result, done_at[i], sent[i])
             for i, (t, r, spec_name) in enumerate(zip(traffic, readers, _model_names(stack, traffic), strict=True))
         ]
     finally:
-        for r in readers:
-            r.close()
+        _shut_down(stack, readers, workers, console)
+
+
+def _print_stack(stack: LocalStack, console: Console) -> None:
+    assert stack.triton is not None
+    console.print(f"[green]broker[/] {stack.broker.bootstrap}   [green]triton[/] grpc {stack.triton.grpc_url}")
+    console.print(f"[green]models[/] {', '.join(s.name for s in stack.specs)} in {stack.model_repository}")
+
+
+def _start_workers(workers: Sequence[WorkerProcess], console: Console) -> None:
+    with console.status(f"starting {len(workers)} workers and joining their consumer groups..."):
         for w in workers:
-            w.terminate()
-        with console.status("stopping Triton and the broker..."):
-            stack.stop()
+            w.start()
+        for w in workers:
+            w.wait_ready()
+
+
+def _produce_all(
+    local: Sequence[Settings], traffic: Sequence[DemoTraffic], console: Console
+) -> list[dict[bytes, float]]:
+    sent = [produce(s.kafka, s.kafka.input_topic, t.messages) for s, t in zip(local, traffic, strict=True)]
+    console.print(", ".join(f"{len(t.messages)} {t.modality} messages" for t in traffic) + " produced")
+    return sent
+
+
+def _shut_down(
+    stack: LocalStack, readers: Sequence[TopicReader], workers: Sequence[WorkerProcess], console: Console
+) -> None:
+    for r in readers:
+        r.close()
+    for w in workers:
+        w.terminate()
+    with console.status("stopping Triton and the broker..."):
+        stack.stop()
 
 
 def _model_names(stack: LocalStack, traffic: Sequence[DemoTraffic]) -> list[str]:

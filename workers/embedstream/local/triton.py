@@ -45,6 +45,23 @@ def _build_backend_dir(root: Path, dest: Path) -> Path:
     return dest
 
 
+def _server_env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    libs = root.parent.parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
+    # The backend stub embeds Python and finds its prefix through the `python3` on PATH:
+    # put this environment's first so model.py imports this environment's torch and numpy.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # The local server shares its cores with the worker. OpenMP threads that spin for long
+    # after a parallel region (GNU default ~300k spins) starve the worker; never spinning
+    # (OMP_WAIT_POLICY=PASSIVE) puts a thread wake-up between every two operators and made
+    # MobileNet 1.5x and MiniLM 1.3x slower here. A short spin bridges the gaps inside one
+    # forward pass and sleeps between requests.
+    if "OMP_WAIT_POLICY" not in env:
+        env.setdefault("GOMP_SPINCOUNT", "10000")
+    return env
+
+
 class LocalTriton:
     def __init__(
         self,
@@ -61,40 +78,28 @@ class LocalTriton:
         self.metrics_port = metrics_port or free_port()
         root = _pytriton_root()
         backends = _build_backend_dir(root, self.workdir / "triton-backends")
-        libs = root.parent.parent / "nvidia_pytriton.libs"
-        env = dict(os.environ)
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
-        # The backend stub embeds Python and finds its prefix through the `python3` on PATH:
-        # put this environment's first so model.py imports this environment's torch and numpy.
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        # The local server shares its cores with the worker. OpenMP threads that spin for long
-        # after a parallel region (GNU default ~300k spins) starve the worker; never spinning
-        # (OMP_WAIT_POLICY=PASSIVE) puts a thread wake-up between every two operators and made
-        # MobileNet 1.5x and MiniLM 1.3x slower here. A short spin bridges the gaps inside one
-        # forward pass and sleeps between requests.
-        if "OMP_WAIT_POLICY" not in env:
-            env.setdefault("GOMP_SPINCOUNT", "10000")
+        env = _server_env(root)
         self._proc = ChildProcess(
-            "triton server",
-            [
-                str(root / "bin" / "tritonserver"),
-                f"--model-repository={self.model_repository}",
-                f"--backend-directory={backends}",
-                "--http-address=127.0.0.1",
-                f"--http-port={self.http_port}",
-                "--grpc-address=127.0.0.1",
-                f"--grpc-port={self.grpc_port}",
-                "--metrics-address=127.0.0.1",
-                f"--metrics-port={self.metrics_port}",
-                "--allow-gpu-metrics=false",
-                "--exit-on-error=true",
-                # A local server has no clients worth waiting 30 s for at shutdown.
-                "--exit-timeout-secs=3",
-                "--log-verbose=0",
-            ],
-            self.workdir / "logs" / "triton.log",
-            env=env,
+            "triton server", self._command(root, backends), self.workdir / "logs" / "triton.log", env=env
         )
+
+    def _command(self, root: Path, backends: Path) -> list[str]:
+        return [
+            str(root / "bin" / "tritonserver"),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backends}",
+            "--http-address=127.0.0.1",
+            f"--http-port={self.http_port}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.grpc_port}",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--exit-on-error=true",
+            # A local server has no clients worth waiting 30 s for at shutdown.
+            "--exit-timeout-secs=3",
+            "--log-verbose=0",
+        ]
 
     @property
     def grpc_url(self) -> str:

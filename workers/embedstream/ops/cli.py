@@ -26,12 +26,14 @@ def _connection(p: argparse.ArgumentParser, flag: Flag) -> None:
     flag(p, "--bootstrap", "KAFKA__BOOTSTRAP_SERVERS", "Kafka bootstrap servers (overrides the config file)")
 
 
-def register(sub: argparse._SubParsersAction, flag: Flag) -> dict[str, Handler]:
+def _add_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="configuration tools")
     config_sub = p.add_subparsers(dest="config_command", required=True)
     c = config_sub.add_parser("check", help="validate a config file; print the effective settings, secrets masked")
     c.add_argument("file", help="TOML config file (EMBEDSTREAM_* environment variables apply on top)")
 
+
+def _add_tail(sub: argparse._SubParsersAction, flag: Flag) -> None:
     p = sub.add_parser("tail", help="print embeddings from an output topic; optionally plot a 2-D PCA")
     p.add_argument("topic", help="output topic (Arrow IPC messages)")
     _connection(p, flag)
@@ -43,6 +45,8 @@ def register(sub: argparse._SubParsersAction, flag: Flag) -> dict[str, Handler]:
     flag(p, "--plot", "TAIL_PLOT", "write a 2-D PCA scatter of the rows read to this PNG file")
     flag(p, "--plot-sample", "TAIL_PLOT_SAMPLE", "rows kept for the plot", default="5000", type=int)
 
+
+def _add_replay(sub: argparse._SubParsersAction, flag: Flag) -> None:
     p = sub.add_parser("replay", help="copy a range of a topic (records as they were) into a replay topic")
     _connection(p, flag)
     flag(p, "--from-topic", "REPLAY_FROM_TOPIC", "topic to read, usually a worker input topic")
@@ -54,6 +58,8 @@ def register(sub: argparse._SubParsersAction, flag: Flag) -> dict[str, Handler]:
     flag(p, "--end-time", "REPLAY_END_TIME", "stop before records at or after this time")
     p.add_argument("--dry-run", action="store_true", help="print the offset ranges and copy nothing")
 
+
+def _add_dlq(sub: argparse._SubParsersAction, flag: Flag) -> None:
     p = sub.add_parser("dlq", help="dead-letter topic tools")
     dlq_sub = p.add_subparsers(dest="dlq_command", required=True)
     d = dlq_sub.add_parser("list", help="reasons summary and one line per dead letter (no payloads)")
@@ -67,6 +73,12 @@ def register(sub: argparse._SubParsersAction, flag: Flag) -> dict[str, Handler]:
     flag(d, "--reason", "DLQ_REDRIVE_REASON", "only dead letters with this reason")
     d.add_argument("--dry-run", action="store_true", help="count what would be sent and send nothing")
 
+
+def register(sub: argparse._SubParsersAction, flag: Flag) -> dict[str, Handler]:
+    _add_config(sub)
+    _add_tail(sub, flag)
+    _add_replay(sub, flag)
+    _add_dlq(sub, flag)
     return {"config": cmd_config, "tail": cmd_tail, "replay": cmd_replay, "dlq": cmd_dlq}
 
 

@@ -78,6 +78,51 @@ def offsets_at(consumer: KafkaConsumer, topic: str, partitions: list[int], when_
     return {tp.partition: (None if hit is None else hit.offset) for tp, hit in found.items()}
 
 
+class _SpanReader:
+    """The spans of one ``read_spans`` still unfinished, and when each last brought records."""
+
+    def __init__(self, consumer: KafkaConsumer, topic: str, pending: dict[int, Span]) -> None:
+        self.consumer, self.topic, self.pending = consumer, topic, pending
+        self.started_ms = int(time.time() * 1000)
+        self.tps = {p: TopicPartition(topic, p) for p in pending}
+        consumer.assign(list(self.tps.values()))
+        for p, first in pending.items():
+            consumer.seek(self.tps[p], first.start)
+        self.last_record = dict.fromkeys(pending, time.monotonic())
+
+    def finish(self, p: int) -> None:
+        self.pending.pop(p, None)
+        self.consumer.pause(self.tps[p])
+
+    def past_end(self, span: Span, rec: ConsumerRecord) -> bool:
+        beyond = span.end is None and rec.offset >= span.high and rec.timestamp > self.started_ms
+        return (span.end is not None and rec.offset >= span.end) or beyond
+
+    def poll(self) -> Iterator[ConsumerRecord]:
+        for tp, records in self.consumer.poll(timeout_ms=300).items():
+            span = self.pending.get(tp.partition)
+            if span is None:
+                continue
+            self.last_record[tp.partition] = time.monotonic()
+            for rec in records:
+                if self.past_end(span, rec):
+                    self.finish(tp.partition)
+                    break
+                yield rec
+
+    def check_positions(self, idle_timeout_s: float, caught_up_idle_s: float) -> None:
+        now = time.monotonic()
+        for p in list(self.pending):
+            span, position = self.pending[p], self.consumer.position(self.tps[p])
+            # position() moves past gaps too, so a span ending on a marker still completes.
+            if span.end is not None and position >= span.end:
+                self.finish(p)
+            elif position >= span.high and now - self.last_record[p] > caught_up_idle_s:
+                self.finish(p)
+            elif now - self.last_record[p] > idle_timeout_s:
+                raise TimeoutError(f"no records from {self.topic}[{p}] at offset {position} for {idle_timeout_s:.0f}s")
+
+
 def read_spans(
     consumer: KafkaConsumer,
     topic: str,
@@ -95,39 +140,10 @@ def read_spans(
     pending = {s.partition: s for s in spans if not s.empty}
     if not pending:
         return
-    started_ms = int(time.time() * 1000)
-    tps = {p: TopicPartition(topic, p) for p in pending}
-    consumer.assign(list(tps.values()))
-    for p, first in pending.items():
-        consumer.seek(tps[p], first.start)
-    last_record = dict.fromkeys(pending, time.monotonic())
-
-    def finish(p: int) -> None:
-        pending.pop(p, None)
-        consumer.pause(tps[p])
-
-    while pending:
-        for tp, records in consumer.poll(timeout_ms=300).items():
-            span = pending.get(tp.partition)
-            if span is None:
-                continue
-            last_record[tp.partition] = time.monotonic()
-            for rec in records:
-                beyond = span.end is None and rec.offset >= span.high and rec.timestamp > started_ms
-                if (span.end is not None and rec.offset >= span.end) or beyond:
-                    finish(tp.partition)
-                    break
-                yield rec
-        now = time.monotonic()
-        for p in list(pending):
-            span, position = pending[p], consumer.position(tps[p])
-            # position() moves past gaps too, so a span ending on a marker still completes.
-            if span.end is not None and position >= span.end:
-                finish(p)
-            elif position >= span.high and now - last_record[p] > caught_up_idle_s:
-                finish(p)
-            elif now - last_record[p] > idle_timeout_s:
-                raise TimeoutError(f"no records from {topic}[{p}] at offset {position} for {idle_timeout_s:.0f}s")
+    reader = _SpanReader(consumer, topic, pending)
+    while reader.pending:
+        yield from reader.poll()
+        reader.check_positions(idle_timeout_s, caught_up_idle_s)
 
 
 def header_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, bytes]:

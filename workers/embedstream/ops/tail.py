@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from kafka import KafkaConsumer
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
 
 from embedstream.kafka_io import partitions_of
@@ -98,6 +99,51 @@ class Sample:
         return np.concatenate([m for m, _ in kept]), [x for _, g in kept for x in g]
 
 
+@dataclass
+class _Printer:
+    """What one tail has printed so far, kept as it goes so that Ctrl-C still reports it."""
+
+    dims: int
+    emit: Callable[[str], None]
+    max_rows: int | None
+    sample: Sample | None
+    rows: int = 0
+    bad: int = 0
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        return self.rows, self.bad
+
+    def print_record(self, rec: ConsumerRecord) -> bool:
+        """True once max_rows rows are printed; a message that does not decode never ends the tail."""
+        try:
+            table = decode_embeddings(rec.value)
+        except Exception as exc:  # any bytes can be on a topic; one bad message must not end the tail
+            self.bad += 1
+            self.emit(f"# {rec.topic}/{rec.partition}@{rec.offset}: not an embedstream Arrow message ({exc})")
+            return False
+        if self.max_rows is not None:
+            table = table.slice(0, self.max_rows - self.rows)
+        for line in table_lines(table, self.dims):
+            self.emit(line)
+        self.rows += table.num_rows
+        if self.sample is not None:
+            self.sample.add(table)
+        return self.max_rows is not None and self.rows >= self.max_rows
+
+
+def _assign_all(
+    consumer: KafkaConsumer, topic: str, from_beginning: bool
+) -> tuple[list[TopicPartition], dict[TopicPartition, int]]:
+    tps = [TopicPartition(topic, p) for p in partitions_of(consumer, topic)]
+    consumer.assign(tps)
+    if from_beginning:
+        consumer.seek_to_beginning(*tps)
+    else:
+        consumer.seek_to_end(*tps)
+    return tps, consumer.end_offsets(tps)
+
+
 def tail(
     consumer: KafkaConsumer,
     topic: str,
@@ -112,42 +158,23 @@ def tail(
     caught_up_idle_s: float = 1.5,
 ) -> tuple[int, int]:
     """Print rows until max_rows, the end (unless following), the timeout or Ctrl-C; returns (rows, bad messages)."""
-    tps = [TopicPartition(topic, p) for p in partitions_of(consumer, topic)]
-    consumer.assign(tps)
-    if from_beginning:
-        consumer.seek_to_beginning(*tps)
-    else:
-        consumer.seek_to_end(*tps)
-    end = consumer.end_offsets(tps)
+    tps, end = _assign_all(consumer, topic, from_beginning)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    rows = bad = 0
+    out = _Printer(dims, emit, max_rows, sample)
     last_record = time.monotonic()
     try:
         while True:
             for _tp, records in consumer.poll(timeout_ms=300).items():
                 last_record = time.monotonic()
                 for rec in records:
-                    try:
-                        table = decode_embeddings(rec.value)
-                    except Exception as exc:  # any bytes can be on a topic; one bad message must not end the tail
-                        bad += 1
-                        emit(f"# {rec.topic}/{rec.partition}@{rec.offset}: not an embedstream Arrow message ({exc})")
-                        continue
-                    if max_rows is not None:
-                        table = table.slice(0, max_rows - rows)
-                    for line in table_lines(table, dims):
-                        emit(line)
-                    rows += table.num_rows
-                    if sample is not None:
-                        sample.add(table)
-                    if max_rows is not None and rows >= max_rows:
-                        return rows, bad
+                    if out.print_record(rec):
+                        return out.counts
             # Past the reported end and quiet for a moment: some brokers (the embedded Tansu) under-report
             # end offsets, so the reported end alone would stop early.
             caught_up = all(consumer.position(tp) >= end[tp] for tp in tps)
             if not follow and caught_up and time.monotonic() - last_record > caught_up_idle_s:
-                return rows, bad
+                return out.counts
             if deadline is not None and time.monotonic() > deadline:
-                return rows, bad
+                return out.counts
     except KeyboardInterrupt:
-        return rows, bad
+        return out.counts
