@@ -84,6 +84,20 @@ def modality_fields(name: str) -> tuple[pa.Field, ...]:
     return _FIELDS[name]
 
 
-def source_offset(source: SourceMessage) -> list[tuple[TopicPartition, int]]:
-    """The covers of an item that stands for its own message only (most items)."""
-    return [(TopicPartition(source.topic, source.partition), source.offset)]
+class _OwnRow(Protocol):
+    source: SourceMessage
+    event_time_ms: int
+
+
+class OneRowPerMessage:
+    """For modalities whose every item is one message's row and that keep no state across messages."""
+
+    def covers(self, item: _OwnRow) -> list[tuple[TopicPartition, int]]:
+        src = item.source
+        return [(TopicPartition(src.topic, src.partition), src.offset)]
+
+    def event_time_ms(self, item: _OwnRow) -> int:
+        return item.event_time_ms
+
+    def forget(self, partitions: Sequence[TopicPartition]) -> None:
+        return None

@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-from kafka.structs import TopicPartition
 from PIL import Image, UnidentifiedImageError
 
 from embedstream.config import ImageLimits, Settings
 from embedstream.encoders import EncoderSpec, ImagePreprocessing
 from embedstream.errors import ConfigError
-from embedstream.modalities import register_modality, source_offset
+from embedstream.modalities import OneRowPerMessage, register_modality
 from embedstream.modalities._envelope import default_id, is_envelope, unwrap
 from embedstream.records import BadRecord, Reason, RowMeta, SourceMessage
 
@@ -120,7 +119,7 @@ def _resize_center_crop(img: Image.Image, prep: ImagePreprocessing) -> np.ndarra
     return np.asarray(img, dtype=np.uint8)
 
 
-class ImageModality:
+class ImageModality(OneRowPerMessage):
     name = "image"
     fields = FIELDS
 
@@ -146,15 +145,6 @@ class ImageModality:
     def row(self, item: DecodedImage) -> RowMeta:
         extra = {"source_width": item.source_width, "source_height": item.source_height}
         return RowMeta.of(item.source, item.id, item.event_time_ms, extra)
-
-    def covers(self, item: DecodedImage) -> list[tuple[TopicPartition, int]]:
-        return source_offset(item.source)
-
-    def event_time_ms(self, item: DecodedImage) -> int:
-        return item.event_time_ms
-
-    def forget(self, partitions: Sequence[TopicPartition]) -> None:
-        return None  # no state across messages
 
 
 register_modality("image", ImageModality, FIELDS)

@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-from kafka.structs import TopicPartition
 
 from embedstream.config import Settings, TextLimits
 from embedstream.encoders import EncoderSpec
 from embedstream.errors import ConfigError
-from embedstream.modalities import register_modality, source_offset
+from embedstream.modalities import OneRowPerMessage, register_modality
 from embedstream.modalities._envelope import default_id, is_envelope, parse_object, read_meta
 from embedstream.modalities._tokenizer import TextTokenizer
 from embedstream.records import BadRecord, RowMeta, SourceMessage
@@ -113,7 +112,7 @@ def _unwrap(msg: SourceMessage, raw: str) -> _Text | BadRecord:
     return _Text(text, *meta)
 
 
-class TextModality:
+class TextModality(OneRowPerMessage):
     name = "text"
     fields = FIELDS
 
@@ -152,15 +151,6 @@ class TextModality:
     def row(self, item: DecodedText) -> RowMeta:
         extra = {"truncated": item.truncated, "token_count": item.token_count}
         return RowMeta.of(item.source, item.id, item.event_time_ms, extra)
-
-    def covers(self, item: DecodedText) -> list[tuple[TopicPartition, int]]:
-        return source_offset(item.source)
-
-    def event_time_ms(self, item: DecodedText) -> int:
-        return item.event_time_ms
-
-    def forget(self, partitions: Sequence[TopicPartition]) -> None:
-        return None  # no state across messages
 
 
 register_modality("text", TextModality, FIELDS)
