@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -25,7 +25,7 @@ def parse_time_ms(text: str) -> int:
     except ValueError:
         raise ConfigError(f"not a time: {text!r} (use ISO 8601, e.g. 2024-05-01T12:00:00Z, or epoch ms)") from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return int(when.timestamp() * 1000)
 
 

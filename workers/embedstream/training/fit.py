@@ -91,6 +91,24 @@ def _batches(n: int, size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
     yield from order.split(size)
 
 
+def _epoch(
+    x: torch.Tensor,
+    batch_size: int,
+    gen: torch.Generator,
+    opt: torch.optim.Optimizer,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+) -> float:
+    """One pass over the shuffled windows; returns the mean loss per window."""
+    total = 0.0
+    for idx in _batches(len(x), batch_size, gen):
+        loss = loss_of(x[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+    return total / len(x)
+
+
 def fit_autoencoder(
     data: Prepared, cfg: TrainConfig, advance: Advance | None = None
 ) -> tuple[WindowAutoencoder, Sidecar]:
@@ -104,16 +122,8 @@ def fit_autoencoder(
     loss_value = float("nan")
     for _ in range(cfg.ae_epochs):
         model.train()
-        total = 0.0
-        for idx in _batches(len(x), cfg.batch_size, gen):
-            _, err = model.errors(x[idx])
-            loss = err.mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
+        loss_value = _epoch(x, cfg.batch_size, gen, opt, lambda batch: model.errors(batch)[1].mean())
         sched.step()
-        loss_value = total / len(x)
         if advance:
             advance("autoencoder", loss_value)
     model.eval()
@@ -131,12 +141,7 @@ def fit_autoencoder(
         mean=data.mean,
         std=data.std,
         threshold=threshold,
-        threshold_rule={
-            "kind": "quantile",
-            "q": cfg.threshold_quantile,
-            "of": "reconstruction_error on held-out normal windows",
-            "holdout_windows": len(held_err),
-        },
+        threshold_rule=_threshold_rule(cfg, len(held_err)),
         channel_names=data.channel_names,
         training=_summary(cfg, len(data.train), loss_value, float(held_err.mean()), cfg.ae_epochs),
     )
@@ -159,14 +164,7 @@ def fit_lstm(data: Prepared, cfg: TrainConfig, advance: Advance | None = None) -
     loss_value = float("nan")
     for _ in range(cfg.lstm_epochs):
         model.train()
-        total = 0.0
-        for idx in _batches(len(x), cfg.batch_size, gen):
-            loss = step_loss(x[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        loss_value = total / len(x)
+        loss_value = _epoch(x, cfg.batch_size, gen, opt, step_loss)
         if advance:
             advance("lstm", loss_value)
     model.eval()
@@ -184,6 +182,15 @@ def fit_lstm(data: Prepared, cfg: TrainConfig, advance: Advance | None = None) -
         training={**_summary(cfg, len(data.train), loss_value, held_loss, cfg.lstm_epochs), "objective": "next_step"},
     )
     return model, side
+
+
+def _threshold_rule(cfg: TrainConfig, holdout_windows: int) -> dict[str, object]:
+    return {
+        "kind": "quantile",
+        "q": cfg.threshold_quantile,
+        "of": "reconstruction_error on held-out normal windows",
+        "holdout_windows": holdout_windows,
+    }
 
 
 def _summary(cfg: TrainConfig, windows: int, train_loss: float, held_loss: float, epochs: int) -> dict[str, object]:
