@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from embedstream.errors import ConfigError
@@ -32,14 +34,13 @@ class EncoderFamily:
 
 
 _FAMILIES: dict[str, EncoderFamily] = {}
-# Where each known family lives; importing the module registers it. The null family is a local tool.
+# Where each known family lives; importing the module registers it. Every public module of this
+# package is a family of that name, so adding one is adding its file; the null family is a local tool.
 _MODULES = {
-    "cnn": "embedstream.encoders.cnn",
-    "transformer": "embedstream.encoders.transformer",
-    "lstm": "embedstream.encoders.lstm",
-    "autoencoder": "embedstream.encoders.autoencoder",
-    "null": "embedstream.local.null_encoder",
-}
+    info.name: f"embedstream.encoders.{info.name}"
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)])
+    if not info.name.startswith("_")
+} | {"null": "embedstream.local.null_encoder"}
 
 
 def register_family(family: EncoderFamily) -> EncoderFamily:
