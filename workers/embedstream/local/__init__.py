@@ -1,7 +1,6 @@
-"""The embedded local stack: a Kafka-protocol broker and a CPU Triton server as child processes."""
+"""Local tools, apart from what a production worker imports: the embedded stack (a Kafka-protocol
+broker and a CPU Triton server as child processes), the demo and its sample data, readback, the
+bench and its null encoder.
 
-from embedstream.local.broker import LocalBroker
-from embedstream.local.stack import LocalStack
-from embedstream.local.triton import LocalTriton
-
-__all__ = ["LocalBroker", "LocalStack", "LocalTriton"]
+Nothing is imported here, so the CLI can register the bench's subcommand without loading the stack.
+"""
