@@ -307,3 +307,11 @@ def test_the_bench_loop_runs_the_applicable_stages_in_order(monkeypatch):
     assert calls == ["prepare", "a", "b", "after b", "close"]
     assert list(b.stages) == ["a", "b"] and b.stages["b"].messages == 3
     assert done == [("image", "a", 2, "note 2"), ("image", "b", 3, "")]
+
+
+def test_startup_variants_name_a_code_tree_and_an_interpreter():
+    from embedstream.local.bench.startup import Variant
+
+    assert Variant.parse("before=/tmp/old/workers") == Variant("before", "/tmp/old/workers", None)
+    assert Variant.parse("core=,/venv/bin/python") == Variant("core", None, "/venv/bin/python")
+    assert Variant.parse("plain") == Variant("plain", None, None)

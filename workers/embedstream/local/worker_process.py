@@ -17,7 +17,15 @@ from embedstream.local.process import ChildProcess, free_port
 
 
 class WorkerProcess:
-    def __init__(self, settings: Settings, workdir: Path, name: str = "worker-0") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        workdir: Path,
+        name: str = "worker-0",
+        python: str = sys.executable,
+        pythonpath: str | None = None,
+    ) -> None:
+        """``python``/``pythonpath``: run the worker with another interpreter or code tree (start-up comparisons)."""
         self.name = name
         workdir = Path(workdir)
         self.config_path = workdir / f"{name}.toml"
@@ -30,12 +38,18 @@ class WorkerProcess:
         self.config_path.chmod(0o600)  # may carry SASL secrets
         env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDSTREAM_")}
         env["PYTHONUNBUFFERED"] = "1"
+        if pythonpath is not None:
+            env["PYTHONPATH"] = pythonpath
         self._proc = ChildProcess(
             f"embedstream {name}",
-            [sys.executable, "-m", "embedstream", "worker", "--config", str(self.config_path)],
+            [python, "-m", "embedstream", "worker", "--config", str(self.config_path)],
             workdir / "logs" / f"{name}.log",
             env=env,
         )
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
 
     @property
     def log_path(self) -> Path:
