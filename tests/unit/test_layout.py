@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "workers" / "embedstream"
 # What a worker process runs: nothing here may import the model side when the module loads.
 WORKER_SIDE = (
     "embedstream.worker",
+    "embedstream.rebalance",
     "embedstream.dispatch",
     "embedstream.delivery",
     "embedstream.sinks",

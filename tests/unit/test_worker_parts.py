@@ -257,3 +257,28 @@ def test_the_delivery_follows_the_setting():
     for mode, kind in [("at_least_once", AtLeastOnce), ("exactly_once", ExactlyOnce)]:
         kafka = load_settings(kafka={"delivery": mode}).kafka
         assert isinstance(delivery_for(kafka, Recording(), producer, sink), kind)
+
+
+def test_rebalance_steps_run_off_the_consumer_io_thread_and_their_errors_reach_the_coordinator():
+    import threading
+
+    from kafka.structs import TopicPartition
+
+    from embedstream.rebalance import RebalanceListener
+    from embedstream.testing import call_listener
+
+    seen = []
+
+    class Steps:
+        def on_revoked(self, partitions):
+            seen.append(("revoked", threading.current_thread().name, partitions))
+
+        def on_assigned(self, partitions):
+            raise RuntimeError("cannot take them")
+
+    listener = RebalanceListener(Steps(), consumer=object())
+    tp = TopicPartition("t", 0)
+    call_listener(listener.on_partitions_revoked, [tp])
+    assert seen == [("revoked", "rebalance", [tp])]
+    with pytest.raises(RuntimeError, match="cannot take them"):
+        call_listener(listener.on_partitions_assigned, [tp])

@@ -6,6 +6,8 @@ integration tier runs the same loop against the real broker and Triton.
 
 from __future__ import annotations
 
+import inspect
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -16,6 +18,24 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from embedstream.encoders import EncoderSpec
 from embedstream.errors import BackendError
+
+
+def call_listener(method: Any, partitions: list[TopicPartition]) -> None:
+    """Call a rebalance-listener method as kafka-python does: a coroutine is driven to its end.
+
+    What it awaits are kafka-python Futures, resolved by other threads: wait for each, then resume.
+    """
+    result = method(partitions)
+    if not inspect.iscoroutine(result):
+        return
+    try:
+        awaited = result.send(None)
+        while True:
+            while not awaited.is_done:
+                time.sleep(0.001)
+            awaited = result.send(None)
+    except StopIteration:
+        return
 
 
 class FakeConsumer:
@@ -40,7 +60,7 @@ class FakeConsumer:
     def subscribe(self, topics: list[str], listener: Any = None) -> None:
         self.listener = listener
         if listener is not None:
-            listener.on_partitions_assigned([TopicPartition(self.topic, p) for p in self._queues])
+            call_listener(listener.on_partitions_assigned, [TopicPartition(self.topic, p) for p in self._queues])
 
     def highwater(self, tp: TopicPartition) -> int | None:
         return self._ends.get(tp.partition)

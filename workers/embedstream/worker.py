@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import TopicPartition
 
 from embedstream import metrics
@@ -29,6 +28,7 @@ from embedstream.inference import InferenceBackend
 from embedstream.intake import sort_decoded, source_message, wrong_model
 from embedstream.modalities import Modality
 from embedstream.offsets import OffsetTracker
+from embedstream.rebalance import RebalanceListener
 from embedstream.records import BadRecord, SourceMessage
 from embedstream.sinks.kafka import KafkaSink
 
@@ -98,7 +98,7 @@ class Worker:
         k = self.settings.kafka
         self._delivery.begin()
         self._warm_up()
-        self._consumer.subscribe([k.input_topic], listener=_Rebalance(self))
+        self._consumer.subscribe([k.input_topic], listener=RebalanceListener(self, self._consumer))
         log.info("worker %s consuming %s as group %s", self.settings.worker_id, k.input_topic, k.group_id)
         try:
             while not stop.is_set():
@@ -250,16 +250,3 @@ class Worker:
         self.assigned = list(partitions)
         if self._dispatcher.degraded and partitions:
             self._consumer.pause(*partitions)  # still no backend: take the partitions, do not read them yet
-
-
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, worker: Worker) -> None:
-        self._worker = worker
-
-    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        log.info("partitions revoked: %s", sorted(revoked))
-        self._worker.on_revoked(revoked)
-
-    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        log.info("partitions assigned: %s", sorted(assigned))
-        self._worker.on_assigned(list(assigned))
