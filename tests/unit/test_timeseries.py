@@ -314,7 +314,7 @@ def test_restart_rebuilds_the_open_window_from_the_uncommitted_log():
     # A new worker (crash: nothing drained) reads from the committed offset, and the series goes on.
     more = [*msgs, *(obs_bytes("a", i) for i in range(7, 10))]
     worker2, consumer2, producer2 = make_worker({0: more})
-    consumer2._queues[0] = consumer2._queues[0][committed:]
+    consumer2.start_at(0, committed)
     run(worker2, consumer2, producer2)
     after = out_rows(producer2)
     assert [r["id"] for r in after] == ["a@7", "a@9"], "the next windows, exactly as without the restart"

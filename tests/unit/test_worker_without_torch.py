@@ -67,8 +67,8 @@ service.make_consumer = lambda *a, **k: FakeConsumer({{}})
 service.make_producer = lambda *a, **k: FakeProducer()
 assert served_model_name(settings.encoder) == spec.name
 worker = service.create_worker(settings, ready_timeout_s=5)
-assert worker._backend.spec == spec
-out = worker._modality.decode(SourceMessage("in", 0, 0, b"k", {message!r}, 0))
+assert worker.spec == spec
+out = worker.modality.decode(SourceMessage("in", 0, 0, b"k", {message!r}, 0))
 assert type(out).__name__ == {decoded!r}, out
 """
 

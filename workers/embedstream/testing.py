@@ -62,6 +62,10 @@ class FakeConsumer:
         if listener is not None:
             call_listener(listener.on_partitions_assigned, [TopicPartition(self.topic, p) for p in self._queues])
 
+    def start_at(self, partition: int, offset: int) -> None:
+        """Serve the partition from ``offset`` on, as after a restart from a committed offset."""
+        self._queues[partition] = [rec for rec in self._queues[partition] if rec.offset >= offset]
+
     def highwater(self, tp: TopicPartition) -> int | None:
         return self._ends.get(tp.partition)
 

@@ -24,6 +24,7 @@ from embedstream.batcher import MicroBatcher
 from embedstream.config import Settings
 from embedstream.delivery import delivery_for
 from embedstream.dispatch import Dispatcher, Inferred
+from embedstream.encoders import EncoderSpec
 from embedstream.inference import InferenceBackend
 from embedstream.intake import sort_decoded, source_message, wrong_model
 from embedstream.modalities import Modality
@@ -77,6 +78,11 @@ class Worker:
         self._commit_interval_s = settings.commit_interval_ms / 1000
         self._last_commit = clock()
         self._consumed = metrics.CONSUMED.labels(modality.name)
+
+    @property
+    def spec(self) -> EncoderSpec:
+        """The served encoder's spec, as read from the served model."""
+        return self._backend.spec
 
     @property
     def modality(self) -> Modality:
