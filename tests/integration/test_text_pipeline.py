@@ -235,11 +235,14 @@ def test_triton_merges_concurrent_requests_of_different_lengths(text_stack):
         return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
 
     merged = False
-    for _ in range(5):
+    # Triton merges only requests whose padded lengths happen to match, so one round often has a
+    # single merge or none (23-24 executions for 24 requests seen here): give it a few rounds.
+    for _ in range(10):
         before = counts()
         gate = threading.Barrier(len(requests))
 
         def send(r: tuple[np.ndarray, ...], gate: threading.Barrier = gate) -> np.ndarray:
+            backend.connect()  # this thread's client is built before the gate, so the requests leave together
             gate.wait()
             return backend.infer(r)[spec.embedding_output.name]
 
