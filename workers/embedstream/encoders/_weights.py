@@ -6,7 +6,9 @@
   pickled code, so a checkpoint can carry tensors and nothing else); how closely its tensors must fit
   the module is the family's :data:`Fit`;
 - ``"pretrained"``: the family's own hub call (timm, transformers); a family without one refuses it;
-- ``"random"``: seeded initialisation, with a warning, for trying the pipeline.
+- ``"random"``: seeded initialisation, with a warning, for trying the pipeline;
+- unset: the weights that ship with the architecture in a package, where it has some
+  (``_packaged_images``); else the family's ``unset`` rule.
 
 The time-series families check their sidecar (``_sidecar.load_sidecar``) before they get here, which
 is where their own rules (a ``.safetensors`` file with a ``.json`` beside it) are enforced.
@@ -40,15 +42,19 @@ def load_weights(
     seed: int,
     fit: Fit,
     pretrained: Callable[[], torch.nn.Module] | None = None,
+    packaged: Callable[[], torch.nn.Module] | None = None,
     unset: Unset = "refuse",
     random_means: str = "embeddings carry no meaning",
 ) -> torch.nn.Module:
     """The module with the weights ``weights`` names, in eval mode.
 
-    ``architecture`` builds the untrained module, ``pretrained`` the hub's. ``unset`` says what no
-    weights at all means: refuse (most families), or the model directory's own weights (a transformer
+    ``architecture`` builds the untrained module, ``pretrained`` the hub's, ``packaged`` the module
+    with the weights installed beside it. ``unset`` says what no weights at all means where nothing
+    is packaged: refuse (most families), or the model directory's own weights (a transformer
     directory carries them). ``what`` names the encoder in log lines and errors.
     """
+    if weights is None and packaged is not None:
+        return packaged().eval()
     if weights is None:
         if unset == "pretrained" and pretrained is not None:
             return pretrained().eval()

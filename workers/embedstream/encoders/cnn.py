@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from embedstream.encoders import _packaged_images
 from embedstream.encoders._names import image_model_name
 from embedstream.encoders._registry import EncoderFamily, register_family
 from embedstream.encoders._spec import EncoderSpec, ImagePreprocessing, TensorSpec
@@ -75,13 +76,19 @@ def describe(settings: EncoderSettings) -> EncoderSpec:
         version=settings.version,
         modality="image",
         family="cnn",
-        source=f"timm/{settings.arch}",
+        source=_source(settings),
         inputs=(TensorSpec(INPUT_NAME, "UINT8", (height, width, 3)),),
         outputs=(TensorSpec(OUTPUT_NAME, "FP32", (dim,)),),
         embedding_dim=dim,
         max_batch_size=settings.max_batch_size,
         preprocessing=prep,
     )
+
+
+def _source(settings: EncoderSettings) -> str:
+    if settings.weights is None and _packaged_images.has_packaged_weights(settings.arch):
+        return f"timm/{settings.arch}+{_packaged_images.PACKAGES[settings.arch].replace('_', '-')}"
+    return f"timm/{settings.arch}"
 
 
 def _rgb(values: Sequence[float], what: str, arch: str) -> tuple[float, float, float]:
@@ -98,10 +105,12 @@ def build_backbone(settings: EncoderSettings) -> torch.nn.Module:
     def create(pretrained: bool) -> torch.nn.Module:
         return timm.create_model(settings.arch, pretrained=pretrained, num_classes=0)
 
+    packaged = _packaged_images.has_packaged_weights(settings.arch)
     return load_weights(
         settings.weights,
         lambda: create(False),
         pretrained=lambda: create(True),
+        packaged=(lambda: _packaged_images.pooled(settings.arch)) if packaged else None,
         what=f"encoder {settings.arch}",
         seed=settings.seed,
         fit="lenient",
