@@ -72,22 +72,13 @@ def timm_names(state: dict[str, torch.Tensor], blocks: list[tuple[int, int]]) ->
 def load(arch: str) -> torch.nn.Module:
     """timm's ``arch`` with its packaged ImageNet weights, strictly, classifier head still on."""
     import timm
-    import torch
+
+    from embedstream.encoders._weights import load_state, read_state
 
     model: Any = timm.create_model(arch, pretrained=False, num_classes=1000)  # timm's EfficientNet
     path = weights_file(arch)
-    raw = torch.load(path, map_location="cpu", weights_only=True)
     blocks = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
-    state = timm_names(raw, blocks)
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        raise ConfigError(
-            f"{path} does not fit timm's {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"other shapes {wrong[:3]}"
-        )
-    model.load_state_dict(state, strict=True)
+    load_state(model, timm_names(read_state(path), blocks), "strict", path)
     return model.eval()
 
 

@@ -79,26 +79,30 @@ def load_weights(
 def load_checkpoint(module: torch.nn.Module, path: Path, fit: Fit) -> None:
     if not path.is_file():
         raise ConfigError(f"encoder weights file not found: {path} (use 'random' or 'pretrained' to opt out)")
-    state = _read(path)
+    load_state(module, read_state(path), fit, path)
+
+
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], fit: Fit, origin: Path) -> None:
+    """Load ``state`` (read from ``origin``) into ``module`` as closely as ``fit`` demands."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if fit == "strict":
         if missing or unexpected:
-            raise ConfigError(f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise ConfigError(f"{origin} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
         for k, v in state.items():
             if tuple(v.shape) != tuple(own[k].shape):
-                raise ConfigError(f"{path}: tensor {k} is {tuple(v.shape)}, the model needs {tuple(own[k].shape)}")
+                raise ConfigError(f"{origin}: tensor {k} is {tuple(v.shape)}, the model needs {tuple(own[k].shape)}")
     else:
         if missing:
-            raise ConfigError(f"checkpoint {path} lacks {len(missing)} tensors of the model, e.g. {missing[:3]}")
+            raise ConfigError(f"checkpoint {origin} lacks {len(missing)} tensors of the model, e.g. {missing[:3]}")
         if unexpected:
-            log.info("checkpoint %s: ignoring %d tensors the pooled model has no use for", path, len(unexpected))
+            log.info("checkpoint %s: ignoring %d tensors the pooled model has no use for", origin, len(unexpected))
             state = {k: v for k, v in state.items() if k in own}
     module.load_state_dict(state)
 
 
-def _read(path: Path) -> dict[str, torch.Tensor]:
+def read_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
