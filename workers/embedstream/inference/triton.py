@@ -46,7 +46,7 @@ def spec_from_config(config: dict[str, Any], model: str, url: str) -> EncoderSpe
     A model without one was not exported by ``embedstream export-models``: the worker cannot know its
     inputs, preprocessing or outputs, and refuses it rather than guess.
     """
-    raw = config.get("parameters", {}).get(SPEC_PARAMETER, {}).get("string_value")
+    raw = _spec_parameter(config)
     fix = "export the model with `embedstream export-models`, which writes the spec into its config.pbtxt"
     if not raw:
         raise ModelMismatchError(
@@ -62,6 +62,11 @@ def spec_from_config(config: dict[str, Any], model: str, url: str) -> EncoderSpe
     if spec.name != model:
         raise ModelMismatchError(f"Triton model {model!r} at {url} carries the spec of {spec.name!r}: {fix}")
     return spec
+
+
+def _spec_parameter(config: dict[str, Any]) -> str | None:
+    raw = config.get("parameters", {}).get(SPEC_PARAMETER, {}).get("string_value")
+    return str(raw) if raw else None
 
 
 def _client_module(protocol: str) -> Any:
@@ -218,7 +223,7 @@ class TritonBackend:
                 if got.get("data_type") != f"TYPE_{t.dtype}" or dims != t.dims:
                     served_as = f"{got.get('data_type')}{list(dims)}"
                     problems.append(f"{kind} {t.name!r} is {served_as}, expected TYPE_{t.dtype}{list(t.dims)}")
-        raw_spec = cfg.get("parameters", {}).get(SPEC_PARAMETER, {}).get("string_value")
+        raw_spec = _spec_parameter(cfg)
         if raw_spec:
             theirs = EncoderSpec.from_json(raw_spec)
             if theirs.preprocessing != self.spec.preprocessing or theirs.version != self.spec.version:
