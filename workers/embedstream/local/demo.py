@@ -13,6 +13,7 @@ import numpy as np
 from embedstream.config import KafkaSettings, Settings
 from embedstream.kafka_io import make_writer
 from embedstream.local.demo_data import DemoTraffic, image_traffic, text_traffic, timeseries_traffic
+from embedstream.local.pipelines import MODALITIES
 from embedstream.local.readback import Readback, TopicReader
 from embedstream.local.stack import LocalStack
 from embedstream.local.worker_process import WorkerProcess
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     # rich comes with the optional ``tools`` extra: imported where the demo draws.
     from rich.console import Console
 
-MODALITIES = ("image", "text", "timeseries")
 # Room for the largest sample images in one request, whatever the settings' producer limit.
 MAX_REQUEST_BYTES = 16 << 20
 

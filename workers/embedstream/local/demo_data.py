@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedstream.config import Settings, load_settings
+from embedstream.config import Settings
+from embedstream.local import pipelines
 from embedstream.local.samples import samples
 
 Message = tuple[bytes, bytes]
@@ -25,29 +26,13 @@ class DemoTraffic:
     labels: dict[bytes, bool] = field(default_factory=dict)
 
 
-def _pipeline(base: Settings, modality: str, encoder: dict, **extra: dict) -> Settings:
-    data = base.model_dump(mode="json")
-    data["encoder"] = {**data["encoder"], **encoder}
-    data["kafka"].update(
-        input_topic=modality,
-        output_topic=f"embeddings.{modality}",
-        dead_letter_topic=f"deadletter.{modality}",
-        group_id=f"embedstream-{modality}",
-    )
-    for key, value in extra.items():
-        data[key] = {**data.get(key, {}), **value}
-    return load_settings(**data)
-
-
 def image_traffic(base: Settings, count: int, bad_every: int) -> DemoTraffic:
     batch = [(s.key, s.value) for s in samples(count, bad_every=bad_every, prefix="demo")]
-    return DemoTraffic("image", base, batch)
+    return DemoTraffic("image", pipelines.image_settings(base), batch)
 
 
 def text_traffic(base: Settings, count: int, bad_every: int) -> DemoTraffic:
-    settings = _pipeline(
-        base, "text", {"family": "transformer", "arch": "all-MiniLM-L6-v2", "weights": None, "model_name": None}
-    )
+    settings = pipelines.text_settings(base)
     messages: list[Message] = []
     for i in range(count):
         key = f"text-{i:06d}".encode()
@@ -59,34 +44,11 @@ def text_traffic(base: Settings, count: int, bad_every: int) -> DemoTraffic:
     return DemoTraffic("text", settings, messages)
 
 
-# A window costs the autoencoder microseconds, so a batch of 16 or 32 is mostly per-request cost
-# (the RPC, Arrow, a produce): 256 drained a backlog about 3x faster than 16 (1,900 -> 5,700 windows/s).
-TIMESERIES_BATCH = 256
-
-
 def timeseries_traffic(base: Settings, windows: int, workdir: Path) -> DemoTraffic:
     """Trains the autoencoder on generated normal data (seconds), then streams labelled windows."""
-    import pyarrow.csv as pcsv
-
     from embedstream.training import synthetic
-    from embedstream.training.fit import TrainConfig, train_from_file
 
-    root = Path(workdir) / "timeseries"
-    root.mkdir(parents=True, exist_ok=True)
-    pcsv.write_csv(synthetic.normal_table(16, 600, seed=0), str(root / "normal.csv"))
-    weights = train_from_file(root / "normal.csv", root / "weights", ("autoencoder",), TrainConfig(window=32))
-    settings = _pipeline(
-        base,
-        "timeseries",
-        {
-            "family": "autoencoder",
-            "weights": str(weights["autoencoder"]),
-            "arch": "autoencoder",
-            "model_name": None,
-            "max_batch_size": TIMESERIES_BATCH,
-        },
-        batch={"max_size": TIMESERIES_BATCH},
-    )
+    settings = pipelines.timeseries_settings(base, workdir)
     signal = synthetic.labelled_signal(windows, 32, seed=21)
     messages: list[Message] = []
     labels: dict[bytes, bool] = {}

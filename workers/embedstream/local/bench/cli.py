@@ -55,6 +55,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from embedstream.config import load_settings
+    from embedstream.encoders._packaged import require_weights_choice
     from embedstream.local.bench.report import summary_table
     from embedstream.local.bench.run import BenchOptions, run_bench
     from embedstream.local.bench.workload import DEFAULT_COUNTS, MODALITIES
@@ -66,10 +67,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     counts = {m: int(args.count) if args.count else DEFAULT_COUNTS[m] for m in modalities}
     settings = load_settings(args.config)
-    if settings.encoder.weights is None:
-        # Throughput does not depend on the weights' values; say so rather than fail.
-        log.warning("encoder.weights not set: the image encoder uses random weights")
-        settings = load_settings(args.config, encoder={"weights": "random"})
+    require_weights_choice(settings.encoder)
     if not 1 <= args.workers <= args.partitions:
         console.print(
             f"[red]--workers takes 1 to --partitions ({args.partitions}): a member without a partition idles[/]"
