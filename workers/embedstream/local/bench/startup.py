@@ -25,7 +25,8 @@ from embedstream.local.worker_process import WorkerProcess
 
 PIPELINES = {
     "text": {"encoder": {"family": "transformer", "arch": "all-MiniLM-L6-v2"}},
-    "image": {"encoder": {"family": "cnn", "arch": "mobilenetv3_small_100", "weights": "random"}},
+    # The default image encoder with its packaged ImageNet weights, as `embedstream up` serves it.
+    "image": {"encoder": {"family": "cnn", "arch": "tf_efficientnet_lite0"}},
     "timeseries": {"encoder": {"family": "autoencoder", "arch": "w32c3h16l8", "weights": "random"}},
 }
 

@@ -1,0 +1,137 @@
+"""``embedstream up``: every modality's pipeline on one embedded stack, until Ctrl-C.
+
+One broker, one Triton serving every modality's model, and per modality its own topics, consumer
+group and worker processes, as the demo runs them. What it prints is what a client needs: the
+bootstrap, Triton's URLs, every topic, the logs, and a command per modality that sends it something.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from embedstream.config import Settings
+from embedstream.local import pipelines
+from embedstream.local.stack import LocalStack
+from embedstream.local.worker_process import WorkerProcess
+
+log = logging.getLogger("embedstream")
+Out = Callable[[str], None]
+
+
+def say(line: str) -> None:
+    # Flushed line by line: `up` runs for hours behind a pipe or `tee` as often as on a terminal.
+    print(line, flush=True)
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    modalities: Sequence[str]
+    workers: int
+    partitions: int
+    broker_port: int | None
+    workdir: Path
+
+
+def plan(base: Settings, opts: UpOptions, out: Out = say) -> list[Settings]:
+    """Each modality's pipeline settings; trains the time-series autoencoder first where it needs one."""
+    if "timeseries" in opts.modalities and pipelines.trains_timeseries(base):
+        out(
+            "training the time-series autoencoder on the bundled normal data "
+            "(a few seconds; set encoder.weights in a time-series config to serve your own)..."
+        )
+        started = time.monotonic()
+        settings = pipelines.modality_settings(base, opts.modalities, opts.workdir)
+        out(f"trained in {time.monotonic() - started:.1f} s")
+        return settings
+    return pipelines.modality_settings(base, opts.modalities, opts.workdir)
+
+
+def serve(settings: Sequence[Settings], opts: UpOptions, stop: threading.Event, out: Out = say) -> int:
+    """Start the stack and the workers, print where everything is, restart a worker that exits, until ``stop``."""
+    out("starting the broker, exporting the models, starting Triton...")
+    with LocalStack(
+        list(settings), workdir=opts.workdir, partitions=opts.partitions, broker_port=opts.broker_port
+    ) as stack:
+        local = stack.all_settings
+        groups = [
+            [WorkerProcess(s, stack.workdir, f"worker-{m}-{i}") for i in range(opts.workers)]
+            for m, s in zip(opts.modalities, local, strict=True)
+        ]
+        workers = [w for group in groups for w in group]
+        try:
+            for w in workers:
+                w.start()
+            print_endpoints(stack, opts.modalities, local, out)
+            for w in workers:
+                if stop.is_set():
+                    break
+                w.wait_ready()
+            if not stop.is_set():
+                out(f"ready: {len(workers)} worker(s) joined their consumer groups; Ctrl-C stops everything")
+                keep_running(workers, stop)
+        finally:
+            for w in workers:
+                w.terminate()
+    out("stopped")
+    return 0
+
+
+def keep_running(workers: Sequence[WorkerProcess], stop: threading.Event) -> None:
+    while not stop.wait(1.0):
+        for w in workers:
+            if not w.alive():
+                log.error("%s exited; restarting it. Last log lines:\n%s", w.name, w.tail())
+                w.start()
+
+
+def print_endpoints(stack: LocalStack, modalities: Sequence[str], local: Sequence[Settings], out: Out) -> None:
+    from embedstream.service import encoder_spec
+
+    assert stack.triton is not None  # started by LocalStack.start
+    bootstrap = stack.broker.bootstrap
+    out(f"kafka bootstrap   {bootstrap}")
+    out(f"triton grpc/http  {stack.triton.grpc_url}  {stack.triton.http_url}")
+    out(f"triton metrics    {stack.triton.metrics_url}")
+    out(f"logs              {stack.workdir / 'logs'}")
+    for modality, s in zip(modalities, local, strict=True):
+        spec = encoder_spec(s)
+        k = s.kafka
+        weights = s.encoder.weights or f"packaged ({spec.source})"
+        out(f"{modality}")
+        out(f"  model           {spec.name}, weights {weights}")
+        out(f"  topics          in={k.input_topic} out={k.output_topic} dead-letter={k.dead_letter_topic}")
+        out(f"  group           {k.group_id}")
+        out(f"  try:            {try_command(modality, s, bootstrap)}")
+        out(f"  read:           embedstream tail {k.output_topic} --bootstrap {bootstrap} --from beginning")
+
+
+def try_command(modality: str, settings: Settings, bootstrap: str) -> str:
+    """A shell command that sends the modality's input topic something it embeds."""
+    topic = settings.kafka.input_topic
+    if modality == "image":
+        return f"embedstream produce-samples --bootstrap {bootstrap} --topic {topic} --count 50"
+    if modality == "text":
+        code = (
+            f"from kafka import KafkaProducer; p = KafkaProducer(bootstrap_servers={bootstrap!r}); "
+            f"[p.send({topic!r}, s.encode()) for s in ('The pump reported a pressure spike.', "
+            "'A sensor flagged a cracked lens.')]; p.flush()"
+        )
+    else:
+        from embedstream.service import encoder_spec
+
+        length, channels = encoder_spec(settings).inputs[0].dims
+        code = (
+            "import json, math; from kafka import KafkaProducer; "
+            f"p = KafkaProducer(bootstrap_servers={bootstrap!r}); "
+            f"w = [[math.sin(t / 4 + c) for c in range({channels})] for t in range({length})]; "
+            f"p.send({topic!r}, json.dumps({{'series_id': 'pump-1', 'values': w}}).encode(), key=b'pump-1'); "
+            "p.flush()"
+        )
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
