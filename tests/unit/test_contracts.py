@@ -176,14 +176,30 @@ def test_output_schema_matches_the_contract(modality, dim):
         "embedstream.model_name": "m",
         "embedstream.model_version": "1",
         "embedstream.embedding_dim": str(dim),
+        "embedstream.weights_sha256": "unknown",
+        "embedstream.preprocessing_sha256": "unknown",
     }
+
+
+def test_output_schema_names_the_fingerprints_it_is_given():
+    schema = output_schema("text", "m", "1", 4, weights_sha256="0123456789abcdef", preprocessing_sha256="fedcba98")
+    meta = {k.decode(): v.decode() for k, v in schema.metadata.items()}
+    assert meta["embedstream.weights_sha256"] == "0123456789abcdef"
+    assert meta["embedstream.preprocessing_sha256"] == "fedcba98"
 
 
 def test_output_message_headers_match_the_contract():
     headers = {h["name"]: h["value"] for h in load("embedding.arrow.json")["message"]["headers"]}
     assert headers["content-type"] == CONTENT_TYPE
     assert headers["embedstream.schema_version"] == SCHEMA_VERSION
-    assert set(headers) == {"content-type", "embedstream.schema_version", "embedstream.model", "embedstream.rows"}
+    assert set(headers) == {
+        "content-type",
+        "embedstream.schema_version",
+        "embedstream.model",
+        "embedstream.weights_sha256",
+        "embedstream.preprocessing_sha256",
+        "embedstream.rows",
+    }
 
 
 def rows_and_embeddings(n, dim=8):

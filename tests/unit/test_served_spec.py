@@ -2,14 +2,16 @@
 
 import dataclasses
 import json
+import shutil
 import types
 
 import pytest
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from embedstream.config import EncoderSettings, TritonSettings
+from embedstream.config import EncoderSettings, TritonSettings, load_settings
 from embedstream.encoders import EncoderSpec, describe, get_family, served_model_name
+from embedstream.encoders._names import packaged_model_dir
 from embedstream.errors import ConfigError, ModelMismatchError
 from embedstream.export import ExportTarget, render_config
 from embedstream.inference import triton
@@ -107,6 +109,71 @@ def test_verify_holds_the_served_spec_to_the_worker_settings(serve, image_spec):
         backend.verify(32, IMAGE)
 
 
+# -- lineage ----------------------------------------------------------------------------------------------
+
+WEIGHTS, PREP = "0123456789abcdef", "fedcba9876543210"
+
+
+@pytest.fixture
+def fingerprinted(image_spec) -> EncoderSpec:
+    return dataclasses.replace(image_spec, weights_sha256=WEIGHTS, preprocessing_sha256=PREP)
+
+
+def test_no_pin_accepts_the_served_fingerprints_and_logs_them(serve, fingerprinted, caplog):
+    serve({fingerprinted.name: served_config(fingerprinted)})
+    backend = TritonBackend.for_served_model(GRPC, fingerprinted.name, 5)
+    assert (backend.spec.weights_sha256, backend.spec.preprocessing_sha256) == (WEIGHTS, PREP)
+    with caplog.at_level("INFO", logger="embedstream.inference.triton"):
+        backend.verify(16, IMAGE)
+    assert f"weights {WEIGHTS}, preprocessing {PREP}" in caplog.text
+
+
+def test_pins_that_match_start_and_pins_that_differ_name_both_values(serve, fingerprinted):
+    serve({fingerprinted.name: served_config(fingerprinted)})
+    backend = TritonBackend.for_served_model(GRPC, fingerprinted.name, 5)
+    backend.verify(16, IMAGE.model_copy(update={"weights_fingerprint": WEIGHTS, "preprocessing_fingerprint": PREP}))
+    validated = "aaaaaaaaaaaaaaaa"
+    with pytest.raises(
+        ModelMismatchError,
+        match=rf"weights fingerprint '{WEIGHTS}' is served, encoder\.weights_fingerprint pins '{validated}'",
+    ):
+        backend.verify(16, IMAGE.model_copy(update={"weights_fingerprint": validated}))
+    with pytest.raises(
+        ModelMismatchError,
+        match=rf"preprocessing fingerprint '{PREP}' is served, encoder\.preprocessing_fingerprint pins '{validated}'",
+    ):
+        backend.verify(16, IMAGE.model_copy(update={"preprocessing_fingerprint": validated}))
+
+
+def test_a_model_exported_before_fingerprints_is_accepted_with_a_warning_unless_pinned(serve, image_spec, caplog):
+    serve({image_spec.name: served_config(image_spec)})
+    backend = TritonBackend.for_served_model(GRPC, image_spec.name, 5)
+    with caplog.at_level("WARNING", logger="embedstream.inference.triton"):
+        backend.verify(16, IMAGE)
+    assert "carries no weights/preprocessing fingerprints" in caplog.text and "export-models" in caplog.text
+    with pytest.raises(ModelMismatchError, match=r"'unknown' is served.*exported before fingerprints: re-export"):
+        backend.verify(16, IMAGE.model_copy(update={"weights_fingerprint": WEIGHTS}))
+
+
+def test_a_pin_must_look_like_a_fingerprint():
+    with pytest.raises(ConfigError, match=r"encoder\.weights_fingerprint"):
+        load_settings(encoder={"weights_fingerprint": "v1-validated"})
+
+
+def test_the_worker_refuses_a_tokenizer_other_than_the_exported_one(serve, tmp_path):
+    copy = tmp_path / "minilm"
+    shutil.copytree(packaged_model_dir(), copy)
+    text = EncoderSettings(family="transformer", arch=str(copy), max_batch_size=16)
+    spec = get_family("transformer").describe(text)
+    serve({spec.name: served_config(spec)})
+    backend = TritonBackend.for_served_model(GRPC, spec.name, 5)
+    backend.verify(16, text)
+    # The worker's tokenizer.json is edited after export: its token ids no longer match what was validated.
+    (copy / "tokenizer.json").write_text((copy / "tokenizer.json").read_text().replace('"[UNK]"', '"[unk]"', 1))
+    with pytest.raises(ModelMismatchError, match=r"tokenizer .*tokenizer\.json has sha256 [0-9a-f]{16}, the model was"):
+        backend.verify(16, text)
+
+
 def test_a_model_that_never_gets_ready_times_out(serve, image_spec):
     serve({})
     with pytest.raises(Exception, match="not ready"):
@@ -148,7 +215,5 @@ def test_a_family_registered_from_outside_is_named_by_its_describe(image_spec):
 
 
 def test_describe_is_the_family_spec():
-    from embedstream.config import load_settings
-
     settings = load_settings(encoder=IMAGE.model_dump(), batch={"max_size": 16})
     assert describe(settings) == get_family("cnn").describe(IMAGE)

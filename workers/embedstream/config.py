@@ -98,6 +98,11 @@ class EncoderSettings(_Frozen):
     version: str = "1"
     model_name: str | None = None
     max_batch_size: int = Field(default=32, ge=1, le=4096)
+    # Lineage pins (docs/lineage.md): the 16 hex characters a validated export printed. Set, the worker
+    # refuses to start against a served model with other weights or preprocessing; unset, it accepts
+    # what is served and logs it.
+    weights_fingerprint: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
+    preprocessing_fingerprint: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
 
 
 class BatchSettings(_Frozen):

@@ -58,6 +58,9 @@ def window_spec(family: str, settings: EncoderSettings, side: Sidecar, outputs: 
         "layers": side.layers,
         "threshold": side.threshold,
         "threshold_rule": dict(side.threshold_rule),
+        # The normalisation the served module applies (its buffers): untrained means none.
+        "mean": list(side.mean or (0.0,) * side.channels),
+        "std": list(side.std or (1.0,) * side.channels),
     }
     return EncoderSpec(
         name=window_model_name(family, settings),

@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from embedstream.encoders._fingerprint import file_sha256
 from embedstream.encoders._names import DEFAULT_TEXT_ARCH, resolve_source, text_model_name
 from embedstream.encoders._names import packaged_model_dir as packaged_model_dir  # where callers look for it
 from embedstream.encoders._registry import EncoderFamily, register_family
 from embedstream.encoders._spec import EncoderSpec, TensorSpec
 from embedstream.encoders._weights import load_weights
 from embedstream.errors import ConfigError
+from embedstream.modalities._tokenizer import tokenizer_file
 
 if TYPE_CHECKING:
     from embedstream.config import EncoderSettings
@@ -101,6 +103,8 @@ def _probe(arch: str, local_only: bool) -> tuple[str, bool, dict[str, Any]]:
         "max_length": int(limit),
         "vocab_size": int(config.vocab_size),
         "pad_token_id": int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        # The file the worker tokenizes with, by content: a changed vocabulary changes every embedding.
+        "tokenizer_sha256": file_sha256(tokenizer_file(source, local_only)),
     }
     return source, is_dir, info
 
@@ -120,6 +124,7 @@ def describe(settings: EncoderSettings) -> EncoderSpec:
         max_batch_size=settings.max_batch_size,
         extra={
             "tokenizer": source,
+            "tokenizer_sha256": info["tokenizer_sha256"],
             "max_length": info["max_length"],
             "vocab_size": info["vocab_size"],
             "pad_token_id": info["pad_token_id"],

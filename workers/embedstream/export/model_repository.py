@@ -6,6 +6,7 @@ and in the libtorch backend of a stock Triton image.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import warnings
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from embedstream.config import EncoderSettings
 from embedstream.encoders import EncoderSpec, get_family
+from embedstream.encoders._fingerprint import preprocessing_fingerprint, weights_fingerprint
 from embedstream.errors import ModelMismatchError
 from embedstream.export.triton_config import ExportTarget, render_config
 
@@ -33,6 +35,12 @@ def export_model(settings: EncoderSettings, repo: Path, target: ExportTarget | N
     spec = family.describe(settings)
     module = family.build(settings)
     scripted = _trace(module, family.example_inputs(spec, 2), spec)
+    # Fingerprinted from the traced module, the artifact Triton loads, so the value names what is served.
+    spec = dataclasses.replace(
+        spec,
+        weights_sha256=weights_fingerprint(scripted.state_dict()),
+        preprocessing_sha256=preprocessing_fingerprint(spec),
+    )
     model_dir = Path(repo) / spec.name
     version_dir = model_dir / TRITON_VERSION_DIR
     if version_dir.exists():
@@ -44,7 +52,15 @@ def export_model(settings: EncoderSettings, repo: Path, target: ExportTarget | N
         (version_dir / "model.py").write_text(template.read_text())
     (model_dir / "config.pbtxt").write_text(render_config(spec, target))
     (model_dir / "spec.json").write_bytes(spec.to_json())
-    log.info("exported %s (%s/%s) to %s", spec.name, target.backend, target.kind, model_dir)
+    log.info(
+        "exported %s (%s/%s) to %s: weights %s, preprocessing %s",
+        spec.name,
+        target.backend,
+        target.kind,
+        model_dir,
+        spec.weights_sha256,
+        spec.preprocessing_sha256,
+    )
     return spec
 
 

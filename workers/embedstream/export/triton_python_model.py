@@ -4,6 +4,7 @@ Copied verbatim into every exported model version directory; it depends on nothi
 embedstream, only on torch and numpy in the server's Python environment.
 """
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -31,6 +32,7 @@ class TritonPythonModel:
         if set_optimize is not None:
             set_optimize(False)
         self.model = torch.jit.load(path, map_location=self.device).eval()
+        _check_weights(self.model, params.get("embedstream.spec"), path)
         self.input_names = [t["name"] for t in config["input"]]
         self.output_names = [t["name"] for t in config["output"]]
         self._warm_up(config)
@@ -75,6 +77,31 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += n
         return responses
+
+
+def _check_weights(model: Any, raw_spec: str | None, path: str) -> None:
+    """Refuse to serve a ``model.pt`` that is not the one the spec's weights fingerprint names.
+
+    The worker trusts the fingerprint in the config; a model file swapped after export would otherwise
+    be served under the old fingerprint. Same computation as embedstream.encoders._fingerprint.
+    """
+    want = json.loads(raw_spec).get("weights_sha256") if raw_spec else None
+    if not want:
+        return  # exported before fingerprints: nothing to hold it to
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        header = json.dumps([name, str(tensor.dtype), list(tensor.shape)], separators=(",", ":"), ensure_ascii=False)
+        header_bytes = header.encode()
+        digest.update(len(header_bytes).to_bytes(4, "little") + header_bytes)
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    have = digest.hexdigest()[: len(want)]
+    if have != want:
+        raise RuntimeError(
+            f"{path} has weights fingerprint {have}, its config's embedstream.spec says {want}: "
+            "the file was replaced after export; export the model again"
+        )
 
 
 def _concat_padded(arrays: list[np.ndarray]) -> np.ndarray:

@@ -14,8 +14,10 @@ import numpy as np
 from embedstream import metrics
 from embedstream.config import EncoderSettings, TritonSettings
 from embedstream.encoders import EncoderSpec
-from embedstream.errors import BackendError, ModelMismatchError
+from embedstream.encoders._fingerprint import CHARS, UNKNOWN, file_sha256, pin_problems
+from embedstream.errors import BackendError, ConfigError, ModelMismatchError
 from embedstream.inference.shm import InputRegion, fixed_input_bytes
+from embedstream.modalities._tokenizer import local_location, tokenizer_file
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,30 @@ def spec_from_config(config: dict[str, Any], model: str, url: str) -> EncoderSpe
 def _spec_parameter(config: dict[str, Any]) -> str | None:
     raw = config.get("parameters", {}).get(SPEC_PARAMETER, {}).get("string_value")
     return str(raw) if raw else None
+
+
+def _lineage(spec: EncoderSpec) -> tuple[Any, ...]:
+    """What a re-read of the served spec must repeat: a reload in between means another model."""
+    return spec.preprocessing, spec.version, spec.weights_sha256, spec.preprocessing_sha256
+
+
+def _tokenizer_problems(spec: EncoderSpec, encoder: EncoderSettings) -> list[str]:
+    """The tokenizer this worker will use must be, byte for byte, the one the model was exported with.
+
+    The worker tokenizes, so the served preprocessing fingerprint is only true if its ``tokenizer.json``
+    is the exporter's; where the spec's path is absent here another directory may stand in for it.
+    """
+    want, location = spec.extra.get("tokenizer_sha256"), spec.extra.get("tokenizer")
+    if spec.modality != "text" or not want or not location:
+        return []
+    try:
+        path = tokenizer_file(local_location(str(location), encoder.arch), encoder.weights != "pretrained")
+    except ConfigError:
+        return []  # the text modality reports a tokenizer it cannot find, with its fix
+    have = file_sha256(path)
+    if have == want:
+        return []
+    return [f"tokenizer {path} has sha256 {have[:CHARS]}, the model was exported with {str(want)[:CHARS]}"]
 
 
 def _client_module(protocol: str) -> Any:
@@ -208,6 +234,8 @@ class TritonBackend:
                 problems.append(f"family {self.spec.family!r} is served, encoder.family is {encoder.family!r}")
             if self.spec.version != encoder.version:
                 problems.append(f"version {self.spec.version!r} is served, encoder.version is {encoder.version!r}")
+            problems += pin_problems(self.spec, encoder.weights_fingerprint, encoder.preprocessing_fingerprint)
+            problems += _tokenizer_problems(self.spec, encoder)
         max_batch = int(cfg.get("max_batch_size", 0))
         if max_batch < batch_size:
             problems.append(f"max_batch_size {max_batch} < worker batch size {batch_size}")
@@ -226,12 +254,33 @@ class TritonBackend:
         raw_spec = _spec_parameter(cfg)
         if raw_spec:
             theirs = EncoderSpec.from_json(raw_spec)
-            if theirs.preprocessing != self.spec.preprocessing or theirs.version != self.spec.version:
+            if _lineage(theirs) != _lineage(self.spec):
                 problems.append(f"served spec differs: {theirs} != {self.spec}")
         if problems:
             raise ModelMismatchError(
                 f"Triton model {self.spec.name!r} at {self._settings.url} does not match the worker's "
                 "encoder spec:\n  " + "\n  ".join(problems)
+            )
+        self._log_lineage()
+
+    def _log_lineage(self) -> None:
+        spec = self.spec
+        if spec.weights_sha256 and spec.preprocessing_sha256:
+            log.info(
+                "serving %s:%s, weights %s, preprocessing %s",
+                spec.name,
+                spec.version,
+                spec.weights_sha256,
+                spec.preprocessing_sha256,
+            )
+        else:
+            # Accepted (outputs say 'unknown'), so an upgrade does not stop workers on older exports.
+            log.warning(
+                "Triton model %s:%s carries no weights/preprocessing fingerprints (exported before them): its "
+                "outputs say %r; export it again with `embedstream export-models` to tell deployments apart",
+                spec.name,
+                spec.version,
+                UNKNOWN,
             )
 
     # -- inference ----------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
+from embedstream.encoders._fingerprint import UNKNOWN
 from embedstream.modalities import modality_fields
 from embedstream.records import RowMeta
 
@@ -53,9 +54,20 @@ def model_field(column: str, triton_dtype: str) -> pa.Field:
 
 
 def output_schema(
-    modality: str, model_name: str, model_version: str, dim: int, model_fields: Sequence[pa.Field] = ()
+    modality: str,
+    model_name: str,
+    model_version: str,
+    dim: int,
+    model_fields: Sequence[pa.Field] = (),
+    *,
+    weights_sha256: str = UNKNOWN,
+    preprocessing_sha256: str = UNKNOWN,
 ) -> pa.Schema:
-    """Common columns, then the modality's own (it declares them), the model's extra outputs, the embedding."""
+    """Common columns, then the modality's own (it declares them), the model's extra outputs, the embedding.
+
+    The fingerprints name the weights and preprocessing the served model was exported with
+    (``docs/lineage.md``); ``unknown`` for a model exported before them.
+    """
     fields = [
         *COMMON_FIELDS,
         *modality_fields(modality),
@@ -68,6 +80,8 @@ def output_schema(
         "embedstream.model_name": model_name,
         "embedstream.model_version": model_version,
         "embedstream.embedding_dim": str(dim),
+        "embedstream.weights_sha256": weights_sha256,
+        "embedstream.preprocessing_sha256": preprocessing_sha256,
     }
     return pa.schema(fields, metadata=metadata)
 

@@ -20,6 +20,7 @@ from kafka.structs import TopicPartition
 from embedstream import metrics
 from embedstream.config import Settings
 from embedstream.encoders import EncoderSpec
+from embedstream.encoders._fingerprint import served
 from embedstream.errors import DeliveryError
 from embedstream.modalities import Modality
 from embedstream.offsets import OffsetTracker
@@ -59,12 +60,17 @@ class KafkaSink:
             spec.version,
             spec.embedding_dim,
             [model_field(o.column, o.dtype) for o in spec.outputs[1:] if o.column],
+            weights_sha256=served(spec.weights_sha256),
+            preprocessing_sha256=served(spec.preprocessing_sha256),
         )
         self._encoder = BatchEncoder(self.schema)
+        # Built once: every message carries the same lineage, so a send only appends its row count.
         self._headers = [
             ("content-type", CONTENT_TYPE.encode()),
             ("embedstream.schema_version", SCHEMA_VERSION.encode()),
             ("embedstream.model", f"{spec.name}:{spec.version}".encode()),
+            ("embedstream.weights_sha256", served(spec.weights_sha256).encode()),
+            ("embedstream.preprocessing_sha256", served(spec.preprocessing_sha256).encode()),
         ]
         self._pending: list[_PendingSend] = []
         self._batch_size = metrics.BATCH_SIZE.labels(modality.name)
