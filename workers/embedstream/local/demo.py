@@ -14,6 +14,7 @@ from embedstream.config import KafkaSettings, Settings
 from embedstream.kafka_io import make_writer
 from embedstream.local.demo_data import DemoTraffic, image_traffic, text_traffic, timeseries_traffic
 from embedstream.local.pipelines import MODALITIES
+from embedstream.local.quality import Retrieval, keyed_retrieval
 from embedstream.local.readback import Readback, TopicReader
 from embedstream.local.stack import LocalStack
 from embedstream.local.worker_process import WorkerProcess
@@ -38,6 +39,10 @@ class DemoSummary:
     latency_p99_ms: float
     anomaly_precision: float | None = None
     anomaly_recall: float | None = None
+    # nearest neighbours among the embeddings read back (images: copies of one photo; text: paraphrases)
+    retrieval: Retrieval | None = None
+    # bad-on-purpose keys that came back as an embedding instead of a dead letter, or not at all
+    bad_not_dead_lettered: int = 0
 
     @property
     def throughput(self) -> float:
@@ -75,6 +80,13 @@ def summarize(
         keys, flags = table.column("key").to_pylist(), table.column("anomaly").to_pylist()
         truth = np.array([traffic.labels.get(k, False) for k in keys])
         precision, recall = precision_recall(np.array(flags), truth)
+    retrieval = None
+    if traffic.groups and readback.rows:
+        from embedstream.sinks.arrow_codec import embeddings_matrix
+
+        table = readback.table()
+        retrieval = keyed_retrieval(table.column("key").to_pylist(), embeddings_matrix(table), traffic.groups)
+    dead = {d.key for d in readback.dead_letters}
     return DemoSummary(
         traffic.modality,
         model,
@@ -86,6 +98,8 @@ def summarize(
         p99,
         precision,
         recall,
+        retrieval,
+        sum(k not in dead for k in traffic.bad_keys),
     )
 
 
@@ -215,6 +229,7 @@ def print_summary(summaries: Sequence[DemoSummary], console: Console) -> None:
         ("messages in", lambda s: str(s.produced)),
         ("embeddings out", lambda s: str(s.embedded)),
         ("dead-lettered", lambda s: str(s.dead_lettered)),
+        ("bad on purpose, not dead-lettered", lambda s: str(s.bad_not_dead_lettered)),
         ("unaccounted for", lambda s: str(s.unaccounted)),
         ("throughput", lambda s: f"{s.throughput:.1f} msg/s"),
         ("latency p50", lambda s: f"{s.latency_p50_ms:.0f} ms"),
@@ -227,7 +242,23 @@ def print_summary(summaries: Sequence[DemoSummary], console: Console) -> None:
                 lambda s: "-" if s.anomaly_recall is None else f"{s.anomaly_precision:.2f} / {s.anomaly_recall:.2f}",
             )
         )
+    if any(s.retrieval is not None for s in summaries):
+        rows.append(("nearest neighbour same source: top-1 / top-5", _retrieval_cell))
+        rows.append(("  (chance: top-1 / top-5)", lambda s: _retrieval_cell(s, chance=True)))
     for name, cell in rows:
         table.add_row(name, *(cell(s) for s in summaries))
     console.print(table)
+    if any(s.retrieval is not None for s in summaries):
+        console.print(
+            "Nearest neighbour (cosine, over the embeddings read back): images, is it another copy of the same "
+            "photo; text, is it a paraphrase of the same sentence rather than any unrelated one."
+        )
     console.print("All modalities share the two CPU cores here, so each one's throughput is a share of the machine.")
+
+
+def _retrieval_cell(s: DemoSummary, chance: bool = False) -> str:
+    r = s.retrieval
+    if r is None or r.anchors == 0:
+        return "-"
+    top1, top5 = (r.chance_top1, r.chance_top5) if chance else (r.top1, r.top5)
+    return f"{top1:.2f} / {top5:.2f}" if chance else f"{top1:.2f} / {top5:.2f} ({r.anchors} rows)"

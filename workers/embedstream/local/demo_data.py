@@ -1,4 +1,8 @@
-"""Sample traffic for the demo, per modality: mostly good messages, a few bad ones, no downloads."""
+"""Sample traffic for the demo, per modality: mostly good messages, a few bad ones, no downloads.
+
+Images are copies of real photos and sentences come in paraphrase groups, so what the pipeline
+writes can be scored for meaning (``local.quality``), not only counted.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,13 @@ from pathlib import Path
 
 from embedstream.config import Settings
 from embedstream.local import pipelines
-from embedstream.local.samples import samples
+from embedstream.local.paraphrases import PARAPHRASES
+from embedstream.local.photos import photo_stream
 
 Message = tuple[bytes, bytes]
 
-_SUBJECTS = ("The pump", "A sensor", "The camera", "Our warehouse robot", "The night shift", "A delivery van")
-_VERBS = ("reported", "flagged", "recorded", "missed", "repaired", "ignored")
-_OBJECTS = ("a pressure spike", "a cracked lens", "late parcels", "an overheating motor", "a door left open")
+# Text the worker must refuse: bytes that are not UTF-8, and a message of nothing but spaces.
+BAD_TEXTS = (b"\xff\xfe not utf-8", b"   ")
 
 
 @dataclass
@@ -24,24 +28,52 @@ class DemoTraffic:
     messages: list[Message]
     # Window key -> injected anomaly, for the time-series precision/recall line.
     labels: dict[bytes, bool] = field(default_factory=dict)
+    # Key -> what it should land near (the photo it is a copy of, the fact a sentence states), for
+    # the retrieval line; keys left out are not scored (bad messages, repeats of a sentence).
+    groups: dict[bytes, str] = field(default_factory=dict)
+    # Keys of the messages made bad on purpose: the worker must dead-letter each of them.
+    bad_keys: list[bytes] = field(default_factory=list)
 
 
-def image_traffic(base: Settings, count: int, bad_every: int) -> DemoTraffic:
-    batch = [(s.key, s.value) for s in samples(count, bad_every=bad_every, prefix="demo")]
-    return DemoTraffic("image", pipelines.image_settings(base), batch)
+def image_traffic(base: Settings, count: int, bad_every: int, seed: int = 0) -> DemoTraffic:
+    """Augmented copies of real photos (``local.photos``), every ``bad_every``-th one broken."""
+    traffic = DemoTraffic("image", pipelines.image_settings(base), [])
+    for m in photo_stream(count, bad_every=bad_every, seed=seed, prefix="demo"):
+        traffic.messages.append((m.key, m.value))
+        if m.source is None:
+            traffic.bad_keys.append(m.key)
+        else:
+            traffic.groups[m.key] = m.source
+    return traffic
+
+
+def sentence_order() -> list[tuple[int, str]]:
+    """(group, sentence) with the groups' first sentences first, then their second ones, and so on:
+    a short stream still holds pairs of paraphrases, and the groups it has not reached yet stay
+    out rather than leaving half of them without a partner."""
+    longest = max(len(g) for g in PARAPHRASES)
+    return [(gi, g[j]) for j in range(longest) for gi, g in enumerate(PARAPHRASES) if j < len(g)]
 
 
 def text_traffic(base: Settings, count: int, bad_every: int) -> DemoTraffic:
-    settings = pipelines.text_settings(base)
-    messages: list[Message] = []
+    """Sentences from hand-written paraphrase groups, in turn and again once all have been sent;
+    every ``bad_every``-th message (if > 0) bad instead."""
+    traffic = DemoTraffic("text", pipelines.text_settings(base), [])
+    order = sentence_order()
+    good = 0
     for i in range(count):
         key = f"text-{i:06d}".encode()
         if bad_every and i % bad_every == bad_every - 1:
-            messages.append((key, b"\xff\xfe not utf-8" if i % 2 else b"   "))
+            traffic.messages.append((key, BAD_TEXTS[(i // bad_every) % len(BAD_TEXTS)]))
+            traffic.bad_keys.append(key)
             continue
-        sentence = f"{_SUBJECTS[i % 6]} {_VERBS[(i // 6) % 6]} {_OBJECTS[(i // 36) % 5]} at {i % 24:02d}:00."
-        messages.append((key, sentence.encode()))
-    return DemoTraffic("text", settings, messages)
+        group, sentence = order[good % len(order)]
+        # a repeat of a sentence would be its own perfect neighbour: only first sends are scored
+        if good < len(order):
+            traffic.groups[key] = f"fact-{group:02d}"
+        good += 1
+        traffic.messages.append((key, sentence.encode()))
+    return traffic
 
 
 def timeseries_traffic(base: Settings, windows: int, workdir: Path) -> DemoTraffic:
@@ -58,8 +90,9 @@ def timeseries_traffic(base: Settings, windows: int, workdir: Path) -> DemoTraff
         start = synthetic.START_MS + i * 32 * synthetic.STEP_MS
         doc = {"series_id": "plant-7", "values": w.tolist(), "start_ms": start, "end_ms": start + 31 * 1000}
         messages.append((key, json.dumps(doc).encode()))
-    messages.append(
-        (b"window-bad-nan", json.dumps({"series_id": "plant-7", "values": [[float("nan")] * 3] * 32}).encode())
-    )
-    messages.append((b"window-bad-shape", json.dumps({"series_id": "plant-7", "values": [[1.0, 2.0]] * 32}).encode()))
-    return DemoTraffic("timeseries", settings, messages, labels)
+    bad = {
+        b"window-bad-nan": {"series_id": "plant-7", "values": [[float("nan")] * 3] * 32},
+        b"window-bad-shape": {"series_id": "plant-7", "values": [[1.0, 2.0]] * 32},
+    }
+    messages += [(key, json.dumps(doc).encode()) for key, doc in bad.items()]
+    return DemoTraffic("timeseries", settings, messages, labels, bad_keys=list(bad))

@@ -2,8 +2,9 @@
 
 Two sources, read as files (neither package is imported):
 
-- the 20 labeled ImageNet validation photos in the ``foolbox`` wheel (MIT), ``foolbox/data/
-  imagenet_<n>_<class>.jpg``; the class is an ImageNet-1k index;
+- the 20 labeled ImageNet validation photos in the ``foolbox`` wheel, ``foolbox/data/
+  imagenet_<n>_<class>.jpg`` (the class is an ImageNet-1k index); the package is MIT-licensed, the
+  photos' copyright stays with their photographers (:data:`IMAGENET_LICENSE`);
 - the colour photographs of scikit-image's ``skimage/data`` (BSD-3-Clause package; each image's
   own terms, stated in its ``skimage.data`` docstring, are in :data:`SCIKIT_IMAGE_PHOTOS`).
 
@@ -20,20 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter
 
 from embedstream.errors import ConfigError
 
-# file name in skimage/data -> the licence its docstring states
+# file name in skimage/data -> the terms its ``skimage.data`` docstring states. The stereo pair
+# ``motorcycle_left.png`` (Middlebury 2014 benchmark) is left out: its docstring states no terms.
 SCIKIT_IMAGE_PHOTOS: dict[str, str] = {
-    "astronaut.png": "public domain (NASA)",
-    "chelsea.png": "CC0 (Stefan van der Walt)",
-    "coffee.png": "CC0 (Rachel Michetti)",
+    "astronaut.png": "public domain (NASA; no known copyright restrictions)",
+    "chelsea.png": "CC0 (photographer Stefan van der Walt)",
+    "coffee.png": "CC0 (photographer Rachel Michetti; courtesy of Pikolo Espresso Bar)",
     "rocket.jpg": "public domain (SpaceX)",
-    "motorcycle_left.png": "Middlebury stereo dataset, free for research use",
-    "hubble_deep_field.jpg": "public domain (NASA/ESA)",
+    "hubble_deep_field.jpg": "public domain (NASA)",
 }
-IMAGENET_LICENSE = "foolbox sample data (MIT)"
+# The wheel is MIT-licensed; the photos are ImageNet validation images, whose copyright stays with
+# their photographers (ImageNet's terms: non-commercial research and education).
+IMAGENET_LICENSE = "ImageNet validation photo, shipped in the foolbox wheel (MIT package)"
 
 
 @dataclass(frozen=True)
@@ -77,9 +80,10 @@ SIZES = (96, 160, 224, 320, 480, 640)
 
 
 def augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """A copy a camera or an upload path could have made: crop, flip, rescale, small rotation."""
+    """A copy a camera or an upload path could have made: crop, flip, small rotation, exposure and
+    colour edits, sometimes black-and-white or soft, rescaled."""
     w, h = img.size
-    scale = rng.uniform(0.6, 1.0)
+    scale = rng.uniform(0.5, 1.0)
     cw, ch = max(16, int(w * scale)), max(16, int(h * scale * rng.uniform(0.85, 1.15)))
     cw, ch = min(cw, w), min(ch, h)
     x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
@@ -88,6 +92,15 @@ def augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if rng.random() < 0.4:
         out = out.rotate(float(rng.uniform(-12, 12)), resample=Image.Resampling.BILINEAR, expand=False)
+    # exposure, contrast and saturation as phone edits and auto-white-balance change them: colour
+    # statistics alone then no longer tell the copies of one photo apart from the others
+    out = ImageEnhance.Brightness(out).enhance(float(rng.uniform(0.7, 1.3)))
+    out = ImageEnhance.Contrast(out).enhance(float(rng.uniform(0.7, 1.3)))
+    out = ImageEnhance.Color(out).enhance(float(rng.uniform(0.5, 1.5)))
+    if rng.random() < 0.1:
+        out = out.convert("L").convert("RGB")
+    if rng.random() < 0.15:
+        out = out.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 1.5))))
     side = int(rng.choice(SIZES))
     ratio = side / max(out.size)
     return out.resize((max(8, int(out.width * ratio)), max(8, int(out.height * ratio))), Image.Resampling.BILINEAR)
@@ -110,25 +123,45 @@ class PhotoMessage:
     source: str | None
 
 
+BAD_KINDS = ("truncated_jpeg", "not_an_image", "empty")
+
+
+def broken(kind: str, img: Image.Image, rng: np.random.Generator) -> bytes:
+    """A message no decoder can turn into pixels, of the kinds uploads really produce."""
+    if kind == "truncated_jpeg":
+        # a JPEG cut off after its header: the decoder accepts the start, then runs out of data
+        jpeg = encode(augment(img, rng), "JPEG", 85)
+        return jpeg[: len(jpeg) // 8]
+    if kind == "not_an_image":
+        return b"not an image at all"
+    if kind == "empty":
+        return b""
+    raise ValueError(f"unknown kind of broken message {kind!r}; kinds: {', '.join(BAD_KINDS)}")
+
+
 def photo_stream(
     count: int, bad_every: int = 0, seed: int = 0, photos: list[Photo] | None = None, prefix: str = "photo"
 ) -> Iterator[PhotoMessage]:
-    """``count`` augmented copies of the photos in turn; every ``bad_every``-th one (if > 0) broken:
-    a JPEG cut short, bytes that are no image, or an empty value."""
+    """``count`` messages: augmented copies of the photos in turn, every ``bad_every``-th one (if > 0)
+    broken instead (the kinds of :data:`BAD_KINDS` in turn).
+
+    The photos take turns over the good messages only, so every photo gets ``good // len(photos)``
+    copies or one more: with at least two copies each, every copy has a sibling to be retrieved by.
+    """
     photos = photos if photos is not None else natural_photos()
     if not photos:
         raise ConfigError("no photos found for the photo stream")
     rng = np.random.default_rng(seed)
     opened = [p.open() for p in photos]
+    good = 0
     for i in range(count):
         key = f"{prefix}-{i:06d}".encode()
         if bad_every and i % bad_every == bad_every - 1:
-            kind = (i // bad_every) % 3
-            jpeg = encode(augment(opened[i % len(opened)], rng), "JPEG", 85)
-            value = jpeg[: len(jpeg) // 8] if kind == 0 else (b"not an image at all" if kind == 1 else b"")
-            yield PhotoMessage(key, value, None)
+            kind = BAD_KINDS[(i // bad_every) % len(BAD_KINDS)]
+            yield PhotoMessage(key, broken(kind, opened[i % len(opened)], rng), None)
             continue
-        k = i % len(photos)
+        k = good % len(photos)
+        good += 1
         fmt = FORMATS[int(rng.integers(0, len(FORMATS)))]
         quality = int(rng.choice((60, 75, 90)))
         yield PhotoMessage(key, encode(augment(opened[k], rng), fmt, quality), photos[k].name)
