@@ -7,6 +7,7 @@ bootstrap, Triton's URLs, every topic, the logs, and a command per modality that
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import sys
@@ -114,14 +115,15 @@ def print_endpoints(stack: LocalStack, modalities: Sequence[str], local: Sequenc
 
 def try_command(modality: str, settings: Settings, bootstrap: str) -> str:
     """A shell command that sends the modality's input topic something it embeds."""
-    topic = settings.kafka.input_topic
+    # Python strings in double quotes only, so the single-quoted shell word stays readable.
+    topic, servers = json.dumps(settings.kafka.input_topic), json.dumps(bootstrap)
     if modality == "image":
-        return f"embedstream produce-samples --bootstrap {bootstrap} --topic {topic} --count 50"
+        return f"embedstream produce-samples --bootstrap {bootstrap} --topic {settings.kafka.input_topic} --count 50"
     if modality == "text":
         code = (
-            f"from kafka import KafkaProducer; p = KafkaProducer(bootstrap_servers={bootstrap!r}); "
-            f"[p.send({topic!r}, s.encode()) for s in ('The pump reported a pressure spike.', "
-            "'A sensor flagged a cracked lens.')]; p.flush()"
+            f"from kafka import KafkaProducer; p = KafkaProducer(bootstrap_servers={servers}); "
+            f'[p.send({topic}, s.encode()) for s in ("The pump reported a pressure spike.", '
+            '"A sensor flagged a cracked lens.")]; p.flush()'
         )
     else:
         from embedstream.service import encoder_spec
@@ -129,9 +131,9 @@ def try_command(modality: str, settings: Settings, bootstrap: str) -> str:
         length, channels = encoder_spec(settings).inputs[0].dims
         code = (
             "import json, math; from kafka import KafkaProducer; "
-            f"p = KafkaProducer(bootstrap_servers={bootstrap!r}); "
+            f"p = KafkaProducer(bootstrap_servers={servers}); "
             f"w = [[math.sin(t / 4 + c) for c in range({channels})] for t in range({length})]; "
-            f"p.send({topic!r}, json.dumps({{'series_id': 'pump-1', 'values': w}}).encode(), key=b'pump-1'); "
+            f'p.send({topic}, json.dumps({{"series_id": "pump-1", "values": w}}).encode(), key=b"pump-1"); '
             "p.flush()"
         )
     return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
