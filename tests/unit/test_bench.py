@@ -315,3 +315,30 @@ def test_startup_variants_name_a_code_tree_and_an_interpreter():
     assert Variant.parse("before=/tmp/old/workers") == Variant("before", "/tmp/old/workers", None)
     assert Variant.parse("core=,/venv/bin/python") == Variant("core", None, "/venv/bin/python")
     assert Variant.parse("plain") == Variant("plain", None, None)
+
+
+def test_the_bench_and_the_startup_bench_measure_the_default_image_encoder_with_its_packaged_weights(tmp_path):
+    from embedstream.cli import local_settings
+    from embedstream.encoders._packaged import has_packaged_weights
+    from embedstream.local.bench import startup
+    from embedstream.local.bench.workload import build_workload
+
+    w = build_workload(local_settings(None), "image", 8, tmp_path)
+    assert encoder_spec(w.settings).name == "image-tf_efficientnet_lite0"
+    assert w.settings.encoder.weights is None and has_packaged_weights(w.settings.encoder)
+    variant = load_settings(None, **startup.PIPELINES["image"])
+    assert variant.encoder == w.settings.encoder
+
+
+def test_bench_refuses_an_image_encoder_without_weights_before_starting_anything(tmp_path, caplog):
+    import logging
+
+    from embedstream.cli import main
+
+    config = tmp_path / "worker.toml"
+    config.write_text('[encoder]\narch = "mobilenetv3_small_100"\n')
+    argv = ["bench", "--config", str(config), "--modalities", "image", "--workdir", str(tmp_path / "w")]
+    with caplog.at_level(logging.ERROR, logger="embedstream"):
+        assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "encoder.weights is not set" in caplog.text
+    assert not (tmp_path / "w").exists() and not (tmp_path / "out").exists()

@@ -101,6 +101,8 @@ def run_bench(base: Settings, opts: BenchOptions, console: Console, clocks: Cloc
     pipelines = [w.settings for w in workloads] + [w.null_settings for w in workloads]
     with console.status("starting the local broker, exporting the encoders and their null twins, starting Triton..."):
         stack = LocalStack(pipelines, workdir=workdir, partitions=opts.partitions).start()
+    for w in workloads:
+        console.print(f"[green]{w.modality}[/] {_model_line(w.settings)}")
     results: list[ModalityBench] = []
     try:
         for w in workloads:
@@ -116,6 +118,14 @@ def run_bench(base: Settings, opts: BenchOptions, console: Console, clocks: Cloc
     run = BenchRun(results, meta)
     run.files = write_outputs(run, opts.out)
     return run
+
+
+def _model_line(settings: Settings) -> str:
+    """The served model and where its weights come from, so a run says what it measured."""
+    from embedstream.service import encoder_spec
+
+    spec = encoder_spec(settings)
+    return f"{spec.name}, weights {settings.encoder.weights or f'packaged ({spec.source})'}"
 
 
 def write_outputs(run: BenchRun, out: Path) -> dict[str, Path]:
