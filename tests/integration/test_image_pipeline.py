@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
+from kafka.structs import TopicPartition
 
+from embedstream.config import Settings
+from embedstream.encoders import EncoderSpec
+from embedstream.encoders._fingerprint import weights_fingerprint
+from embedstream.errors import ModelMismatchError
+from embedstream.kafka_io import make_reader, partitions_of
 from embedstream.local.samples import corrupt, samples
+from embedstream.local.stack import LocalStack
 from embedstream.local.worker_process import WorkerProcess
 from embedstream.modalities.image import DecodedImage, decode_image
 from embedstream.records import SourceMessage
-from embedstream.service import encoder_spec
+from embedstream.service import create_worker, encoder_spec
+from embedstream.sinks.arrow_codec import decode_embeddings
 from embedstream.sinks.deadletter import REASON, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, WORKER_ID
 
 from .helpers import accounting, produce, read_all, read_until_complete, wait_for_rows
@@ -128,3 +139,79 @@ def test_killed_worker_restarts_without_losing_anything(lane):
     print("kill/restart:", counts)
     assert counts["missing"] == 0, counts
     assert counts["embedded"] == n and counts["dead_lettered"] == 0
+
+
+# -- lineage ------------------------------------------------------------------------------------------------
+
+
+def read_output_messages(
+    settings: Settings, rows: int, timeout_s: float = 120.0
+) -> list[tuple[dict[str, bytes], pa.Table]]:
+    """Every output message as (headers, table), until ``rows`` rows arrived: the headers are the point here."""
+    k = settings.kafka
+    reader = make_reader(k, auto_offset_reset="earliest", settings_fetch_sizes=False)
+    try:
+        parts = [TopicPartition(k.output_topic, p) for p in partitions_of(reader, k.output_topic)]
+        reader.assign(parts)
+        reader.seek_to_beginning(*parts)
+        out: list[tuple[dict[str, bytes], pa.Table]] = []
+        deadline = time.monotonic() + timeout_s
+        while sum(t.num_rows for _, t in out) < rows and time.monotonic() < deadline:
+            for records in reader.poll(timeout_ms=500).values():
+                out.extend((dict(rec.headers or []), decode_embeddings(rec.value)) for rec in records)
+        return out
+    finally:
+        reader.close()
+
+
+def served_spec_file(stack: LocalStack, name: str) -> EncoderSpec:
+    return EncoderSpec.from_json((stack.model_repository / name / "spec.json").read_bytes())
+
+
+def assert_outputs_name(messages: list[tuple[dict[str, bytes], pa.Table]], weights: str, preprocessing: str) -> None:
+    assert messages
+    for headers, table in messages:
+        meta = table.schema.metadata
+        assert meta[b"embedstream.weights_sha256"].decode() == headers["embedstream.weights_sha256"].decode() == weights
+        assert (
+            meta[b"embedstream.preprocessing_sha256"].decode()
+            == headers["embedstream.preprocessing_sha256"].decode()
+            == preprocessing
+        )
+
+
+def test_rows_and_headers_carry_the_fingerprint_of_the_checkpoint_served(lane, stack, reference_model):
+    spec = served_spec_file(stack, "image-mobilenetv3_small_100")
+    # The value the rows carry is computed, in this process, from the checkpoint the stack exported.
+    assert spec.weights_sha256 == weights_fingerprint(reference_model.state_dict())
+    assert spec.preprocessing_sha256
+    # Pinned to exactly those: the worker starts and embeds.
+    pinned = lane.settings.model_copy(
+        update={
+            "encoder": lane.settings.encoder.model_copy(
+                update={
+                    "weights_fingerprint": spec.weights_sha256,
+                    "preprocessing_fingerprint": spec.preprocessing_sha256,
+                }
+            )
+        }
+    )
+    batch = list(samples(24, prefix="lineage"))
+    produce(lane.bootstrap, pinned.kafka.input_topic, [(s.key, s.value) for s in batch])
+    worker = WorkerProcess(pinned, lane.workdir).start()
+    try:
+        messages = read_output_messages(pinned, len(batch))
+    finally:
+        worker.terminate()
+    assert sum(t.num_rows for _, t in messages) == len(batch)
+    assert_outputs_name(messages, spec.weights_sha256, spec.preprocessing_sha256)
+
+
+def test_a_worker_pinned_to_other_weights_refuses_to_start_naming_both(lane, stack):
+    spec = served_spec_file(stack, "image-mobilenetv3_small_100")
+    validated = "0" * 16
+    pinned = lane.settings.model_copy(
+        update={"encoder": lane.settings.encoder.model_copy(update={"weights_fingerprint": validated})}
+    )
+    with pytest.raises(ModelMismatchError, match=rf"'{spec.weights_sha256}' is served, .*pins '{validated}'"):
+        create_worker(pinned, ready_timeout_s=60)

@@ -14,9 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import orjson
 import pytest
+import torch
 from kafka import KafkaProducer
 
 from embedstream.config import load_settings
+from embedstream.encoders._fingerprint import file_sha256, preprocessing_fingerprint, weights_fingerprint
 from embedstream.encoders.transformer import packaged_model_dir
 from embedstream.export import local_cpu_target
 from embedstream.inference.triton import TritonBackend
@@ -26,7 +28,8 @@ from embedstream.modalities import modality_for
 from embedstream.records import SourceMessage
 from embedstream.service import encoder_spec
 
-from .helpers import accounting, read_all
+from .helpers import accounting, private_topics, read_all
+from .test_image_pipeline import assert_outputs_name, read_output_messages, served_spec_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -259,3 +262,26 @@ def test_triton_merges_concurrent_requests_of_different_lengths(text_stack):
     stats.close()
     backend.close()
     assert merged, "Triton never merged concurrent requests: the padding path was not exercised"
+
+
+def test_text_rows_and_headers_carry_the_fingerprints_of_the_exported_model(text_stack, tmp_path, request):
+    settings = private_topics(text_stack.settings, request.node.name, partitions=3)
+    spec = served_spec_file(text_stack, "text-all-MiniLM-L6-v2")
+    # Recomputed here from what the repository serves and the tokenizer the worker reads.
+    model_file = text_stack.model_repository / spec.name / "1" / "model.pt"
+    assert spec.weights_sha256 == weights_fingerprint(torch.jit.load(str(model_file)).state_dict())
+    assert spec.extra["tokenizer_sha256"] == file_sha256(MODEL_DIR / "tokenizer.json")
+    assert spec.preprocessing_sha256 == preprocessing_fingerprint(spec)
+    texts = good_texts(12)
+    produce(
+        settings.kafka.bootstrap_servers,
+        settings.kafka.input_topic,
+        [(b"t%d" % i, t.encode(), []) for i, t in enumerate(texts)],
+    )
+    worker = WorkerProcess(settings, tmp_path).start()
+    try:
+        messages = read_output_messages(settings, len(texts))
+    finally:
+        worker.terminate()
+    assert sum(t.num_rows for _, t in messages) == len(texts)
+    assert_outputs_name(messages, spec.weights_sha256, spec.preprocessing_sha256)
