@@ -8,6 +8,7 @@ from tritonclient.grpc import model_config_pb2
 
 from embedstream.config import EncoderSettings
 from embedstream.encoders import EncoderSpec, get_family, list_families, served_model_name
+from embedstream.encoders._fingerprint import preprocessing_fingerprint, weights_fingerprint
 from embedstream.errors import ConfigError
 from embedstream.export import ExportTarget, export_model, render_config
 
@@ -74,6 +75,9 @@ def test_exported_torchscript_equals_the_module(family_settings, tmp_path):
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g.numpy().astype(np.float32), w.numpy().astype(np.float32), rtol=1e-4, atol=1e-4)
     assert (tmp_path / spec.name / "1" / "model.py").is_file()
+    # Every family's export names the weights it wrote (lineage), recomputable from the file Triton loads.
+    assert spec.weights_sha256 == weights_fingerprint(scripted.state_dict())
+    assert spec.preprocessing_sha256 == preprocessing_fingerprint(spec)
 
 
 def test_cnn_loads_a_safetensors_checkpoint(tmp_path):
