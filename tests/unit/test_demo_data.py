@@ -66,3 +66,19 @@ def test_the_bench_gets_traffic_without_bad_messages(base):
     for traffic in (image_traffic(base, 30, bad_every=0), text_traffic(base, 30, bad_every=0)):
         assert traffic.bad_keys == [] and len(traffic.messages) == 30
         assert all(v for _, v in traffic.messages)
+
+
+def test_the_summary_shows_the_retrieval_figure_beside_chance():
+    import io
+
+    from rich.console import Console
+
+    from embedstream.local.demo import DemoSummary, print_summary
+    from embedstream.local.quality import Retrieval
+
+    out = io.StringIO()
+    scored = DemoSummary("image", "m", 300, 294, 6, 20.0, 1.0, 2.0, retrieval=Retrieval(294, 0.97, 1.0, 0.04, 0.17))
+    print_summary([scored, DemoSummary("timeseries", "ts", 102, 100, 2, 1.0, 1.0, 1.0)], Console(file=out, width=120))
+    lines = {line.split("│")[1].strip(): line for line in out.getvalue().splitlines() if line.count("│") >= 3}
+    assert "0.97 / 1.00" in lines["neighbour top-1 / top-5"]
+    assert "0.04 / 0.17 (294)" in lines["chance (rows scored)"]

@@ -229,7 +229,7 @@ def print_summary(summaries: Sequence[DemoSummary], console: Console) -> None:
         ("messages in", lambda s: str(s.produced)),
         ("embeddings out", lambda s: str(s.embedded)),
         ("dead-lettered", lambda s: str(s.dead_lettered)),
-        ("bad on purpose, not dead-lettered", lambda s: str(s.bad_not_dead_lettered)),
+        ("bad, not dead-lettered", lambda s: str(s.bad_not_dead_lettered)),
         ("unaccounted for", lambda s: str(s.unaccounted)),
         ("throughput", lambda s: f"{s.throughput:.1f} msg/s"),
         ("latency p50", lambda s: f"{s.latency_p50_ms:.0f} ms"),
@@ -243,15 +243,15 @@ def print_summary(summaries: Sequence[DemoSummary], console: Console) -> None:
             )
         )
     if any(s.retrieval is not None for s in summaries):
-        rows.append(("nearest neighbour same source: top-1 / top-5", _retrieval_cell))
-        rows.append(("  (chance: top-1 / top-5)", lambda s: _retrieval_cell(s, chance=True)))
+        rows.append(("neighbour top-1 / top-5", _retrieval_cell))
+        rows.append(("  chance (rows scored)", lambda s: _retrieval_cell(s, chance=True)))
     for name, cell in rows:
         table.add_row(name, *(cell(s) for s in summaries))
     console.print(table)
     if any(s.retrieval is not None for s in summaries):
         console.print(
-            "Nearest neighbour (cosine, over the embeddings read back): images, is it another copy of the same "
-            "photo; text, is it a paraphrase of the same sentence rather than any unrelated one."
+            "neighbour: is the nearest other embedding read back (cosine; top-5: any of the five nearest) "
+            "another copy of the same photo (image), or a paraphrase rather than any unrelated sentence (text)."
         )
     console.print("All modalities share the two CPU cores here, so each one's throughput is a share of the machine.")
 
@@ -260,5 +260,6 @@ def _retrieval_cell(s: DemoSummary, chance: bool = False) -> str:
     r = s.retrieval
     if r is None or r.anchors == 0:
         return "-"
-    top1, top5 = (r.chance_top1, r.chance_top5) if chance else (r.top1, r.top5)
-    return f"{top1:.2f} / {top5:.2f}" if chance else f"{top1:.2f} / {top5:.2f} ({r.anchors} rows)"
+    if chance:
+        return f"{r.chance_top1:.2f} / {r.chance_top5:.2f} ({r.anchors})"
+    return f"{r.top1:.2f} / {r.top5:.2f}"
