@@ -226,6 +226,8 @@ class TritonBackend:
 
         With the worker's ``encoder`` settings, the spec's family and version must also be theirs: a
         spec read from the server is the served model's own, and the settings say which model is wanted.
+        So must its fingerprints where the settings pin them, and a text model's tokenizer file here must
+        be the exported one (docs/lineage.md). The served fingerprints are logged either way.
         """
         cfg = self.served_config()
         problems: list[str] = []
