@@ -205,7 +205,8 @@ def test_faces_are_linearly_separable_from_the_pretrained_embeddings_only(qualit
     random, _ = run_probe(embedded, labels, RANDOM, tmp_path)
     print(f"lfw_subset face / non-face, 5-fold: pretrained {pretrained:.4f}, random {random:.4f}")
     assert pretrained >= 0.95
-    assert pretrained - random >= 0.03, (pretrained, random)
+    # Rounded: one fold's accuracy moves in steps of 1/40, and 0.995 - 0.965 is a hair under 0.03 in floats.
+    assert round(pretrained - random, 4) >= 0.03, (pretrained, random)
 
 
 def test_augmented_copies_are_matched_to_their_photo_from_the_pretrained_embeddings_only(quality_stack, tmp_path):
