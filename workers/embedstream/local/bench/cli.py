@@ -23,8 +23,7 @@ def register(sub: Any, flag: Callable[..., None]) -> dict[str, Handler]:
         p,
         "--count",
         "BENCH_COUNT",
-        "messages per stage for every modality (default: image 400, text 600, timeseries 20000: "
-        "about 12 s a stage at the packaged EfficientNet-Lite0's ~32 images/s on 2 cores)",
+        "messages per model-bound stage for every modality (default: image 512, text 600, timeseries 20000)",
         type=int,
     )
     flag(

@@ -20,10 +20,10 @@ from embedstream.records import BadRecord, Deferred, SourceMessage
 from embedstream.service import encoder_spec
 
 MODALITIES = ("image", "text", "timeseries")
-# Sized for about 10-20 s a stage on 2 cores: the packaged EfficientNet-Lite0 runs ~33 images/s in
-# process (1 instance x 2 threads; ~22/s as 2 x 1), so 400 images keep even its fastest stage past
-# 10 s, and the image stages take about 4 minutes together (the 50% load stage, at half the rate, longest).
-DEFAULT_COUNTS = {"image": 400, "text": 600, "timeseries": 20000}
+# Sized so that each model-bound stage runs 10 s or more on 2 cores: the packaged EfficientNet-Lite0
+# ran 33-47 images/s in process and ~43/s served (400 images took 8.6 s bare, 9.4 s through Triton),
+# so 512 (16 full batches of 32); the image stages then take about 3 minutes together.
+DEFAULT_COUNTS = {"image": 512, "text": 600, "timeseries": 20000}
 POINT_SERIES = 50  # series in the one-point-a-message traffic, each keyed to one partition
 
 
