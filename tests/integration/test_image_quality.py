@@ -166,16 +166,6 @@ def test_the_checkpoints_own_head_classifies_the_pipelines_embeddings(imagenet):
     assert cosine(emb, want).min() >= 0.999, cosine(emb, want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the worker's decode (modalities/image.py) is not timm's transform: (1) JPEGs are decoded with "
-        "img.draft() at 1/2 scale when the target is half the size or less (all 20 photos: 512x512 -> 256x256, "
-        "1024x683 -> 512x342, where timm decodes them whole and resizes bicubic), min cosine 0.9715; "
-        "(2) the resized long side is rounded (1024x683 -> 384x256) where torchvision truncates (383x256), "
-        "cosine 0.9933 on that photo even without the draft. With neither, every photo is >= 0.9999."
-    ),
-)
 def test_the_pipelines_embeddings_match_timms_own_preprocessing(imagenet):
     from timm.data import create_transform, resolve_data_config
 

@@ -37,7 +37,8 @@ UNKNOWN = "unknown"
 PATTERN = re.compile(rf"^[0-9a-f]{{{CHARS}}}$")
 # The worker's image rule (modalities/image.py): shorter side resized to resize_shorter_to, then
 # centre-cropped to height x width, RGB uint8. A change to that rule that moves pixels must change this.
-IMAGE_RULE = "rgb-uint8/resize-shorter/centre-crop"
+# v2: sizes and crop offsets as torchvision's, JPEG drafted to no less than twice the target.
+IMAGE_RULE = "rgb-uint8/resize-shorter/centre-crop/v2"
 _CHUNK = 1 << 20
 
 

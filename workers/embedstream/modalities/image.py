@@ -91,8 +91,11 @@ def _pixels(data: bytes, prep: ImagePreprocessing, limits: ImageLimits) -> tuple
                 f"declared size {width}x{height} exceeds limits ({limits.max_pixels} px, side {limits.max_side})",
             )
         if img.format == "JPEG":
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much smaller.
-            img.draft("RGB", (prep.resize_shorter_to, prep.resize_shorter_to))
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, but keep at least twice the target: drafting
+            # straight to the target skips the resampling filter the encoder's reference transform
+            # (timm's, from full resolution) applies, which moved embeddings to cosine 0.97.
+            draft = 2 * prep.resize_shorter_to
+            img.draft("RGB", (draft, draft))
         img = img.convert("RGB")
     return _resize_center_crop(img, prep), width, height
 
@@ -100,14 +103,16 @@ def _pixels(data: bytes, prep: ImagePreprocessing, limits: ImageLimits) -> tuple
 def _resize_center_crop(img: Image.Image, prep: ImagePreprocessing) -> np.ndarray:
     """Resize the shorter side to ``resize_shorter_to``, then centre-crop, in one resampling pass.
 
-    Only the crop's pixels are computed: the crop box is mapped back to source coordinates with the
-    per-axis scales of the full resize, so the result equals resize-then-crop (within rounding) at
-    about 60% of the cost.
+    Sizes and offsets follow torchvision's ``Resize`` and ``CenterCrop`` (the longer side truncated,
+    the crop offset rounded), the transform timm builds for its models, so the embedding matches the
+    reference one. Only the crop's pixels are computed: the crop box is mapped back to source
+    coordinates with the per-axis scales of the full resize, at about 60% of the cost of both steps.
     """
     w, h = img.size
-    scale = prep.resize_shorter_to / min(w, h)
-    new_w, new_h = max(prep.width, round(w * scale)), max(prep.height, round(h * scale))
-    left, top = (new_w - prep.width) // 2, (new_h - prep.height) // 2
+    s = prep.resize_shorter_to
+    new_w, new_h = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+    new_w, new_h = max(prep.width, new_w), max(prep.height, new_h)
+    left, top = round((new_w - prep.width) / 2.0), round((new_h - prep.height) / 2.0)
     if (new_w, new_h) == (w, h):
         img = img.crop((left, top, left + prep.width, top + prep.height))
     else:
