@@ -21,14 +21,14 @@ up: $(STAMP)
 	$(BIN)/embedstream up
 
 test: $(STAMP)
-	$(BIN)/ruff check workers tests
+	$(BIN)/ruff check workers tests examples
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -v --durations=15
 
 lint: $(STAMP)
-	$(BIN)/ruff check workers tests
+	$(BIN)/ruff check workers tests examples
 	$(BIN)/mypy
-	$(BIN)/ruff format --check workers tests
+	$(BIN)/ruff format --check workers tests examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info workers/*.egg-info
