@@ -114,14 +114,15 @@ def print_endpoints(stack: LocalStack, modalities: Sequence[str], local: Sequenc
 
 
 def try_command(modality: str, settings: Settings, bootstrap: str) -> str:
-    """A shell command that sends the modality's input topic something it embeds."""
+    """A shell command that sends the modality's input topic something it embeds (a kafka-python
+    one-liner where no embedstream command produces that modality); it runs in the user's shell."""
     # Python strings in double quotes only, so the single-quoted shell word stays readable.
     topic, servers = json.dumps(settings.kafka.input_topic), json.dumps(bootstrap)
     if modality == "image":
         return f"embedstream produce-samples --bootstrap {bootstrap} --topic {settings.kafka.input_topic} --count 50"
     if modality == "text":
         code = (
-            f"from kafka import KafkaProducer; p = KafkaProducer(bootstrap_servers={servers}); "
+            f"from kafka import KafkaProducer as Producer; p = Producer(bootstrap_servers={servers}); "
             f'[p.send({topic}, s.encode()) for s in ("The pump reported a pressure spike.", '
             '"A sensor flagged a cracked lens.")]; p.flush()'
         )
@@ -130,8 +131,8 @@ def try_command(modality: str, settings: Settings, bootstrap: str) -> str:
 
         length, channels = encoder_spec(settings).inputs[0].dims
         code = (
-            "import json, math; from kafka import KafkaProducer; "
-            f"p = KafkaProducer(bootstrap_servers={servers}); "
+            "import json, math; from kafka import KafkaProducer as Producer; "
+            f"p = Producer(bootstrap_servers={servers}); "
             f"w = [[math.sin(t / 4 + c) for c in range({channels})] for t in range({length})]; "
             f'p.send({topic}, json.dumps({{"series_id": "pump-1", "values": w}}).encode(), key=b"pump-1"); '
             "p.flush()"
