@@ -1,6 +1,7 @@
 """The benchmark's pure parts: ratios, the latency bound, targets, the JSON shape and the plots."""
 
 import json
+import time
 
 import pytest
 
@@ -37,6 +38,8 @@ def _bench(modality: str = "image", **overrides) -> ModalityBench:
     )
     b.stages = {
         "bare": StageResult(320, 2.0),  # 160/s
+        "bare_torchscript": StageResult(320, 2.0),  # 160/s: the runtime served by default
+        "bare_onnx": StageResult(320, 1.0),  # 320/s
         "decode": StageResult(320, 1.0),  # 320/s on one thread
         "triton": StageResult(320, 2.5),  # 128/s
         "perf_analyzer": StageResult(640, 4.0, {"p50_latency_ms": 250.4, "p99_latency_ms": 399.5}),  # 160/s
@@ -48,6 +51,7 @@ def _bench(modality: str = "image", **overrides) -> ModalityBench:
         "null": StageResult(320, 0.8),  # 400/s
         "raw_kafka": StageResult(320, 0.2),  # 1600/s
         "raw_consume": StageResult(320, 0.1),  # 3200/s
+        "peer": StageResult(320, 5.0, {"mean_batch": 32.0}),  # 64/s
     }
     b.offered_rate = 64.0
     b.latencies_ms = [float(v) for v in range(1, 101)]
@@ -105,6 +109,32 @@ def test_targets_pass_and_miss():
     assert t["pipeline_vs_bare"].passed and t["null_vs_raw_kafka"].passed and t["p99_at_half_load"].passed
 
 
+def test_pipeline_over_bare_uses_the_served_runtime_and_eager_is_reported_beside_it():
+    t = targets(_bench())  # served: TorchScript, 160/s like eager
+    assert t["pipeline_vs_bare"].value == pytest.approx(128.0 / 160.0)
+    assert "torchscript" in t["pipeline_vs_bare"].name
+    assert t["bare_onnx_vs_eager"].value == pytest.approx(2.0) and t["bare_onnx_vs_eager"].passed is None
+    onnx = _bench(served_runtime="onnxruntime")
+    t = targets(onnx)
+    assert onnx.served_bare == "bare_onnx" and "onnxruntime" in t["pipeline_vs_bare"].name
+    assert t["pipeline_vs_bare"].value == pytest.approx(128.0 / 320.0) and t["pipeline_vs_bare"].passed is False
+    assert t["pipeline_vs_bare_eager"].value == pytest.approx(128.0 / 160.0)
+    # the ceiling and the scaled-out figure compare with the same runtime
+    assert t["pipeline_scaled_vs_bare"].value == pytest.approx(200.0 / 320.0)
+    # a served runtime whose stage did not run (no onnxruntime here) falls back to torch eager
+    del onnx.stages["bare_onnx"]
+    assert onnx.served_bare == "bare" and "torch eager" in targets(onnx)["pipeline_vs_bare"].name
+    assert "pipeline_vs_bare_eager" not in targets(onnx)
+
+
+def test_the_pipeline_is_held_to_at_least_the_naive_peer():
+    t = targets(_bench())["pipeline_vs_peer"]
+    assert t.value == pytest.approx(128.0 / 64.0) and t.passed is True
+    slow = _bench()
+    slow.stages["pipeline"] = StageResult(320, 6.0)
+    assert targets(slow)["pipeline_vs_peer"].passed is False
+
+
 def test_triton_alone_is_compared_with_perf_analyzer_without_a_target():
     t = targets(_bench())["triton_vs_perf_analyzer"]
     assert t.value == pytest.approx(128.0 / 160.0)
@@ -124,6 +154,7 @@ def test_targets_skip_what_was_not_measured():
     b = _bench(latencies_ms=[], batches=0)
     del b.stages["null"], b.stages["decode"]
     del b.stages["perf_analyzer"], b.stages["pipeline_scaled"]
+    del b.stages["bare_torchscript"], b.stages["bare_onnx"], b.stages["peer"]
     assert set(targets(b)) == {"pipeline_vs_bare"}
 
 
@@ -153,6 +184,10 @@ def test_report_json_shape():
     assert set(image["targets"]) == {
         "triton_vs_perf_analyzer",
         "pipeline_vs_bare",
+        "pipeline_vs_bare_eager",
+        "bare_torchscript_vs_eager",
+        "bare_onnx_vs_eager",
+        "pipeline_vs_peer",
         "pipeline_scaled_vs_bare",
         "scale_out",
         "pipeline_vs_ceiling",
@@ -161,17 +196,18 @@ def test_report_json_shape():
         "batch_fill",
     }
     assert image["targets"]["pipeline_vs_bare"]["passed"] is False
+    assert image["served_runtime"] == "torchscript" and image["served_bare_stage"] == "bare_torchscript"
 
 
 def test_summary_table_has_a_row_per_stage_and_target():
     table = summary_table([_bench(), _bench("text")])
     assert len(table.columns) == 3
     # a row per stage, the two latency rows, a row per target
-    assert table.row_count == len(STAGES) + 2 + 8
+    assert table.row_count == len(STAGES) + 2 + 12
     one_worker = _bench()
     del one_worker.stages["pipeline_scaled"]
     # without --workers there is no scaled-out row of dashes, nor its two ratios
-    assert summary_table([one_worker]).row_count == len(STAGES) - 1 + 2 + 6
+    assert summary_table([one_worker]).row_count == len(STAGES) - 1 + 2 + 10
 
 
 def test_plots_write_pngs(tmp_path):
@@ -270,12 +306,16 @@ def test_stages_apply_by_workload_and_options_with_their_progress_totals():
     def plan(w, opts):
         return {s.name: s.total(w, opts) for s in STAGE_TABLE if s.applies(w, opts)}
 
+    from embedstream.local.bench.served import onnx_available
+
     one = plan(_workload(), _options())
-    assert set(one) == set(STAGES) - {"pipeline_points", "pipeline_scaled"}
+    no_onnx = set() if onnx_available() else {"bare_onnx"}  # the ONNX stage needs the models extra
+    assert set(one) == set(STAGES) - {"pipeline_points", "pipeline_scaled"} - no_onnx
     assert one["pipeline"] == 40 and one["null"] == one["raw_kafka"] == one["raw_consume"] == 100
     assert one["decode"] == 100  # decode is timed on the plumbing count: the model's passes too fast
+    assert one["peer"] == 40  # the workload's messages, like the pipeline
     scaled = plan(_workload(points=160), _options(workers=3, plumbing_count=10))
-    assert set(scaled) == set(STAGES)
+    assert set(scaled) == set(STAGES) - no_onnx
     assert scaled["pipeline_points"] == 160 and scaled["pipeline_scaled"] == 120
     assert scaled["null"] == 40  # never fewer than the workload's own messages
 
@@ -343,3 +383,75 @@ def test_bench_refuses_an_image_encoder_without_weights_before_starting_anything
         assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert "encoder.weights is not set" in caplog.text
     assert not (tmp_path / "w").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_served_runtime_is_read_from_the_exported_model(tmp_path):
+    from embedstream.local.bench.served import served_runtime
+
+    version = tmp_path / "m" / "1"
+    version.mkdir(parents=True)
+    (version / "model.pt").write_bytes(b"")
+    (tmp_path / "m" / "config.pbtxt").write_text('backend: "python"\n')
+    assert served_runtime(tmp_path / "m") == "torchscript"
+    (version / "model.onnx").write_bytes(b"")
+    assert served_runtime(tmp_path / "m") == "torchscript"  # exported beside it, not what the config runs
+    (tmp_path / "m" / "config.pbtxt").write_text('backend: "onnxruntime"\n')
+    assert served_runtime(tmp_path / "m") == "onnxruntime"
+    (version / "model.pt").unlink()
+    (tmp_path / "m" / "config.pbtxt").write_text('backend: "python"\n')
+    assert served_runtime(tmp_path / "m") == "onnxruntime"  # the only file there is
+
+
+def _cosines(a, b):
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_the_naive_peer_embeds_raw_messages_as_the_pipeline_does(tmp_path, modality):
+    """Its own decode (tokenizer with padding; PIL and timm's transform) and the same weights give the
+    served embeddings: the peer does the same work, so its rate is a fair comparison."""
+    import numpy as np
+
+    from embedstream.local.bench.peer import build_peer, embed_batch
+    from embedstream.local.bench.stages import _eager_model
+    from embedstream.local.bench.workload import build_workload, preprocessed_batches
+
+    w = build_workload(load_settings(), modality, 8, tmp_path)
+    model, decode = build_peer(w.settings)
+    raw = embed_batch(model, decode, [v for _, v in w.messages])
+    ours = _eager_model(w.settings).infer(preprocessed_batches(w.settings, w.messages)[0])
+    want = next(iter(ours.values()))
+    got = np.frombuffer(raw, dtype=np.float32).reshape(want.shape)
+    assert _cosines(got, want).min() > 0.9999
+
+
+@pytest.mark.slow
+def test_the_bare_runtimes_run_the_exported_model_on_the_bench_batches(tmp_path):
+    """TorchScript from the model repository and ONNX Runtime (exported for the bench when the stack
+    serves TorchScript) return the eager embeddings, timed on every batch."""
+    from embedstream.export import export_model, local_cpu_target
+    from embedstream.local.bench import served
+    from embedstream.local.bench.stages import _eager_model, bare_model
+    from embedstream.local.bench.workload import build_workload, preprocessed_batches
+
+    w = build_workload(load_settings(), "text", 40, tmp_path)
+    batches = preprocessed_batches(w.settings, w.messages)
+    spec = export_model(w.settings.encoder, tmp_path / "models", local_cpu_target())
+    model_dir = tmp_path / "models" / spec.name
+    assert served.served_runtime(model_dir) == "torchscript"
+    want = next(iter(_eager_model(w.settings).infer(batches[0]).values()))
+    factories = {"torchscript": served.torchscript_model(model_dir, spec)}
+    if served.onnx_available():
+        path = served.onnx_file(w.settings, model_dir, batches[0], tmp_path)
+        assert path.is_relative_to(tmp_path / "bench-onnx")  # not put among the served files
+        factories["onnxruntime"] = served.onnx_model(path, spec)
+    for runtime, factory in factories.items():
+        got = next(iter(factory(1).infer(batches[0]).values()))
+        assert _cosines(got, want).min() > 0.9999, runtime
+        counted: list[int] = []
+        res = bare_model(w.settings, batches, 2, 1, time.perf_counter, counted.append, factory)
+        assert res.messages == sum(counted) == 40 and res.throughput > 0, runtime

@@ -106,7 +106,7 @@ def run_bench(base: Settings, opts: BenchOptions, console: Console, clocks: Cloc
     results: list[ModalityBench] = []
     try:
         for w in workloads:
-            ensure_topics(stack.settings.kafka, dict.fromkeys(w.raw_topics, opts.partitions))
+            ensure_topics(stack.settings.kafka, dict.fromkeys(w.raw_topics + w.peer_topics, opts.partitions))
         with _progress(console) as bar:
             board = _Board(bar, workloads, opts)
             for w in workloads:

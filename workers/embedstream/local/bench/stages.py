@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -71,14 +72,29 @@ def _with_batch(settings: Settings, **changes: int) -> Settings:
     return settings.model_copy(update={"batch": settings.batch.model_copy(update=changes)})
 
 
-def bare_model(
-    settings: Settings, batches: Batches, instances: int, threads: int, clock: Clock, progress: Progress
-) -> StageResult:
-    """The eager module in this process: ``instances`` Python threads sharing the batches, ``threads`` each.
+class InProcessModel(Protocol):
+    def infer(self, inputs: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]: ...
 
-    It mirrors a Triton instance group (torch releases the GIL inside its operators).
+
+# Builds the in-process model for a number of intra-op threads (torch's are set around the call).
+ModelFactory = Callable[[int], InProcessModel]
+
+
+def bare_model(
+    settings: Settings,
+    batches: Batches,
+    instances: int,
+    threads: int,
+    clock: Clock,
+    progress: Progress,
+    model: ModelFactory | None = None,
+) -> StageResult:
+    """The model in this process: ``instances`` Python threads sharing the batches, ``threads`` each.
+
+    It mirrors a Triton instance group (torch and ONNX Runtime release the GIL inside their
+    operators). ``model`` defaults to the eager torch module.
     """
-    backend = _eager_model(settings)
+    backend = model(threads) if model is not None else _eager_model(settings)
 
     def run(share: Batches) -> None:
         for b in share:
@@ -96,13 +112,19 @@ def bare_model(
 
 
 def best_bare_model(
-    settings: Settings, batches: Batches, shapes: Sequence[tuple[int, int]], clock: Clock, progress: Progress
+    settings: Settings,
+    batches: Batches,
+    shapes: Sequence[tuple[int, int]],
+    clock: Clock,
+    progress: Progress,
+    model: ModelFactory | None = None,
 ) -> StageResult:
     """The model's best in-process throughput over (instances, threads) shapes: the ceiling to compare with."""
     results = []
     for i, (instances, threads) in enumerate(shapes):
         last = i == len(shapes) - 1
-        results.append(bare_model(settings, batches, instances, threads, clock, progress if last else no_progress))
+        shown = progress if last else no_progress
+        results.append(bare_model(settings, batches, instances, threads, clock, shown, model))
     best = max(results, key=lambda r: r.throughput)
     best.extra["tried"] = {f"{r.extra['instances']}x{r.extra['threads']}": r.throughput for r in results}
     return best

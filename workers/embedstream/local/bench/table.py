@@ -18,9 +18,9 @@ import numpy as np
 
 from embedstream.config import Settings
 from embedstream.export import ExportTarget, local_cpu_target
-from embedstream.local.bench import perf_analyzer, pipeline, stages
+from embedstream.local.bench import peer, perf_analyzer, pipeline, served, stages
 from embedstream.local.bench.report import ModalityBench, StageResult, ratio
-from embedstream.local.bench.stages import Clocks, Follower, Progress
+from embedstream.local.bench.stages import Clocks, Follower, ModelFactory, Progress
 from embedstream.local.bench.workload import Workload, preprocessed_batches, rekey
 from embedstream.local.demo_data import Message
 from embedstream.local.readback import TopicReader
@@ -65,6 +65,11 @@ class BenchContext:
     def progress(self, stage: str) -> Progress:
         return self.advance(self.w.modality, stage)
 
+    @property
+    def model_dir(self) -> Path:
+        """The served model's directory in the stack's model repository."""
+        return self.stack.model_repository / self.bench.model
+
     @cached_property
     def plumbing(self) -> list[Message]:
         """The null-encoder stage's messages, which the raw kafka-python stages reuse."""
@@ -94,6 +99,7 @@ def open_context(
         instances=target.instances,
         cpus=os.cpu_count() or 1,
     )
+    bench.served_runtime = served.served_runtime(stack.model_repository / bench.model)
     m = w.modality
     workers = (WorkerProcess(real, stack.workdir, f"bench-{m}"), WorkerProcess(null, stack.workdir, f"bench-null-{m}"))
     followers = (Follower(TopicReader(real.kafka), workers[0]), Follower(TopicReader(null.kafka), workers[1]))
@@ -140,10 +146,38 @@ class Stage:
     measured_total: bool = False
 
 
-def _bare(ctx: BenchContext) -> StageResult:
+def _bare_shapes(ctx: BenchContext) -> list[tuple[int, int]]:
     # One instance on every core, and the local Triton's shape: the better one is what the model allows.
-    shapes = list(dict.fromkeys([(1, ctx.bench.cpus), (ctx.target.instances, ctx.target.torch_threads)]))
-    return stages.best_bare_model(ctx.real, ctx.batches, shapes, ctx.clocks.mono, ctx.progress("bare"))
+    return list(dict.fromkeys([(1, ctx.bench.cpus), (ctx.target.instances, ctx.target.torch_threads)]))
+
+
+def _bare_with(ctx: BenchContext, stage: str, model: ModelFactory | None) -> StageResult:
+    return stages.best_bare_model(ctx.real, ctx.batches, _bare_shapes(ctx), ctx.clocks.mono, ctx.progress(stage), model)
+
+
+def _bare(ctx: BenchContext) -> StageResult:
+    return _bare_with(ctx, "bare", None)
+
+
+def _bare_torchscript(ctx: BenchContext) -> StageResult:
+    """The ``model.pt`` Triton's Python backend loads, run in this process on the same batches."""
+    return _bare_with(ctx, "bare_torchscript", served.torchscript_model(ctx.model_dir, encoder_spec(ctx.real)))
+
+
+def _bare_onnx(ctx: BenchContext) -> StageResult:
+    """ONNX Runtime on the same batches: the served file, or one exported and checked for the bench."""
+    path = served.onnx_file(ctx.real, ctx.model_dir, ctx.batches[0], ctx.stack.workdir)
+    res = _bare_with(ctx, "bare_onnx", served.onnx_model(path, encoder_spec(ctx.real)))
+    res.extra["served_file"] = path.parent.parent == ctx.model_dir
+    return res
+
+
+def _bare_note(ctx: BenchContext, res: StageResult) -> str:
+    return f"batch {ctx.bench.max_batch}, {res.extra['instances']}x{res.extra['threads']} thr"
+
+
+def _onnx_applies(_w: Workload, _opts: BenchOptions) -> bool:
+    return served.onnx_available()
 
 
 def _decode(ctx: BenchContext) -> StageResult:
@@ -230,17 +264,23 @@ def _raw_kafka(ctx: BenchContext) -> StageResult:
     return stages.raw_kafka(ctx.real, ctx.w.raw_topics, ctx.plumbing, ctx.clocks.mono, ctx.progress("raw_kafka"))
 
 
+def _peer(ctx: BenchContext) -> StageResult:
+    """The hand-written single process on the workload's messages, put on its own topic first (not timed)."""
+    settings = peer.peer_settings(ctx.real, ctx.w.peer_topics)
+    messages = rekey(ctx.w.messages, "peer")
+    stages.produce_burst(settings.kafka, settings.kafka.input_topic, messages, ctx.clocks.wall)
+    return peer.run_peer(settings, len(messages), ctx.clocks.mono, ctx.progress("peer"))
+
+
 def _raw_consume(ctx: BenchContext) -> StageResult:
     topic, count = ctx.w.raw_topics[0], len(ctx.plumbing)
     return stages.raw_consume(ctx.real, topic, count, ctx.clocks.mono, ctx.progress("raw_consume"))
 
 
 STAGE_TABLE: tuple[Stage, ...] = (
-    Stage(
-        "bare",
-        _bare,
-        note=lambda c, r: f"batch {c.bench.max_batch}, {r.extra['instances']}x{r.extra['threads']} thr",
-    ),
+    Stage("bare", _bare, note=_bare_note),
+    Stage("bare_torchscript", _bare_torchscript, note=_bare_note),
+    Stage("bare_onnx", _bare_onnx, note=_bare_note, applies=_onnx_applies),
     Stage("decode", _decode, note=lambda c, r: "1 thread", total=_plumbing_total),
     Stage("triton", _triton, note=lambda c, r: f"{c.bench.max_in_flight} in flight"),
     Stage(
@@ -279,4 +319,5 @@ STAGE_TABLE: tuple[Stage, ...] = (
         total=_plumbing_total,
     ),
     Stage("raw_consume", _raw_consume, total=_plumbing_total),
+    Stage("peer", _peer, note=lambda c, r: f"mean batch {r.extra['mean_batch']:.1f}"),
 )

@@ -41,6 +41,11 @@ class Workload:
     def raw_topics(self) -> tuple[str, str]:
         return f"bench.raw.{self.modality}.in", f"bench.raw.{self.modality}.out"
 
+    @property
+    def peer_topics(self) -> tuple[str, str]:
+        """The naive peer's input and output topics."""
+        return f"bench.peer.{self.modality}.in", f"bench.peer.{self.modality}.out"
+
 
 def null_twin(settings: Settings) -> Settings:
     """The same pipeline with the null encoder in place of the real one, on topics and a group of its own."""
