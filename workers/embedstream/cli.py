@@ -70,9 +70,25 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
         p,
         "--backend",
         "TRITON_BACKEND",
-        "Triton backend: python (any Triton) or pytorch (stock image)",
+        "Triton backend: python (any Triton), pytorch or onnxruntime (stock image)",
         default="python",
-        choices=["python", "pytorch"],
+        choices=["python", "pytorch", "onnxruntime"],
+    )
+    _flag(
+        p,
+        "--artifact",
+        "EXPORT_ARTIFACT",
+        "model file for the python backend: torchscript (model.pt) or onnx (model.onnx, run with ONNX Runtime)",
+        default="torchscript",
+        choices=["torchscript", "onnx"],
+    )
+    _flag(
+        p,
+        "--precision",
+        "TENSORRT_PRECISION",
+        "onnxruntime backend on GPU: build TensorRT engines at fp32 or fp16 (unset: no TensorRT)",
+        default=None,
+        choices=["fp32", "fp16"],
     )
     _flag(p, "--kind", "TRITON_KIND", "instance kind", default="cpu", choices=["cpu", "gpu"])
     _flag(p, "--instances", "TRITON_INSTANCES", "model instances per device", default="1", type=int)
@@ -143,9 +159,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     from embedstream.export import ExportTarget, export_model
 
     settings = load_settings(args.config)
-    target = ExportTarget(
-        backend=args.backend, kind=args.kind, instances=args.instances, torch_threads=args.torch_threads
-    )
+    try:
+        target = ExportTarget(
+            backend=args.backend,
+            kind=args.kind,
+            instances=args.instances,
+            torch_threads=args.torch_threads,
+            artifact="onnx" if args.backend == "onnxruntime" else args.artifact,
+            precision=args.precision,
+        )
+    except ValueError as exc:
+        print(f"export-models: {exc}", file=sys.stderr)
+        return 2
     spec = export_model(settings.encoder, Path(args.repo), target)
     print(f"exported {spec.name} (dim {spec.embedding_dim}, {args.backend}/{args.kind}) to {args.repo}/{spec.name}")
     return 0

@@ -1,7 +1,9 @@
-"""Write ``<repo>/<model>/config.pbtxt`` and ``<repo>/<model>/1/model.pt`` (+ ``model.py``).
+"""Write ``<repo>/<model>/config.pbtxt`` and ``<repo>/<model>/1/model.pt`` or ``model.onnx`` (+ ``model.py``).
 
-The artifact is TorchScript: the same file runs in Triton's Python backend (local, CPU or GPU)
-and in the libtorch backend of a stock Triton image.
+The artifact is TorchScript or ONNX. TorchScript runs in Triton's Python backend (local, CPU or GPU)
+and in the libtorch backend of a stock Triton image; ONNX runs with ONNX Runtime inside the same
+Python backend and in the stock image's onnxruntime backend (with TensorRT on GPU). The ONNX export
+is checked against torch eager; the figures land in ``1/onnx_check.json``.
 """
 
 from __future__ import annotations
@@ -34,27 +36,43 @@ def export_model(settings: EncoderSettings, repo: Path, target: ExportTarget | N
     family = get_family(settings.family)
     spec = family.describe(settings)
     module = family.build(settings)
-    scripted = _trace(module, family.example_inputs(spec, 2), spec)
-    # Fingerprinted from the traced module, the artifact Triton loads, so the value names what is served.
-    spec = dataclasses.replace(
-        spec,
-        weights_sha256=weights_fingerprint(scripted.state_dict()),
-        preprocessing_sha256=preprocessing_fingerprint(spec),
-    )
+    example = family.example_inputs(spec, 2)
     model_dir = Path(repo) / spec.name
     version_dir = model_dir / TRITON_VERSION_DIR
     if version_dir.exists():
         shutil.rmtree(version_dir)
     version_dir.mkdir(parents=True)
-    scripted.save(str(version_dir / MODEL_FILE))
+    onnx_sha256 = None
+    if target.artifact == "onnx":
+        from embedstream.export.onnx import CHECK_FILE, ONNX_FILE, export_onnx
+
+        # The ONNX graph holds the module's tensors as initialisers: the fingerprint is taken from the
+        # module it was exported from, and the file's own sha256 guards it against a swap.
+        check = export_onnx(module, example, spec, version_dir / ONNX_FILE)
+        (version_dir / CHECK_FILE).write_text(check.to_json())
+        onnx_sha256 = check.onnx_sha256
+        # A trace keeps non-persistent buffers (e.g. a transformer's position ids) in its state dict:
+        # counted here too, the same weights name the same fingerprint whichever file serves them.
+        state = {**module.state_dict(), **dict(module.named_buffers(remove_duplicate=False))}
+    else:
+        scripted = _trace(module, example, spec)
+        scripted.save(str(version_dir / MODEL_FILE))
+        # Fingerprinted from the traced module, the artifact Triton loads, so the value names what is served.
+        state = scripted.state_dict()
+    spec = dataclasses.replace(
+        spec,
+        weights_sha256=weights_fingerprint(state),
+        preprocessing_sha256=preprocessing_fingerprint(spec),
+    )
     if target.backend == "python":
         template = resources.files("embedstream.export").joinpath("triton_python_model.py")
         (version_dir / "model.py").write_text(template.read_text())
-    (model_dir / "config.pbtxt").write_text(render_config(spec, target))
+    (model_dir / "config.pbtxt").write_text(render_config(spec, target, onnx_sha256))
     (model_dir / "spec.json").write_bytes(spec.to_json())
     log.info(
-        "exported %s (%s/%s) to %s: weights %s, preprocessing %s",
+        "exported %s (%s %s/%s) to %s: weights %s, preprocessing %s",
         spec.name,
+        target.artifact,
         target.backend,
         target.kind,
         model_dir,

@@ -9,17 +9,22 @@ from typing import Literal
 
 from embedstream.encoders import EncoderSpec
 
-Backend = Literal["python", "pytorch"]
+Backend = Literal["python", "pytorch", "onnxruntime"]
 Kind = Literal["cpu", "gpu"]
+Artifact = Literal["torchscript", "onnx"]
+Precision = Literal["fp32", "fp16"]
 
 
 @dataclass(frozen=True)
 class ExportTarget:
     """Where the exported model will run.
 
-    ``python`` serves the TorchScript file through Triton's Python backend (the local CPU server
-    from PyPI ships only that backend; it also runs on GPU). ``pytorch`` is the libtorch backend of
-    the stock ``nvcr.io/nvidia/tritonserver`` image, loading the same ``model.pt``.
+    ``python`` serves the exported file through Triton's Python backend (the local CPU server
+    from PyPI ships only that backend; it also runs on GPU): the TorchScript ``model.pt``, or with
+    ``artifact="onnx"`` the ``model.onnx`` run by ONNX Runtime inside the backend. ``pytorch`` is the
+    libtorch backend of the stock ``nvcr.io/nvidia/tritonserver`` image, loading the same ``model.pt``.
+    ``onnxruntime`` is the stock image's ONNX Runtime backend, loading ``model.onnx``; on GPU
+    ``precision`` turns on its TensorRT execution provider at that precision.
     """
 
     backend: Backend = "python"
@@ -29,19 +34,32 @@ class ExportTarget:
     # The worker sends whole micro-batches: holding one back hoping for a preferred size only adds
     # latency. Requests that queue while the instance is busy (several workers) are still merged.
     max_queue_delay_us: int = 0
+    artifact: Artifact = "torchscript"
+    precision: Precision | None = None
+    # Where TensorRT keeps the engines it builds, so a restart loads them instead of rebuilding for minutes.
+    tensorrt_cache: str = "/tmp/embedstream-trt-cache"
+
+    def __post_init__(self) -> None:
+        if self.backend == "onnxruntime" and self.artifact != "onnx":
+            object.__setattr__(self, "artifact", "onnx")
+        if self.backend == "pytorch" and self.artifact != "torchscript":
+            raise ValueError("the pytorch backend loads TorchScript: use the onnxruntime backend for ONNX")
+        if self.precision is not None and (self.backend != "onnxruntime" or self.kind != "gpu"):
+            raise ValueError("precision selects TensorRT, which only the onnxruntime backend on GPU has")
 
 
-def local_cpu_target(cpus: int | None = None) -> ExportTarget:
+def local_cpu_target(cpus: int | None = None, artifact: Artifact = "torchscript") -> ExportTarget:
     """The embedded stack's Triton, on the cores it shares with the worker and the broker.
 
     Two single-threaded instances rather than one with two threads: on 2 shared cores an
     intra-op thread pool stalls whenever one of its threads is preempted (a batch of 8 took 4x its
     solo time beside a busy worker), while two instances run two batches side by side; MobileNet
-    and MiniLM served 1.3x and 1.4x more per second that way here.
+    and MiniLM served 1.3x and 1.4x more per second that way here. ``artifact="onnx"`` serves the
+    ONNX file with ONNX Runtime in the same backend, with the same instances and threads.
     """
     cpus = cpus or os.cpu_count() or 1
     instances = min(2, cpus)
-    return ExportTarget(instances=instances, torch_threads=max(1, cpus // instances))
+    return ExportTarget(instances=instances, torch_threads=max(1, cpus // instances), artifact=artifact)
 
 
 def _preferred_sizes(max_batch: int) -> list[int]:
@@ -64,7 +82,24 @@ def _param(key: str, value: str) -> str:
     return f'parameters {{\n  key: "{key}"\n  value: {{ string_value: {json.dumps(value)} }}\n}}'
 
 
-def render_config(spec: EncoderSpec, target: ExportTarget) -> str:
+def _tensorrt_block(target: ExportTarget) -> str:
+    # Triton onnxruntime_backend: TensorRT as the GPU execution accelerator; nodes TensorRT cannot take
+    # stay on ONNX Runtime's CUDA provider. The engine is built at load for the shapes seen, then cached.
+    params = {
+        "precision_mode": (target.precision or "fp32").upper(),
+        "max_workspace_size_bytes": str(1 << 30),
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": target.tensorrt_cache,
+    }
+    body = "\n".join(f'        parameters {{ key: "{k}" value: "{v}" }}' for k, v in params.items())
+    return (
+        "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [\n      {\n"
+        f'        name : "tensorrt"\n{body}\n      }}\n    ]\n  }}\n}}'
+    )
+
+
+def render_config(spec: EncoderSpec, target: ExportTarget, onnx_sha256: str | None = None) -> str:
+    """The config; ``onnx_sha256`` (the exported file's) lets the Python backend refuse a swapped ``model.onnx``."""
     lines = [
         f'name: "{spec.name}"',
         f'backend: "{target.backend}"',
@@ -80,6 +115,16 @@ def render_config(spec: EncoderSpec, target: ExportTarget) -> str:
         _param("embedstream.spec", spec.to_json().decode()),
         _param("torch_num_threads", str(target.torch_threads)),
     ]
+    if onnx_sha256 is not None:
+        lines.append(_param("embedstream.onnx_sha256", onnx_sha256))
     if target.backend == "pytorch":
         lines.append(_param("INFERENCE_MODE", "true"))
+    if target.backend == "onnxruntime":
+        lines.insert(3, 'default_model_filename: "model.onnx"')
+        # 0 lets ONNX Runtime size its pool to the cores; a CPU instance gets the configured threads.
+        threads = target.torch_threads if target.kind == "cpu" else 0
+        lines.append(_param("intra_op_thread_count", str(threads)))
+        lines.append(_param("inter_op_thread_count", "1"))
+        if target.precision is not None:
+            lines.append(_tensorrt_block(target))
     return "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
-"""Triton Python-backend model: serves the TorchScript ``model.pt`` beside this file.
+"""Triton Python-backend model: serves ``model.onnx`` (ONNX Runtime) or TorchScript ``model.pt`` beside this file.
 
 Copied verbatim into every exported model version directory; it depends on nothing from
-embedstream, only on torch and numpy in the server's Python environment.
+embedstream, only on torch, numpy (and onnxruntime for an ONNX file) in the server's Python environment.
 """
 
 import hashlib
@@ -23,6 +23,17 @@ class TritonPythonModel:
             self.device = torch.device(f"cuda:{args['model_instance_device_id']}")
         else:
             self.device = torch.device("cpu")
+        self.input_names = [t["name"] for t in config["input"]]
+        self.output_names = [t["name"] for t in config["output"]]
+        onnx_path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        if os.path.exists(onnx_path):
+            self.session = _onnx_session(onnx_path, params, self.device)
+        else:
+            self.session = None
+            self._load_torchscript(args, params)
+        self._warm_up(config)
+
+    def _load_torchscript(self, args: dict[str, Any], params: dict[str, str]) -> None:
         path = os.path.join(args["model_repository"], args["model_version"], "model.pt")
         # TorchScript's profiling executor re-specialises the graph for every new input shape, and
         # a micro-batcher sends every batch size from 1 to the maximum: its first calls at each size
@@ -33,22 +44,25 @@ class TritonPythonModel:
             set_optimize(False)
         self.model = torch.jit.load(path, map_location=self.device).eval()
         _check_weights(self.model, params.get("embedstream.spec"), path)
-        self.input_names = [t["name"] for t in config["input"]]
-        self.output_names = [t["name"] for t in config["output"]]
-        self._warm_up(config)
+
+    def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        if self.session is not None:
+            return list(self.session.run(None, dict(zip(self.input_names, arrays, strict=True))))
+        with torch.inference_mode():
+            result = self.model(*[torch.from_numpy(a).to(self.device) for a in arrays])
+        return [t.cpu().numpy() for t in (result if isinstance(result, (tuple, list)) else (result,))]
 
     def _warm_up(self, config: dict[str, Any]) -> None:
         """One call at batch 1 and one at the largest batch before serving: first allocations happen here."""
-        dtypes = {"TYPE_UINT8": torch.uint8, "TYPE_FP32": torch.float32, "TYPE_INT64": torch.int64}
+        dtypes = {"TYPE_UINT8": np.uint8, "TYPE_FP32": np.float32, "TYPE_INT64": np.int64}
         if any(t["data_type"] not in dtypes for t in config["input"]):
             return
         for batch in sorted({1, int(config.get("max_batch_size", 1)) or 1}):
             inputs = [
-                torch.zeros((batch, *[d if d > 0 else 8 for d in map(int, t["dims"])]), dtype=dtypes[t["data_type"]])
+                np.zeros((batch, *[d if d > 0 else 8 for d in map(int, t["dims"])]), dtype=dtypes[t["data_type"]])
                 for t in config["input"]
             ]
-            with torch.inference_mode():
-                self.model(*[x.to(self.device) for x in inputs])
+            self._run(inputs)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         # Triton's dynamic batcher hands over several requests at once: run them as one batch.
@@ -57,13 +71,8 @@ class TritonPythonModel:
         ]
         sizes = [arrays[0].shape[0] for arrays in per_request]
         try:
-            stacked = [
-                torch.from_numpy(_concat_padded([arrays[i] for arrays in per_request])).to(self.device)
-                for i in range(len(self.input_names))
-            ]
-            with torch.inference_mode():
-                result = self.model(*stacked)
-            outs = [t.cpu().numpy() for t in (result if isinstance(result, (tuple, list)) else (result,))]
+            stacked = [_concat_padded([arrays[i] for arrays in per_request]) for i in range(len(self.input_names))]
+            outs = self._run(stacked)
         except Exception as exc:  # a bad batch fails its requests, never the server
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))] * len(
                 requests
@@ -77,6 +86,35 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += n
         return responses
+
+
+def _onnx_session(path: str, params: dict[str, str], device: Any) -> Any:
+    """ONNX Runtime on the instance's device, after checking the file is the one exported.
+
+    The weights fingerprint in the spec was taken from the torch module the file was exported from;
+    the file's sha256, recorded at export, ties this file to that module.
+    """
+    import onnxruntime
+
+    want = params.get("embedstream.onnx_sha256")
+    if want:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != want:
+            raise RuntimeError(
+                f"{path} has sha256 {digest.hexdigest()}, its config says {want}: "
+                "the file was replaced after export; export the model again"
+            )
+    options = onnxruntime.SessionOptions()
+    # Same sizing as TorchScript's: instances x threads chosen for the cores at export.
+    options.intra_op_num_threads = int(params.get("torch_num_threads", "1"))
+    options.inter_op_num_threads = 1
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    return onnxruntime.InferenceSession(path, sess_options=options, providers=providers)
 
 
 def _check_weights(model: Any, raw_spec: str | None, path: str) -> None:

@@ -1,0 +1,179 @@
+"""The ONNX artifact: every family exports, ONNX Runtime reproduces torch eager, Triton configs parse."""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+from embedstream.config import EncoderSettings
+from embedstream.encoders import EncoderSpec, get_family, list_families
+from embedstream.encoders._fingerprint import weights_fingerprint
+from embedstream.errors import ModelMismatchError
+from embedstream.export import ExportTarget, export_model, render_config
+from embedstream.export.onnx import CHECK_FILE, ONNX_FILE, export_onnx, onnx_session
+
+from .test_encoders_and_export import SMALL
+from .test_lineage import python_backend_model
+
+
+@pytest.fixture(params=list_families())
+def family_settings(request) -> EncoderSettings:
+    if request.param not in SMALL:
+        pytest.fail(f"encoder family {request.param!r} has no small test setting in SMALL")
+    return SMALL[request.param]
+
+
+def _outputs(x: Any) -> list[np.ndarray]:
+    items = [x] if isinstance(x, torch.Tensor) else list(x)
+    return [t.float().numpy() for t in items]
+
+
+def _feed(spec: EncoderSpec, inputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+    return {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True)}
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_onnx_runtime_reproduces_the_module_at_any_batch_size(family_settings, tmp_path, batch):
+    fam = get_family(family_settings.family)
+    spec = fam.describe(family_settings)
+    module = fam.build(family_settings)
+    check = export_onnx(module, fam.example_inputs(spec, 2), spec, tmp_path / ONNX_FILE)
+    assert check.exporter and check.max_abs_diff < 1e-4 and check.min_cosine > 0.9999
+
+    session = onnx_session(tmp_path / ONNX_FILE, threads=1)
+    assert [i.name for i in session.get_inputs()] == [t.name for t in spec.inputs]
+    assert [o.name for o in session.get_outputs()] == [t.name for t in spec.outputs]
+    inputs = fam.example_inputs(spec, batch)
+    with torch.inference_mode():
+        want = _outputs(module(*inputs))
+    got = session.run(None, _feed(spec, inputs))
+    assert got[0].shape == (batch, spec.embedding_dim)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g, dtype=np.float32), w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("length", [5, 61])
+def test_text_onnx_takes_any_sequence_length(tmp_path, length):
+    settings = SMALL["transformer"]
+    fam = get_family("transformer")
+    spec = fam.describe(settings)
+    module = fam.build(settings)
+    export_onnx(module, fam.example_inputs(spec, 2), spec, tmp_path / ONNX_FILE)
+    gen = torch.Generator().manual_seed(length)
+    ids = torch.randint(1000, 20000, (3, length), generator=gen)
+    mask = torch.ones(3, length, dtype=torch.int64)
+    mask[1, length // 2 :] = 0  # one padded row: mean pooling must skip its padding
+    with torch.inference_mode():
+        want = module(ids, mask).numpy()
+    got = onnx_session(tmp_path / ONNX_FILE, threads=1).run(
+        None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    )[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # L2 norm is inside the graph
+
+
+def test_a_graph_that_differs_from_the_module_is_refused(tmp_path):
+    settings = SMALL["lstm"]
+    fam = get_family("lstm")
+    spec = fam.describe(settings)
+    module = fam.build(settings)
+
+    class Drifting(torch.nn.Module):
+        """Exports one thing and runs another eagerly: what a wrong export looks like to the check."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.inner(x)
+            return out if torch.jit.is_tracing() else out + 0.1
+
+    with pytest.raises(ModelMismatchError, match="differs from torch eager"):
+        export_onnx(Drifting(), fam.example_inputs(spec, 2), spec, tmp_path / ONNX_FILE)
+
+
+def test_the_onnx_repository_records_its_check_and_the_same_lineage(family_settings, tmp_path):
+    onnx_spec = export_model(family_settings, tmp_path / "onnx", ExportTarget(artifact="onnx"))
+    version = tmp_path / "onnx" / onnx_spec.name / "1"
+    assert (version / ONNX_FILE).is_file() and not (version / "model.pt").exists()
+    assert (version / "model.py").is_file()
+    check = json.loads((version / CHECK_FILE).read_text())
+    assert check["max_abs_diff"] < 1e-4 and check["min_cosine"] > 0.9999
+    # The same weights name the same fingerprint whichever file serves them.
+    ts_spec = export_model(family_settings, tmp_path / "ts")
+    assert onnx_spec.weights_sha256 == ts_spec.weights_sha256
+    assert onnx_spec.preprocessing_sha256 == ts_spec.preprocessing_sha256
+    cfg = text_format.Parse((version.parent / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert cfg.backend == "python"
+    assert cfg.parameters["embedstream.onnx_sha256"].string_value == check["onnx_sha256"]
+
+
+def _initialize_args(repo: Path, spec: EncoderSpec) -> dict:
+    parsed = text_format.Parse((repo / spec.name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    config = json.loads(json_format.MessageToJson(parsed, preserving_proto_field_name=True))
+    return {
+        "model_config": json.dumps(config),
+        "model_instance_kind": "CPU",
+        "model_repository": str(repo / spec.name),
+        "model_version": "1",
+    }
+
+
+@pytest.mark.slow
+def test_the_python_backend_serves_the_onnx_file_and_refuses_a_swapped_one(tmp_path):
+    backend = python_backend_model()
+    settings = SMALL["cnn"]
+    spec = export_model(settings, tmp_path / "a", ExportTarget(artifact="onnx"))
+    served = backend.TritonPythonModel()
+    served.initialize(_initialize_args(tmp_path / "a", spec))
+    assert served.session is not None  # ONNX Runtime, not TorchScript
+    fam = get_family("cnn")
+    inputs = fam.example_inputs(spec, 3)
+    with torch.inference_mode():
+        want = fam.build(settings)(*inputs).numpy()
+    np.testing.assert_allclose(served._run([inputs[0].numpy()])[0], want, rtol=1e-4, atol=1e-4)
+    assert spec.weights_sha256 == weights_fingerprint(fam.build(settings).state_dict())
+
+    other = export_model(settings.model_copy(update={"seed": 5}), tmp_path / "b", ExportTarget(artifact="onnx"))
+    shutil.copy(tmp_path / "b" / other.name / "1" / ONNX_FILE, tmp_path / "a" / spec.name / "1" / ONNX_FILE)
+    with pytest.raises(RuntimeError, match="replaced after export"):
+        backend.TritonPythonModel().initialize(_initialize_args(tmp_path / "a", spec))
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+@pytest.mark.parametrize("precision", [None, "fp32", "fp16"])
+def test_the_onnxruntime_backend_config_parses_and_names_tensorrt(family_settings, kind, precision):
+    if precision is not None and kind == "cpu":
+        with pytest.raises(ValueError, match="TensorRT"):
+            ExportTarget(backend="onnxruntime", kind=kind, precision=precision)
+        return
+    target = ExportTarget(backend="onnxruntime", kind=kind, precision=precision, instances=2)
+    assert target.artifact == "onnx"
+    spec = get_family(family_settings.family).describe(family_settings)
+    cfg = text_format.Parse(render_config(spec, target, "ab" * 32), model_config_pb2.ModelConfig())
+    assert cfg.backend == "onnxruntime" and cfg.default_model_filename == "model.onnx"
+    assert [i.name for i in cfg.input] == [t.name for t in spec.inputs]
+    assert [o.name for o in cfg.output] == [t.name for t in spec.outputs]
+    assert cfg.max_batch_size == spec.max_batch_size and cfg.dynamic_batching.preferred_batch_size
+    group = cfg.instance_group[0]
+    assert group.count == 2
+    assert group.kind == getattr(model_config_pb2.ModelInstanceGroup, f"KIND_{kind.upper()}")
+    accelerators = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+    if precision is None:
+        assert not accelerators
+    else:
+        assert [a.name for a in accelerators] == ["tensorrt"]
+        assert accelerators[0].parameters["precision_mode"] == precision.upper()
+    assert EncoderSpec.from_json(cfg.parameters["embedstream.spec"].string_value) == spec
+
+
+def test_torchscript_cannot_go_to_the_onnxruntime_backend_nor_onnx_to_libtorch():
+    with pytest.raises(ValueError, match="TorchScript"):
+        ExportTarget(backend="pytorch", artifact="onnx")
