@@ -8,6 +8,7 @@ import pytest
 
 from embedstream.cli import main
 from embedstream.local.bench.report import STAGES
+from embedstream.local.bench.served import onnx_available
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,7 +35,7 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
     assert rc == 0
     doc = json.loads((out / "bench.json").read_text())
     ts = doc["modalities"]["timeseries"]
-    assert set(ts["stages"]) == set(STAGES)
+    assert set(ts["stages"]) == set(STAGES) - (set() if onnx_available() else {"bare_onnx"})
     for name, stage in ts["stages"].items():
         if name != "perf_analyzer":  # it sends as many requests as its measurement windows take
             want = {"null": 100, "raw_kafka": 100, "raw_consume": 100, "decode": 100, "pipeline_scaled": 96}
@@ -50,6 +51,13 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
     assert pa["messages"] == pa["requests"] * pa["batch"]
     assert len(ts["stages"]["pipeline_half"]["latencies_ms"]) == 48
     assert ts["stages"]["pipeline"]["batches"] > 0
+    # the hand-written peer read every message once, in batches no larger than ours, and committed them
+    peer = ts["stages"]["peer"]
+    assert peer["batches"] >= 48 / ts["max_batch"] and 0 < peer["mean_batch"] <= ts["max_batch"]
+    # pipeline / bare is taken against the runtime Triton serves, torch eager reported beside it
+    assert (
+        ts["served_bare_stage"] == {"torchscript": "bare_torchscript", "onnxruntime": "bare_onnx"}[ts["served_runtime"]]
+    )
     # 50 series x 32 points: one window each, every one published (told apart by row id, not key)
     assert ts["stages"]["pipeline_points"]["windows"] == 50
     scaled = ts["stages"]["pipeline_scaled"]
@@ -63,6 +71,9 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
     want = {
         "triton_vs_perf_analyzer",
         "pipeline_vs_bare",
+        "pipeline_vs_bare_eager",
+        "bare_torchscript_vs_eager",
+        "pipeline_vs_peer",
         "pipeline_scaled_vs_bare",
         "scale_out",
         "pipeline_vs_ceiling",
