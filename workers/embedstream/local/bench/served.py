@@ -8,6 +8,7 @@ pipeline / bare compares the pipeline with the same runtime on the same batches.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -50,7 +51,10 @@ def served_runtime(model_dir: Path) -> Runtime:
 
 def torchscript_model(model_dir: Path, spec: EncoderSpec) -> ModelFactory:
     """The exported ``model.pt`` loaded once; torch's threads are set by the caller."""
-    module = torch.jit.load(str(model_dir / TRITON_VERSION_DIR / MODEL_FILE), map_location="cpu")
+    with warnings.catch_warnings():
+        # torch marks TorchScript as deprecated; it is still what the stack serves by default.
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(model_dir / TRITON_VERSION_DIR / MODEL_FILE), map_location="cpu")
     backend = TorchBackend(spec, module)
     return lambda _threads: backend
 
