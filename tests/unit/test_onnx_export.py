@@ -58,13 +58,14 @@ def test_onnx_runtime_reproduces_the_module_at_any_batch_size(family_settings, t
         np.testing.assert_allclose(np.asarray(g, dtype=np.float32), w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("length", [5, 61])
-def test_text_onnx_takes_any_sequence_length(tmp_path, length):
+def test_text_onnx_takes_any_sequence_length(tmp_path, length, exporter):
     settings = SMALL["transformer"]
     fam = get_family("transformer")
     spec = fam.describe(settings)
     module = fam.build(settings)
-    export_onnx(module, fam.example_inputs(spec, 2), spec, tmp_path / ONNX_FILE)
+    export_onnx(module, fam.example_inputs(spec, 2), spec, tmp_path / ONNX_FILE, exporter=exporter)
     gen = torch.Generator().manual_seed(length)
     ids = torch.randint(1000, 20000, (3, length), generator=gen)
     mask = torch.ones(3, length, dtype=torch.int64)
@@ -177,3 +178,19 @@ def test_the_onnxruntime_backend_config_parses_and_names_tensorrt(family_setting
 def test_torchscript_cannot_go_to_the_onnxruntime_backend_nor_onnx_to_libtorch():
     with pytest.raises(ValueError, match="TorchScript"):
         ExportTarget(backend="pytorch", artifact="onnx")
+
+
+@pytest.mark.slow
+def test_the_torch_export_based_exporter_reproduces_every_family(family_settings, tmp_path):
+    fam = get_family(family_settings.family)
+    spec = fam.describe(family_settings)
+    module = fam.build(family_settings)
+    check = export_onnx(module, fam.example_inputs(spec, 2), spec, tmp_path / ONNX_FILE, exporter="dynamo")
+    assert check.exporter == "dynamo" and check.max_abs_diff < 1e-4
+    session = onnx_session(tmp_path / ONNX_FILE, threads=1)
+    for batch in (1, 7):
+        inputs = fam.example_inputs(spec, batch)
+        with torch.inference_mode():
+            want = _outputs(module(*inputs))
+        for g, w in zip(session.run(None, _feed(spec, inputs)), want, strict=True):
+            np.testing.assert_allclose(np.asarray(g, dtype=np.float32), w, rtol=1e-4, atol=1e-4)

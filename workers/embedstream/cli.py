@@ -84,6 +84,14 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     )
     _flag(
         p,
+        "--onnx-exporter",
+        "ONNX_EXPORTER",
+        "torch exporter for model.onnx: torchscript (traces, ~1 s) or dynamo (torch.export, ~15 s for Lite0)",
+        default="torchscript",
+        choices=["torchscript", "dynamo"],
+    )
+    _flag(
+        p,
         "--precision",
         "TENSORRT_PRECISION",
         "onnxruntime backend on GPU: build TensorRT engines at fp32 or fp16 (unset: no TensorRT)",
@@ -167,6 +175,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             torch_threads=args.torch_threads,
             artifact="onnx" if args.backend == "onnxruntime" else args.artifact,
             precision=args.precision,
+            onnx_exporter=args.onnx_exporter,
         )
     except ValueError as exc:
         print(f"export-models: {exc}", file=sys.stderr)

@@ -48,7 +48,7 @@ def export_model(settings: EncoderSettings, repo: Path, target: ExportTarget | N
 
         # The ONNX graph holds the module's tensors as initialisers: the fingerprint is taken from the
         # module it was exported from, and the file's own sha256 guards it against a swap.
-        check = export_onnx(module, example, spec, version_dir / ONNX_FILE)
+        check = export_onnx(module, example, spec, version_dir / ONNX_FILE, exporter=target.onnx_exporter)
         (version_dir / CHECK_FILE).write_text(check.to_json())
         onnx_sha256 = check.onnx_sha256
         # A trace keeps non-persistent buffers (e.g. a transformer's position ids) in its state dict:

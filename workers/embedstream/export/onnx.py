@@ -14,7 +14,7 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from embedstream.encoders import EncoderSpec
 from embedstream.errors import ModelMismatchError
@@ -28,8 +28,11 @@ log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 CHECK_FILE = "onnx_check.json"
 OPSET = 17
-# The TorchScript-based exporter (torch.onnx.export(..., dynamo=False)); docs/models.md says why.
-EXPORTER = "torchscript"
+# "torchscript": torch.onnx.export(..., dynamo=False), which traces; "dynamo": the torch.export-based
+# exporter torch recommends. Both reproduce every family; docs/models.md has the measurements behind
+# the default (export time: the local stack exports at every start).
+Exporter = Literal["torchscript", "dynamo"]
+EXPORTER: Exporter = "torchscript"
 # Float32 through a different kernel library: differences of a few 1e-5 are rounding, not a wrong graph.
 MAX_ABS_DIFF = 1e-3
 MIN_COSINE = 0.9999
@@ -50,7 +53,13 @@ class OnnxCheck:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
 
-def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], spec: EncoderSpec, path: Path) -> OnnxCheck:
+def export_onnx(
+    module: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    spec: EncoderSpec,
+    path: Path,
+    exporter: Exporter = EXPORTER,
+) -> OnnxCheck:
     """Write ``module`` to ``path`` as ONNX with a dynamic batch (and dynamic -1 dims) and check it.
 
     The check runs the file with ONNX Runtime on ``example`` and on a batch one row longer (so a batch
@@ -73,23 +82,26 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], spec
     for t in spec.outputs:
         dynamic_axes[t.name] = {0: "batch"}
     module = module.eval()
-    with torch.inference_mode(), warnings.catch_warnings():
-        # The TorchScript-based exporter traces: the same shape checks the TorchScript trace freezes
-        # are re-verified below on a second batch size.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            module,
-            example,
-            str(path),
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes=dynamic_axes,
-            opset_version=OPSET,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+    if exporter == "dynamo":
+        _export_dynamo(module, example, spec, path)
+    else:
+        with torch.inference_mode(), warnings.catch_warnings():
+            # The TorchScript-based exporter traces: the same shape checks the TorchScript trace freezes
+            # are re-verified below on a second batch size.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                module,
+                example,
+                str(path),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
     probe = tuple(torch.cat([t, t[:1]]) for t in example)
     session = onnx_session(path, threads=1)
     worst_diff, worst_cos = 0.0, 1.0
@@ -97,7 +109,7 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], spec
         diff, cos = _compare(module, session, inputs, input_names, spec)
         worst_diff, worst_cos = max(worst_diff, diff), min(worst_cos, cos)
     check = OnnxCheck(
-        exporter=EXPORTER,
+        exporter=exporter,
         opset=OPSET,
         max_abs_diff=worst_diff,
         min_cosine=worst_cos,
@@ -109,7 +121,7 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], spec
         spec.name,
         worst_diff,
         worst_cos,
-        EXPORTER,
+        exporter,
         OPSET,
     )
     if worst_diff > MAX_ABS_DIFF or worst_cos < MIN_COSINE:
@@ -118,6 +130,29 @@ def export_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], spec
             f"(limit {MAX_ABS_DIFF}), min cosine {worst_cos:.6f} (limit {MIN_COSINE})"
         )
     return check
+
+
+def _export_dynamo(module: torch.nn.Module, example: tuple[torch.Tensor, ...], spec: EncoderSpec, path: Path) -> None:
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=max(2, spec.max_batch_size))
+    # One symbol per variable position, shared by the inputs: token ids and their mask have one length.
+    free = {i: torch.export.Dim(f"dim{i}", min=1) for t in spec.inputs for i, d in enumerate(t.dims, 1) if d < 0}
+    shapes = tuple({0: batch, **{i: free[i] for i, d in enumerate(t.dims, 1) if d < 0}} for t in spec.inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            example,
+            str(path),
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            dynamic_shapes=shapes,
+            opset_version=max(OPSET, 18),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
 
 
 def onnx_session(path: Path, threads: int) -> onnxruntime.InferenceSession:

@@ -13,6 +13,7 @@ Backend = Literal["python", "pytorch", "onnxruntime"]
 Kind = Literal["cpu", "gpu"]
 Artifact = Literal["torchscript", "onnx"]
 Precision = Literal["fp32", "fp16"]
+OnnxExporter = Literal["torchscript", "dynamo"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class ExportTarget:
     max_queue_delay_us: int = 0
     artifact: Artifact = "torchscript"
     precision: Precision | None = None
+    # Which torch exporter writes model.onnx (export/onnx.py; docs/models.md compares them).
+    onnx_exporter: OnnxExporter = "torchscript"
     # Where TensorRT keeps the engines it builds, so a restart loads them instead of rebuilding for minutes.
     tensorrt_cache: str = "/tmp/embedstream-trt-cache"
 
