@@ -194,3 +194,16 @@ def test_the_torch_export_based_exporter_reproduces_every_family(family_settings
             want = _outputs(module(*inputs))
         for g, w in zip(session.run(None, _feed(spec, inputs)), want, strict=True):
             np.testing.assert_allclose(np.asarray(g, dtype=np.float32), w, rtol=1e-4, atol=1e-4)
+
+
+def test_the_local_stack_serves_torchscript_unless_onnx_is_chosen(monkeypatch):
+    from embedstream.export.triton_config import LOCAL_ARTIFACT_ENV, local_cpu_target
+
+    monkeypatch.delenv(LOCAL_ARTIFACT_ENV, raising=False)
+    assert local_cpu_target(2).artifact == "torchscript"
+    assert local_cpu_target(2, artifact="onnx").artifact == "onnx"
+    monkeypatch.setenv(LOCAL_ARTIFACT_ENV, "onnx")
+    assert local_cpu_target(2) == ExportTarget(instances=2, torch_threads=1, artifact="onnx")
+    monkeypatch.setenv(LOCAL_ARTIFACT_ENV, "tensorrt")
+    with pytest.raises(ValueError, match="torchscript or onnx"):
+        local_cpu_target(2)

@@ -51,18 +51,33 @@ class ExportTarget:
             raise ValueError("precision selects TensorRT, which only the onnxruntime backend on GPU has")
 
 
-def local_cpu_target(cpus: int | None = None, artifact: Artifact = "torchscript") -> ExportTarget:
+# Opt-in for the embedded stack (``embedstream up``/``demo``/``bench`` and the tests): ``onnx`` serves
+# model.onnx with ONNX Runtime in the local Triton. Not the default until every integration test runs on it.
+LOCAL_ARTIFACT_ENV = "EMBEDSTREAM_LOCAL_ARTIFACT"
+
+
+def local_artifact() -> Artifact:
+    value = os.environ.get(LOCAL_ARTIFACT_ENV, "torchscript")
+    if value not in ("torchscript", "onnx"):
+        raise ValueError(f"{LOCAL_ARTIFACT_ENV}={value!r}: choose torchscript or onnx")
+    return "onnx" if value == "onnx" else "torchscript"
+
+
+def local_cpu_target(cpus: int | None = None, artifact: Artifact | None = None) -> ExportTarget:
     """The embedded stack's Triton, on the cores it shares with the worker and the broker.
 
     Two single-threaded instances rather than one with two threads: on 2 shared cores an
     intra-op thread pool stalls whenever one of its threads is preempted (a batch of 8 took 4x its
     solo time beside a busy worker), while two instances run two batches side by side; MobileNet
     and MiniLM served 1.3x and 1.4x more per second that way here. ``artifact="onnx"`` serves the
-    ONNX file with ONNX Runtime in the same backend, with the same instances and threads.
+    ONNX file with ONNX Runtime in the same backend, with the same instances and threads; unset, it
+    is :data:`LOCAL_ARTIFACT_ENV` or TorchScript.
     """
     cpus = cpus or os.cpu_count() or 1
     instances = min(2, cpus)
-    return ExportTarget(instances=instances, torch_threads=max(1, cpus // instances), artifact=artifact)
+    return ExportTarget(
+        instances=instances, torch_threads=max(1, cpus // instances), artifact=artifact or local_artifact()
+    )
 
 
 def _preferred_sizes(max_batch: int) -> list[int]:
