@@ -131,7 +131,9 @@ def _initialize_args(repo: Path, spec: EncoderSpec) -> dict:
 def test_the_python_backend_serves_the_onnx_file_and_refuses_a_swapped_one(tmp_path):
     backend = python_backend_model()
     settings = SMALL["cnn"]
-    spec = export_model(settings, tmp_path / "a", ExportTarget(artifact="onnx"))
+    # The tracer's export: seconds rather than dynamo's tens, and the backend cannot tell them apart.
+    target = ExportTarget(artifact="onnx", onnx_exporter="torchscript")
+    spec = export_model(settings, tmp_path / "a", target)
     served = backend.TritonPythonModel()
     served.initialize(_initialize_args(tmp_path / "a", spec))
     assert served.session is not None  # ONNX Runtime, not TorchScript
@@ -142,7 +144,7 @@ def test_the_python_backend_serves_the_onnx_file_and_refuses_a_swapped_one(tmp_p
     np.testing.assert_allclose(served._run([inputs[0].numpy()])[0], want, rtol=1e-4, atol=1e-4)
     assert spec.weights_sha256 == weights_fingerprint(fam.build(settings).state_dict())
 
-    other = export_model(settings.model_copy(update={"seed": 5}), tmp_path / "b", ExportTarget(artifact="onnx"))
+    other = export_model(settings.model_copy(update={"seed": 5}), tmp_path / "b", target)
     shutil.copy(tmp_path / "b" / other.name / "1" / ONNX_FILE, tmp_path / "a" / spec.name / "1" / ONNX_FILE)
     with pytest.raises(RuntimeError, match="replaced after export"):
         backend.TritonPythonModel().initialize(_initialize_args(tmp_path / "a", spec))
@@ -207,3 +209,13 @@ def test_the_local_stack_serves_torchscript_unless_onnx_is_chosen(monkeypatch):
     monkeypatch.setenv(LOCAL_ARTIFACT_ENV, "tensorrt")
     with pytest.raises(ValueError, match="torchscript or onnx"):
         local_cpu_target(2)
+
+
+def test_each_family_gets_the_exporter_chosen_for_it_unless_one_is_named(tmp_path):
+    cnn = export_model(SMALL["cnn"], tmp_path / "a", ExportTarget(artifact="onnx"))
+    assert json.loads((tmp_path / "a" / cnn.name / "1" / CHECK_FILE).read_text())["exporter"] == "dynamo"
+    lstm = export_model(SMALL["lstm"], tmp_path / "a", ExportTarget(artifact="onnx"))
+    assert json.loads((tmp_path / "a" / lstm.name / "1" / CHECK_FILE).read_text())["exporter"] == "torchscript"
+    named = ExportTarget(artifact="onnx", onnx_exporter="torchscript")
+    export_model(SMALL["cnn"], tmp_path / "b", named)
+    assert json.loads((tmp_path / "b" / cnn.name / "1" / CHECK_FILE).read_text())["exporter"] == "torchscript"

@@ -86,8 +86,9 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
         p,
         "--onnx-exporter",
         "ONNX_EXPORTER",
-        "torch exporter for model.onnx: torchscript (traces, ~1 s) or dynamo (torch.export, ~15 s for Lite0)",
-        default="torchscript",
+        "torch exporter for model.onnx: torchscript (traces, ~1 s) or dynamo (torch.export, ~15 s for Lite0); "
+        "unset: the one whose graph runs faster for the family (dynamo for cnn)",
+        default=None,
         choices=["torchscript", "dynamo"],
     )
     _flag(

@@ -37,8 +37,8 @@ class ExportTarget:
     max_queue_delay_us: int = 0
     artifact: Artifact = "torchscript"
     precision: Precision | None = None
-    # Which torch exporter writes model.onnx (export/onnx.py; docs/models.md compares them).
-    onnx_exporter: OnnxExporter = "torchscript"
+    # Which torch exporter writes model.onnx; None: the family's faster one (export/onnx.py, docs/models.md).
+    onnx_exporter: OnnxExporter | None = None
     # Where TensorRT keeps the engines it builds, so a restart loads them instead of rebuilding for minutes.
     tensorrt_cache: str = "/tmp/embedstream-trt-cache"
 
