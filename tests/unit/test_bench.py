@@ -444,7 +444,8 @@ def test_the_bare_runtimes_run_the_exported_model_on_the_bench_batches(tmp_path)
     model_dir = tmp_path / "models" / spec.name
     assert served.served_runtime(model_dir) == "torchscript"
     want = next(iter(_eager_model(w.settings).infer(batches[0]).values()))
-    factories = {"torchscript": served.torchscript_model(model_dir, spec)}
+    assert served.torchscript_file(w.settings, model_dir, tmp_path) == model_dir / "1" / "model.pt"
+    factories = {"torchscript": served.torchscript_model(model_dir / "1" / "model.pt", spec)}
     if served.onnx_available():
         path = served.onnx_file(w.settings, model_dir, batches[0], tmp_path)
         assert path.is_relative_to(tmp_path / "bench-onnx")  # not put among the served files
@@ -455,3 +456,14 @@ def test_the_bare_runtimes_run_the_exported_model_on_the_bench_batches(tmp_path)
         counted: list[int] = []
         res = bare_model(w.settings, batches, 2, 1, time.perf_counter, counted.append, factory)
         assert res.messages == sum(counted) == 40 and res.throughput > 0, runtime
+
+
+@pytest.mark.slow
+def test_a_stack_serving_onnx_still_gets_a_torchscript_bare_figure(tmp_path):
+    """No ``model.pt`` among the served files: the bench traces one of its own rather than failing."""
+    from embedstream.local.bench import served
+    from embedstream.local.bench.workload import build_workload
+
+    w = build_workload(load_settings(), "timeseries", 8, tmp_path)
+    path = served.torchscript_file(w.settings, tmp_path / "models" / "absent", tmp_path)
+    assert path.is_relative_to(tmp_path / "bench-torchscript") and path.name == "model.pt"

@@ -49,12 +49,24 @@ def served_runtime(model_dir: Path) -> Runtime:
     return "torchscript"
 
 
-def torchscript_model(model_dir: Path, spec: EncoderSpec) -> ModelFactory:
-    """The exported ``model.pt`` loaded once; torch's threads are set by the caller."""
+def torchscript_file(settings: Settings, model_dir: Path, workdir: Path) -> Path:
+    """The served ``model.pt`` if the stack exported one, else one traced for the bench under ``workdir``."""
+    served = model_dir / TRITON_VERSION_DIR / MODEL_FILE
+    if served.exists():
+        return served
+    from embedstream.export import export_model, local_cpu_target
+
+    repo = workdir / "bench-torchscript"
+    spec = export_model(settings.encoder, repo, local_cpu_target())
+    return repo / spec.name / TRITON_VERSION_DIR / MODEL_FILE
+
+
+def torchscript_model(path: Path, spec: EncoderSpec) -> ModelFactory:
+    """The TorchScript file loaded once; torch's threads are set by the caller."""
     with warnings.catch_warnings():
         # torch marks TorchScript as deprecated; it is still what the stack serves by default.
         warnings.simplefilter("ignore", FutureWarning)
-        module = torch.jit.load(str(model_dir / TRITON_VERSION_DIR / MODEL_FILE), map_location="cpu")
+        module = torch.jit.load(str(path), map_location="cpu")
     backend = TorchBackend(spec, module)
     return lambda _threads: backend
 

@@ -160,8 +160,12 @@ def _bare(ctx: BenchContext) -> StageResult:
 
 
 def _bare_torchscript(ctx: BenchContext) -> StageResult:
-    """The ``model.pt`` Triton's Python backend loads, run in this process on the same batches."""
-    return _bare_with(ctx, "bare_torchscript", served.torchscript_model(ctx.model_dir, encoder_spec(ctx.real)))
+    """The ``model.pt`` Triton's Python backend loads (or one traced for the bench when the stack serves
+    ONNX), run in this process on the same batches."""
+    path = served.torchscript_file(ctx.real, ctx.model_dir, ctx.stack.workdir)
+    res = _bare_with(ctx, "bare_torchscript", served.torchscript_model(path, encoder_spec(ctx.real)))
+    res.extra["served_file"] = path.parent.parent == ctx.model_dir
+    return res
 
 
 def _bare_onnx(ctx: BenchContext) -> StageResult:
