@@ -44,12 +44,11 @@ def export_model(settings: EncoderSettings, repo: Path, target: ExportTarget | N
     version_dir.mkdir(parents=True)
     onnx_sha256 = None
     if target.artifact == "onnx":
-        from embedstream.export.onnx import CHECK_FILE, ONNX_FILE, export_onnx, preferred_exporter
+        from embedstream.export.onnx import CHECK_FILE, ONNX_FILE, export_onnx
 
         # The ONNX graph holds the module's tensors as initialisers: the fingerprint is taken from the
         # module it was exported from, and the file's own sha256 guards it against a swap.
-        exporter = target.onnx_exporter or preferred_exporter(spec.family)
-        check = export_onnx(module, example, spec, version_dir / ONNX_FILE, exporter=exporter)
+        check = export_onnx(module, example, spec, version_dir / ONNX_FILE, exporter=target.onnx_exporter)
         (version_dir / CHECK_FILE).write_text(check.to_json())
         onnx_sha256 = check.onnx_sha256
         # A trace keeps non-persistent buffers (e.g. a transformer's position ids) in its state dict:

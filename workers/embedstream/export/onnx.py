@@ -67,18 +67,20 @@ def export_onnx(
     example: tuple[torch.Tensor, ...],
     spec: EncoderSpec,
     path: Path,
-    exporter: Exporter = EXPORTER,
+    exporter: Exporter | None = None,
 ) -> OnnxCheck:
     """Write ``module`` to ``path`` as ONNX with a dynamic batch (and dynamic -1 dims) and check it.
 
     The check runs the file with ONNX Runtime on ``example`` and on a batch one row longer (so a batch
     size frozen into the graph fails here, not in serving) and compares every output with eager.
-    Raises :class:`ModelMismatchError` when the file does not reproduce the module.
+    Raises :class:`ModelMismatchError` when the file does not reproduce the module. ``exporter``
+    unset: the family's (:func:`preferred_exporter`), the graph the model repository serves.
     """
     import torch
 
     from embedstream.encoders._fingerprint import file_sha256
 
+    exporter = exporter or preferred_exporter(spec.family)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     input_names = [t.name for t in spec.inputs]
