@@ -23,7 +23,7 @@ from embedstream.encoders._fingerprint import (
 from embedstream.encoders._names import packaged_model_dir
 from embedstream.encoders._sidecar import Sidecar
 from embedstream.encoders.autoencoder import WindowAutoencoder
-from embedstream.export import ExportTarget, export_model, render_config
+from embedstream.export import export_model
 from embedstream.modalities.image import ImageModality
 from embedstream.offsets import OffsetTracker
 from embedstream.records import SourceMessage
@@ -227,7 +227,8 @@ def python_backend_model():
 
 
 def initialize_args(spec: EncoderSpec, repo: Path) -> dict:
-    parsed = text_format.Parse(render_config(spec, ExportTarget()), model_config_pb2.ModelConfig())
+    """What Triton hands the Python backend's initialize(): the config.pbtxt export wrote, as JSON."""
+    parsed = text_format.Parse((repo / spec.name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     config = json.loads(json_format.MessageToJson(parsed, preserving_proto_field_name=True))
     return {
         "model_config": json.dumps(config),

@@ -2,13 +2,12 @@
 
 import json
 import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from google.protobuf import json_format, text_format
+from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from embedstream.config import EncoderSettings
@@ -19,7 +18,7 @@ from embedstream.export import ExportTarget, export_model, render_config
 from embedstream.export.onnx import CHECK_FILE, ONNX_FILE, export_onnx, onnx_session
 
 from .test_encoders_and_export import SMALL
-from .test_lineage import python_backend_model
+from .test_lineage import initialize_args, python_backend_model
 
 
 @pytest.fixture(params=list_families())
@@ -117,17 +116,6 @@ def test_the_onnx_repository_records_its_check_and_the_same_lineage(family_setti
     assert cfg.parameters["embedstream.onnx_sha256"].string_value == check["onnx_sha256"]
 
 
-def _initialize_args(repo: Path, spec: EncoderSpec) -> dict:
-    parsed = text_format.Parse((repo / spec.name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    config = json.loads(json_format.MessageToJson(parsed, preserving_proto_field_name=True))
-    return {
-        "model_config": json.dumps(config),
-        "model_instance_kind": "CPU",
-        "model_repository": str(repo / spec.name),
-        "model_version": "1",
-    }
-
-
 @pytest.mark.slow
 def test_the_python_backend_serves_the_onnx_file_and_refuses_a_swapped_one(tmp_path):
     backend = python_backend_model()
@@ -136,7 +124,7 @@ def test_the_python_backend_serves_the_onnx_file_and_refuses_a_swapped_one(tmp_p
     target = ExportTarget(artifact="onnx", onnx_exporter="torchscript")
     spec = export_model(settings, tmp_path / "a", target)
     served = backend.TritonPythonModel()
-    served.initialize(_initialize_args(tmp_path / "a", spec))
+    served.initialize(initialize_args(spec, tmp_path / "a"))
     assert served.session is not None  # ONNX Runtime, not TorchScript
     fam = get_family("cnn")
     inputs = fam.example_inputs(spec, 3)
@@ -148,7 +136,7 @@ def test_the_python_backend_serves_the_onnx_file_and_refuses_a_swapped_one(tmp_p
     other = export_model(settings.model_copy(update={"seed": 5}), tmp_path / "b", target)
     shutil.copy(tmp_path / "b" / other.name / "1" / ONNX_FILE, tmp_path / "a" / spec.name / "1" / ONNX_FILE)
     with pytest.raises(RuntimeError, match="replaced after export"):
-        backend.TritonPythonModel().initialize(_initialize_args(tmp_path / "a", spec))
+        backend.TritonPythonModel().initialize(initialize_args(spec, tmp_path / "a"))
 
 
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
