@@ -88,3 +88,34 @@ def read_until_complete(settings, produced_keys: list[bytes], timeout_s: float =
         return reader.result
     finally:
         reader.close()
+
+
+def served_weights_fingerprint(stack, settings, spec) -> str:
+    """The weights fingerprint recomputed from what the stack's Triton loads, TorchScript or ONNX."""
+    import torch
+
+    from embedstream.encoders import get_family
+    from embedstream.encoders._fingerprint import file_sha256, module_fingerprint, weights_fingerprint
+
+    version = stack.model_repository / spec.name / "1"
+    if (version / "model.pt").exists():
+        return weights_fingerprint(torch.jit.load(str(version / "model.pt")).state_dict())
+    # model.onnx holds the weights as initialisers: it must be the very file exported (the sha256 the
+    # backend checks at load) from the module these settings build.
+    config = (stack.model_repository / spec.name / "config.pbtxt").read_text()
+    assert file_sha256(version / "model.onnx") in config
+    return module_fingerprint(get_family(settings.encoder.family).build(settings.encoder))
+
+
+def assert_serves_checked_onnx(stack, exporter: str) -> None:
+    """Every model of the stack is served as a ``model.onnx`` that export held to torch eager."""
+    import json
+
+    for spec in stack.specs:
+        version = stack.model_repository / spec.name / "1"
+        assert (version / "model.onnx").is_file() and not (version / "model.pt").exists()
+        check = json.loads((version / "onnx_check.json").read_text())
+        diff, cos = check["max_abs_diff"], check["min_cosine"]
+        print(f"{spec.name} ({check['exporter']} exporter): ONNX vs eager max abs diff {diff:.2e}, cosine {cos}")
+        assert diff < 1e-4 and cos > 0.9999
+        assert check["exporter"] == exporter

@@ -39,7 +39,7 @@ from embedstream.records import SourceMessage
 from embedstream.service import encoder_spec
 from embedstream.sinks.arrow_codec import embeddings_matrix
 
-from .helpers import private_topics, produce, read_all
+from .helpers import assert_serves_checked_onnx, private_topics, produce, read_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -128,6 +128,11 @@ def run_probe(embedded: Embedded, labels: dict[str, str], model: str, workdir: P
 
 
 # --- the 20 labeled ImageNet photos ------------------------------------------------------------------
+
+
+def test_the_stack_serves_onnx_checked_against_eager_at_export(quality_stack):
+    # The torch.export-based exporter: its CNN graph is the faster one in ONNX Runtime (docs/models.md).
+    assert_serves_checked_onnx(quality_stack, exporter="dynamo")
 
 
 @pytest.fixture(scope="module")

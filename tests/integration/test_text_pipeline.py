@@ -14,11 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import orjson
 import pytest
-import torch
 from kafka import KafkaProducer
 
 from embedstream.config import load_settings
-from embedstream.encoders._fingerprint import file_sha256, preprocessing_fingerprint, weights_fingerprint
+from embedstream.encoders._fingerprint import file_sha256, preprocessing_fingerprint
 from embedstream.encoders.transformer import packaged_model_dir
 from embedstream.export import local_cpu_target
 from embedstream.inference.triton import TritonBackend
@@ -28,7 +27,7 @@ from embedstream.modalities import modality_for
 from embedstream.records import SourceMessage
 from embedstream.service import encoder_spec
 
-from .helpers import accounting, private_topics, read_all
+from .helpers import accounting, assert_serves_checked_onnx, private_topics, read_all, served_weights_fingerprint
 from .test_image_pipeline import assert_outputs_name, read_output_messages, served_spec_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -264,12 +263,15 @@ def test_triton_merges_concurrent_requests_of_different_lengths(text_stack):
     assert merged, "Triton never merged concurrent requests: the padding path was not exercised"
 
 
+def test_the_stack_serves_onnx_checked_against_eager_at_export(text_stack):
+    assert_serves_checked_onnx(text_stack, exporter="torchscript")
+
+
 def test_text_rows_and_headers_carry_the_fingerprints_of_the_exported_model(text_stack, tmp_path, request):
     settings = private_topics(text_stack.settings, request.node.name, partitions=3)
     spec = served_spec_file(text_stack, "text-all-MiniLM-L6-v2")
     # Recomputed here from what the repository serves and the tokenizer the worker reads.
-    model_file = text_stack.model_repository / spec.name / "1" / "model.pt"
-    assert spec.weights_sha256 == weights_fingerprint(torch.jit.load(str(model_file)).state_dict())
+    assert spec.weights_sha256 == served_weights_fingerprint(text_stack, text_stack.settings, spec)
     assert spec.extra["tokenizer_sha256"] == file_sha256(MODEL_DIR / "tokenizer.json")
     assert spec.preprocessing_sha256 == preprocessing_fingerprint(spec)
     texts = good_texts(12)

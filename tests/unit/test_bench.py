@@ -440,7 +440,7 @@ def test_the_bare_runtimes_run_the_exported_model_on_the_bench_batches(tmp_path)
 
     w = build_workload(load_settings(), "text", 40, tmp_path)
     batches = preprocessed_batches(w.settings, w.messages)
-    spec = export_model(w.settings.encoder, tmp_path / "models", local_cpu_target())
+    spec = export_model(w.settings.encoder, tmp_path / "models", local_cpu_target(artifact="torchscript"))
     model_dir = tmp_path / "models" / spec.name
     assert served.served_runtime(model_dir) == "torchscript"
     want = next(iter(_eager_model(w.settings).infer(batches[0]).values()))

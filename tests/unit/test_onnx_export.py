@@ -187,14 +187,14 @@ def test_the_torch_export_based_exporter_reproduces_every_family(family_settings
             np.testing.assert_allclose(np.asarray(g, dtype=np.float32), w, rtol=1e-4, atol=1e-4)
 
 
-def test_the_local_stack_serves_torchscript_unless_onnx_is_chosen(monkeypatch):
+def test_the_local_stack_serves_onnx_unless_torchscript_is_chosen(monkeypatch):
     from embedstream.export.triton_config import LOCAL_ARTIFACT_ENV, local_cpu_target
 
     monkeypatch.delenv(LOCAL_ARTIFACT_ENV, raising=False)
-    assert local_cpu_target(2).artifact == "torchscript"
-    assert local_cpu_target(2, artifact="onnx").artifact == "onnx"
-    monkeypatch.setenv(LOCAL_ARTIFACT_ENV, "onnx")
     assert local_cpu_target(2) == ExportTarget(instances=2, torch_threads=1, artifact="onnx")
+    assert local_cpu_target(2, artifact="torchscript").artifact == "torchscript"
+    monkeypatch.setenv(LOCAL_ARTIFACT_ENV, "torchscript")
+    assert local_cpu_target(2).artifact == "torchscript"
     monkeypatch.setenv(LOCAL_ARTIFACT_ENV, "tensorrt")
     with pytest.raises(ValueError, match="torchscript or onnx"):
         local_cpu_target(2)

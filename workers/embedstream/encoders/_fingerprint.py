@@ -62,6 +62,15 @@ def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:CHARS]
 
 
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """The fingerprint of the weights an export from ``module`` serves, whichever file holds them.
+
+    A TorchScript trace keeps non-persistent buffers (e.g. a transformer's position ids) in its state
+    dict; counted here too, a module and its trace name the same fingerprint.
+    """
+    return weights_fingerprint({**module.state_dict(), **dict(module.named_buffers(remove_duplicate=False))})
+
+
 def file_sha256(path: Path | str) -> str:
     """Full sha256 of a file's content (the tokenizer's ``tokenizer.json``)."""
     digest = hashlib.sha256()

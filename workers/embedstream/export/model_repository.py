@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from embedstream.config import EncoderSettings
 from embedstream.encoders import EncoderSpec, get_family
-from embedstream.encoders._fingerprint import preprocessing_fingerprint, weights_fingerprint
+from embedstream.encoders._fingerprint import module_fingerprint, preprocessing_fingerprint, weights_fingerprint
 from embedstream.errors import ModelMismatchError
 from embedstream.export.triton_config import ExportTarget, render_config
 
@@ -51,17 +51,15 @@ def export_model(settings: EncoderSettings, repo: Path, target: ExportTarget | N
         check = export_onnx(module, example, spec, version_dir / ONNX_FILE, exporter=target.onnx_exporter)
         (version_dir / CHECK_FILE).write_text(check.to_json())
         onnx_sha256 = check.onnx_sha256
-        # A trace keeps non-persistent buffers (e.g. a transformer's position ids) in its state dict:
-        # counted here too, the same weights name the same fingerprint whichever file serves them.
-        state = {**module.state_dict(), **dict(module.named_buffers(remove_duplicate=False))}
+        weights_sha256 = module_fingerprint(module)
     else:
         scripted = _trace(module, example, spec)
         scripted.save(str(version_dir / MODEL_FILE))
         # Fingerprinted from the traced module, the artifact Triton loads, so the value names what is served.
-        state = scripted.state_dict()
+        weights_sha256 = weights_fingerprint(scripted.state_dict())
     spec = dataclasses.replace(
         spec,
-        weights_sha256=weights_fingerprint(state),
+        weights_sha256=weights_sha256,
         preprocessing_sha256=preprocessing_fingerprint(spec),
     )
     if target.backend == "python":

