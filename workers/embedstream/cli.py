@@ -127,6 +127,14 @@ def _add_local_commands(sub: argparse._SubParsersAction) -> None:
             )
             modalities_help = "comma-separated modalities to serve"
             _flag(p, "--modalities", "UP_MODALITIES", modalities_help, default="image,text,timeseries")
+            durable = (_env("DURABLE") or "").lower() in ("1", "true", "yes")
+            p.add_argument(
+                "--durable",
+                action="store_true",
+                default=durable,
+                help="keep the broker's topics, records and offsets across restarts, in a local S3 server "
+                "under the workdir [env EMBEDSTREAM_DURABLE=true; default: %(default)s]",
+            )
 
     p = sub.add_parser("produce-samples", help="produce generated sample images to a topic")
     _flag(p, "--bootstrap", "KAFKA__BOOTSTRAP_SERVERS", "Kafka bootstrap servers", default="127.0.0.1:9092")
@@ -231,7 +239,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers takes 1 or more worker processes per modality, not {args.workers}")
     opts = UpOptions(
-        parse_modalities(args.modalities), args.workers, args.partitions, args.broker_port or None, Path(args.workdir)
+        parse_modalities(args.modalities),
+        args.workers,
+        args.partitions,
+        args.broker_port or None,
+        Path(args.workdir),
+        durable=args.durable,
     )
     pipelines = plan(settings, opts)
     return serve(pipelines, opts, _stop_on_signals())
@@ -250,7 +263,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 # Command groups that live beside their code; each module's register(subparsers, flag) adds its
 # subcommands and returns their handlers.
-COMMAND_MODULES: tuple[str, ...] = ("embedstream.training.cli", "embedstream.ops.cli", "embedstream.local.bench.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "embedstream.training.cli",
+    "embedstream.ops.cli",
+    "embedstream.local.bench.cli",
+    "embedstream.stores.cli",
+)
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "worker": cmd_worker,

@@ -147,6 +147,26 @@ class TimeSeriesSettings(_Frozen):
     max_message_bytes: int = Field(default=1024 * 1024, ge=1)
 
 
+class SinkSettings(_Frozen):
+    """``embedstream sink``: output topics into a store (``docs/sinks.md``)."""
+
+    topics: tuple[str, ...] = ("embeddings.image", "embeddings.text")
+    # Unset: "embedstream-sink-<store>", so each store keeps offsets of its own on the same topics.
+    group_id: str | None = None
+    # Unset: "deadletter.sink.<store>".
+    dead_letter_topic: str | None = None
+    # Rows gathered before one store write: every LanceDB write is a new table version, so few large
+    # writes beat many small ones.
+    batch_rows: int = Field(default=4096, ge=1)
+    max_wait_ms: int = Field(default=250, ge=0)
+    retry_backoff_s: float = Field(default=0.5, gt=0)
+    max_backoff_s: float = Field(default=10.0, gt=0)
+    lancedb_uri: str = ".embedstream/lancedb"
+    # The ANN index is built once a table holds this many rows; below it, exact search is fast enough.
+    index_min_rows: int = Field(default=10_000, ge=256)
+    feast_repo: Path = Path("feature_repo")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True, extra="forbid")
 
@@ -158,6 +178,7 @@ class Settings(BaseSettings):
     limits: ImageLimits = ImageLimits()
     timeseries: TimeSeriesSettings = TimeSeriesSettings()
     text: TextLimits = TextLimits()
+    sink: SinkSettings = SinkSettings()
     commit_interval_ms: int = Field(default=1000, ge=0)
     # Liveness/readiness HTTP endpoint; port 0 picks a free one, None disables it.
     health_host: str = "0.0.0.0"

@@ -26,6 +26,8 @@ Reason = Literal[
     "wrong_shape",
     "late",
     "evicted",
+    # embedstream sink: a store would not take the rows
+    "store_rejected",
 ]
 REASONS: tuple[str, ...] = Reason.__args__  # type: ignore[attr-defined]
 

@@ -1,0 +1,123 @@
+"""Subcommands ``sink lancedb``, ``sink feast [init DIR]`` and ``search`` (registered by embedstream.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from embedstream.errors import ConfigError
+
+log = logging.getLogger("embedstream")
+
+Handler = Callable[[argparse.Namespace], int]
+Flag = Callable[..., None]
+
+
+def _common(p: argparse.ArgumentParser, flag: Flag) -> None:
+    flag(p, "--config", "CONFIG", "TOML config file ([kafka] brokers and security, [sink]); optional")
+    flag(p, "--bootstrap", "KAFKA__BOOTSTRAP_SERVERS", "Kafka bootstrap servers (overrides the config file)")
+    flag(p, "--lancedb-uri", "SINK__LANCEDB_URI", "LanceDB directory or URI (overrides [sink] lancedb_uri)")
+
+
+def register(sub: argparse._SubParsersAction, flag: Flag) -> dict[str, Handler]:
+    p = sub.add_parser("sink", help="write output-topic rows into a store (Feast online store, LanceDB table)")
+    stores = p.add_subparsers(dest="store", required=True)
+    for name, help_text in (
+        ("lancedb", "merge rows into a LanceDB table per model version; ANN index once large enough"),
+        ("feast", "write rows into a Feast online store; `sink feast init DIR` writes the repository"),
+    ):
+        s = stores.add_parser(name, help=help_text)
+        if name == "feast":
+            s.add_argument("action", nargs="?", choices=["init"], help="init: write and apply a Feast repository")
+            s.add_argument("dir", nargs="?", help="with init: the repository directory to write")
+            s.add_argument("--no-apply", action="store_true", help="with init: write the files, do not register them")
+            flag(s, "--feast-repo", "SINK__FEAST_REPO", "Feast repository (overrides [sink] feast_repo)")
+        _common(s, flag)
+        flag(s, "--topics", "SINK_TOPICS", "comma-separated output topics (overrides [sink] topics)")
+        flag(s, "--group-id", "SINK__GROUP_ID", "consumer group (default embedstream-sink-<store>)")
+        flag(s, "--health-port", "HEALTH_PORT", "health/metrics port (0: any free port)", type=int)
+
+    p = sub.add_parser("search", help="k nearest rows of a LanceDB table to a stored row or a new image/sentence")
+    _common(p, flag)
+    p.add_argument("--table", help="table (<model>-v<version>); default: the only one")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--id", dest="row_id", help="a stored row's id")
+    what.add_argument("--image", type=Path, help="an image file, embedded by the served model (config's [triton])")
+    what.add_argument("--text", help="a sentence, embedded by the served model")
+    p.add_argument("-k", type=int, default=5, help="how many neighbours (default 5)")
+    return {"sink": cmd_sink, "search": cmd_search}
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from embedstream.config import load_settings
+
+    overrides: dict[str, Any] = {}
+    if getattr(args, "bootstrap", None):
+        overrides["kafka"] = {"bootstrap_servers": args.bootstrap}
+    sink: dict[str, Any] = {}
+    if getattr(args, "lancedb_uri", None):
+        sink["lancedb_uri"] = args.lancedb_uri
+    if getattr(args, "feast_repo", None):
+        sink["feast_repo"] = args.feast_repo
+    if getattr(args, "topics", None):
+        sink["topics"] = [t.strip() for t in args.topics.split(",") if t.strip()]
+    if getattr(args, "group_id", None):
+        sink["group_id"] = args.group_id
+    if sink:
+        overrides["sink"] = sink
+    if getattr(args, "health_port", None) is not None:
+        overrides["health_port"] = args.health_port
+    return load_settings(args.config, **overrides)
+
+
+def cmd_sink(args: argparse.Namespace) -> int:
+    if args.store == "feast" and args.action == "init":
+        from embedstream.stores.feast_repo import write_repo
+
+        if not args.dir:
+            raise ConfigError("sink feast init needs the repository directory: embedstream sink feast init DIR")
+        for path in write_repo(Path(args.dir), apply=not args.no_apply):
+            print(f"wrote {path}")
+        print(
+            f"{'registered' if not args.no_apply else 'not registered'}: feature views embeddings_image, "
+            f"embeddings_text, embeddings_timeseries; run the sink with --feast-repo {args.dir}"
+        )
+        return 0
+    from embedstream.cli import _stop_on_signals
+    from embedstream.stores.service import run_sink
+
+    stats = run_sink(args.store, _settings(args), _stop_on_signals())
+    log.info("sink stopped: %s", stats)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from embedstream.ops.search import embed_query, nearest, pick_table, search_by_id
+    from embedstream.stores.lance_store import LanceStore
+
+    settings = _settings(args)
+    store = LanceStore(settings.sink.lancedb_uri)
+    table = store.open(pick_table(store.table_names(), args.table))
+    if args.row_id is not None:
+        hits = search_by_id(table, args.row_id, args.k)
+        query = f"row {args.row_id}"
+    else:
+        if args.image is not None:
+            vector: np.ndarray = embed_query(settings, image=args.image.read_bytes())
+            query = str(args.image)
+        else:
+            vector = embed_query(settings, text=args.text)
+            query = repr(args.text)
+        hits = nearest(table, vector, args.k)
+    print(f"{len(hits)} nearest to {query} in {table.name} (cosine distance):")
+    for rank, hit in enumerate(hits, 1):
+        r = hit.row
+        print(
+            f"{rank:>3}. {hit.distance:.4f}  {hit.id}  {r['source_topic']}/{r['source_partition']}@{r['source_offset']}"
+        )
+    return 0

@@ -1,0 +1,153 @@
+"""LanceDB: a table per model version, Arrow batches merged in as they are, an ANN index once large enough.
+
+A table per (model name, version) keeps vector spaces apart: a model upgrade rolled out side by side
+(``docs/operations.md``, ``replay``) fills a table of its own and never mixes with the old one.
+Rows are merged by (id, model_name, model_version): an existing row is replaced, a new one inserted.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import pyarrow as pa
+
+from embedstream.stores.base import KEY_COLUMNS, Refusal, StoreUnavailable, check_rows, latest_per_key, model_of
+
+log = logging.getLogger(__name__)
+
+# Writes between two ``optimize()`` calls, which compact the small fragments every write leaves and
+# fold new rows into the ANN index (rows not in it yet are still found, by a flat scan).
+OPTIMIZE_EVERY = 64
+
+
+def table_name(model_name: str, model_version: str) -> str:
+    """``<model>-v<version>``, with anything LanceDB does not allow in a name replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{model_name}-v{model_version}")
+
+
+def _import_lancedb() -> Any:
+    try:
+        import lancedb
+    except ImportError:
+        from embedstream.errors import ConfigError
+
+        raise ConfigError("the LanceDB sink needs lancedb: pip install 'embedstream[sinks]'") from None
+    return lancedb
+
+
+class LanceStore:
+    name = "lancedb"
+
+    def __init__(self, uri: str, index_min_rows: int = 10_000) -> None:
+        self.uri = uri
+        self._db = _import_lancedb().connect(uri)
+        self._index_min_rows = index_min_rows
+        self._tables: dict[str, Any] = {}
+        self._schemas: dict[str, pa.Schema] = {}  # per table: existing, or the first admitted rows'
+        self._indexed: set[str] = set()
+        self._writes = 0
+
+    # -- the sink's side ------------------------------------------------------------------------------
+
+    def admit(self, table: pa.Table) -> pa.Table | Refusal:
+        refused = check_rows(table)
+        if refused is not None:
+            return refused
+        # Lineage lives in the topic's schema metadata; the stored table's schema is the columns alone.
+        rows = table.replace_schema_metadata(None)
+        name = table_name(*model_of(table))
+        expected = self._schema(name)
+        if expected is None:
+            self._schemas[name] = rows.schema
+            return rows
+        if rows.schema.equals(expected):
+            return rows
+        try:
+            return rows.select(expected.names).cast(expected)
+        except (KeyError, ValueError, pa.ArrowException) as exc:
+            return Refusal("store_rejected", f"rows do not fit LanceDB table {name!r}: {exc}", type(exc).__name__)
+
+    def write(self, tables: list[pa.Table]) -> int:
+        by_table: dict[str, list[pa.Table]] = {}
+        for t in tables:
+            if t.num_rows:
+                by_table.setdefault(table_name(*model_of_rows(t)), []).append(t)
+        written = 0
+        for name, parts in by_table.items():
+            rows = latest_per_key(pa.concat_tables(parts))
+            try:
+                tbl = self._open_or_create(name, rows.schema)
+                (
+                    tbl.merge_insert(list(KEY_COLUMNS))
+                    .when_matched_update_all()
+                    .when_not_matched_insert_all()
+                    .execute(rows)
+                )
+            except Exception as exc:  # any failed write is an outage: the rows were admitted
+                self._tables.pop(name, None)  # reopen next time: the store may have moved under us
+                raise StoreUnavailable(f"LanceDB write to {name!r} at {self.uri} failed: {exc}") from exc
+            written += rows.num_rows
+            self._maintain(name, tbl)
+        return written
+
+    def close(self) -> None:
+        self._tables.clear()
+
+    # -- reading (search, tests) ----------------------------------------------------------------------
+
+    def table_names(self) -> list[str]:
+        return sorted(self._list_tables())
+
+    def open(self, name: str) -> Any:
+        return self._db.open_table(name)
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _list_tables(self) -> list[str]:
+        names: list[str] = []
+        token = None
+        while True:
+            page = self._db.list_tables(page_token=token)
+            names += list(page.tables)
+            token = page.page_token
+            if not token:
+                return names
+
+    def _schema(self, name: str) -> pa.Schema | None:
+        if name not in self._schemas and name in self._list_tables():
+            self._schemas[name] = self._db.open_table(name).schema
+        return self._schemas.get(name)
+
+    def _open_or_create(self, name: str, schema: pa.Schema) -> Any:
+        tbl = self._tables.get(name)
+        if tbl is None:
+            if name in self._list_tables():
+                tbl = self._db.open_table(name)
+            else:
+                tbl = self._db.create_table(name, schema=schema, exist_ok=True)
+                log.info("created LanceDB table %s at %s", name, self.uri)
+            self._tables[name] = tbl
+        return tbl
+
+    def _maintain(self, name: str, tbl: Any) -> None:
+        """Index and compaction are upkeep, not acknowledgement: a failure here is logged and retried later."""
+        self._writes += 1
+        try:
+            if name not in self._indexed:
+                if any(ix.columns == ["embedding"] for ix in tbl.list_indices()):
+                    self._indexed.add(name)
+                elif tbl.count_rows() >= self._index_min_rows:
+                    tbl.create_index(metric="cosine", vector_column_name="embedding")
+                    self._indexed.add(name)
+                    log.info("built the ANN index of %s (%d rows)", name, tbl.count_rows())
+            if self._writes % OPTIMIZE_EVERY == 0:
+                tbl.optimize()
+        except Exception as exc:
+            log.warning("LanceDB upkeep of %s failed (%s); will try again", name, exc)
+
+
+def model_of_rows(table: pa.Table) -> tuple[str, str]:
+    """(model name, version) from the columns: admitted rows carry no schema metadata."""
+    return str(table.column("model_name")[0]), str(table.column("model_version")[0])

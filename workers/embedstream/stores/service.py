@@ -1,0 +1,56 @@
+"""Assemble a sink from settings: the store, the Kafka clients, the health endpoint; run until stopped."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Literal
+
+from embedstream.config import Settings
+from embedstream.health import HealthServer
+from embedstream.kafka_io import ensure_topics, make_consumer, make_producer
+from embedstream.stores.base import Store
+from embedstream.stores.sink import SinkStats, StoreSink, sink_kafka
+
+log = logging.getLogger(__name__)
+
+StoreKind = Literal["lancedb", "feast"]
+
+
+def open_store(kind: StoreKind, settings: Settings) -> Store:
+    if kind == "lancedb":
+        from embedstream.stores.lance_store import LanceStore
+
+        return LanceStore(settings.sink.lancedb_uri, settings.sink.index_min_rows)
+    from embedstream.stores.feast_store import FeastStore
+
+    return FeastStore(Path(settings.sink.feast_repo))
+
+
+def create_sink(kind: StoreKind, settings: Settings) -> StoreSink:
+    store = open_store(kind, settings)
+    k = sink_kafka(settings, kind)
+    try:
+        ensure_topics(k, {k.dead_letter_topic: 1})
+    except Exception as exc:  # a locked-down cluster creates topics itself; the first dead letter tells
+        log.warning("could not make sure the dead-letter topic %s exists: %s", k.dead_letter_topic, exc)
+    client_id = f"{k.client_id}-sink-{kind}-{settings.worker_id}"
+    # The consumer keeps `delivery`, so behind exactly-once workers it reads committed rows only; dead
+    # letters are plain idempotent sends, never in a transaction.
+    plain = k.model_copy(update={"delivery": "at_least_once"})
+    return StoreSink(settings, store, make_consumer(k, client_id), make_producer(plain, client_id))
+
+
+def run_sink(kind: StoreKind, settings: Settings, stop: threading.Event) -> SinkStats:
+    sink = create_sink(kind, settings)
+    health = None
+    if settings.health_port is not None:
+        health = HealthServer(settings.health_host, settings.health_port, sink.status).start()
+        log.info("health endpoint on %s:%d (/healthz, /readyz, /metrics)", settings.health_host, health.port)
+    try:
+        return sink.run(stop)
+    finally:
+        if health is not None:
+            health.stop()
+        sink.close()
