@@ -1,4 +1,9 @@
-"""The whole embedded stack for demos, tests and ``embedstream up``: broker + exported models + Triton."""
+"""The whole embedded stack for demos, tests and ``embedstream up``: broker + exported models + Triton.
+
+Durable (``durable=True``), the broker keeps its log in a local S3 server whose data lives under
+``workdir/storage``: a stack started again on the same work directory has every topic, record and
+committed consumer offset of the last one.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from embedstream.encoders import EncoderSpec
 from embedstream.export import ExportTarget, export_model, local_cpu_target
 from embedstream.kafka_io import ensure_topics
 from embedstream.local.broker import LocalBroker
+from embedstream.local.storage import LocalStorage
 from embedstream.local.triton import LocalTriton
 
 log = logging.getLogger(__name__)
@@ -33,6 +39,7 @@ class LocalStack:
         broker_port: int | None = None,
         triton_ports: tuple[int | None, int | None, int | None] = (None, None, None),
         export_target: ExportTarget | None = None,
+        durable: bool = False,
     ) -> None:
         if settings is None:
             settings = load_settings()
@@ -40,7 +47,8 @@ class LocalStack:
         self.base_settings = self.pipelines[0]
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="embedstream-"))
         self.partitions = partitions
-        self.broker = LocalBroker(self.workdir, broker_port)
+        self.storage = LocalStorage(self.workdir) if durable else None
+        self.broker = LocalBroker(self.workdir, broker_port, self.storage.location if self.storage else None)
         self.model_repository = self.workdir / "models"
         self.triton: LocalTriton | None = None
         self._triton_ports = triton_ports
@@ -49,6 +57,8 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         try:
+            if self.storage is not None:
+                self.storage.start()
             self.broker.start()
             exported: dict[str, EncoderSpec] = {}
             for pipeline in self.pipelines:
@@ -88,6 +98,8 @@ class LocalStack:
         if self.triton is not None:
             self.triton.stop()
         self.broker.stop()
+        if self.storage is not None:
+            self.storage.stop()
 
     def __enter__(self) -> LocalStack:
         return self.start()

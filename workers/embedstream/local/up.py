@@ -38,6 +38,9 @@ class UpOptions:
     partitions: int
     broker_port: int | None
     workdir: Path
+    # The broker's log in a local S3 server under workdir/storage: topics, records and committed
+    # offsets outlive the stack, and `up` again on the same workdir carries on where it stopped.
+    durable: bool = False
 
 
 def plan(base: Settings, opts: UpOptions, out: Out = say) -> list[Settings]:
@@ -56,9 +59,14 @@ def plan(base: Settings, opts: UpOptions, out: Out = say) -> list[Settings]:
 
 def serve(settings: Sequence[Settings], opts: UpOptions, stop: threading.Event, out: Out = say) -> int:
     """Start the stack and the workers, print where everything is, restart a worker that exits, until ``stop``."""
-    out("starting the broker, exporting the models, starting Triton...")
+    what = "the storage server, the broker" if opts.durable else "the broker"
+    out(f"starting {what}, exporting the models, starting Triton...")
     with LocalStack(
-        list(settings), workdir=opts.workdir, partitions=opts.partitions, broker_port=opts.broker_port
+        list(settings),
+        workdir=opts.workdir,
+        partitions=opts.partitions,
+        broker_port=opts.broker_port,
+        durable=opts.durable,
     ) as stack:
         local = stack.all_settings
         groups = [
@@ -98,6 +106,11 @@ def print_endpoints(stack: LocalStack, modalities: Sequence[str], local: Sequenc
     assert stack.triton is not None  # started by LocalStack.start
     bootstrap = stack.broker.bootstrap
     out(f"kafka bootstrap   {bootstrap}")
+    if stack.storage is not None:
+        storage = stack.storage
+        out(f"broker storage    {storage.location.endpoint} bucket {storage.bucket}, data in {storage.data_dir}")
+    else:
+        out("broker storage    memory (lost when it stops; --durable keeps it)")
     out(f"triton grpc/http  {stack.triton.grpc_url}  {stack.triton.http_url}")
     out(f"triton metrics    {stack.triton.metrics_url}")
     out(f"logs              {stack.workdir / 'logs'}")
