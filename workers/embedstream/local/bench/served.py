@@ -57,14 +57,14 @@ def torchscript_file(settings: Settings, model_dir: Path, workdir: Path) -> Path
     from embedstream.export import export_model, local_cpu_target
 
     repo = workdir / "bench-torchscript"
-    spec = export_model(settings.encoder, repo, local_cpu_target())
+    spec = export_model(settings.encoder, repo, local_cpu_target(artifact="torchscript"))
     return repo / spec.name / TRITON_VERSION_DIR / MODEL_FILE
 
 
 def torchscript_model(path: Path, spec: EncoderSpec) -> ModelFactory:
     """The TorchScript file loaded once; torch's threads are set by the caller."""
     with warnings.catch_warnings():
-        # torch marks TorchScript as deprecated; it is still what the stack serves by default.
+        # torch marks TorchScript as deprecated; it is still what Triton's libtorch backend loads.
         warnings.simplefilter("ignore", FutureWarning)
         module = torch.jit.load(str(path), map_location="cpu")
     backend = TorchBackend(spec, module)
