@@ -100,6 +100,27 @@ def test_a_graph_that_differs_from_the_module_is_refused(tmp_path):
         export_onnx(Drifting(), fam.example_inputs(spec, 2), spec, tmp_path / ONNX_FILE)
 
 
+def test_an_input_the_graph_drops_is_refused_and_the_null_text_encoder_keeps_both(tmp_path):
+    """The TorchScript-based exporter drops inputs a graph never reads: a text model without its
+    attention mask would be served taking one tensor while the worker sends two."""
+    null = EncoderSettings(family="null", arch="transformer/all-MiniLM-L6-v2", max_batch_size=16)
+    fam = get_family("null")
+    spec = fam.describe(null)
+    assert [t.name for t in spec.inputs] == ["input_ids", "attention_mask"]
+    example = fam.example_inputs(spec, 2)
+    check = export_onnx(fam.build(null), example, spec, tmp_path / "null" / ONNX_FILE)  # the family's exporter
+    assert check.max_abs_diff == 0.0
+    names = [i.name for i in onnx_session(tmp_path / "null" / ONNX_FILE, threads=1).get_inputs()]
+    assert names == ["input_ids", "attention_mask"]
+
+    class IgnoresTheMask(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(input_ids.shape[0], spec.embedding_dim) + 0.0 * input_ids[:, :1]
+
+    with pytest.raises(ModelMismatchError, match=r"takes \['input_ids'\], the spec \['input_ids', 'attention_mask'\]"):
+        export_onnx(IgnoresTheMask(), example, spec, tmp_path / "bad" / ONNX_FILE, exporter="torchscript")
+
+
 def test_the_onnx_repository_records_its_check_and_the_same_lineage(family_settings, tmp_path):
     onnx_spec = export_model(family_settings, tmp_path / "onnx", ExportTarget(artifact="onnx"))
     version = tmp_path / "onnx" / onnx_spec.name / "1"

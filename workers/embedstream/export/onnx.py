@@ -115,6 +115,13 @@ def export_onnx(
             )
     probe = tuple(torch.cat([t, t[:1]]) for t in example)
     session = onnx_session(path, threads=1)
+    graph_inputs = [i.name for i in session.get_inputs()]
+    if graph_inputs != input_names:
+        # The exporters drop inputs the graph never reads; the worker would send them and Triton refuse.
+        raise ModelMismatchError(
+            f"{spec.name}: the exported ONNX graph takes {graph_inputs}, the spec {input_names}; "
+            "the module must use every input it declares"
+        )
     worst_diff, worst_cos = 0.0, 1.0
     for inputs in (example, probe):
         diff, cos = _compare(module, session, inputs, input_names, spec)
