@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from embedstream.config import Settings, load_settings
+from embedstream.config import EncoderSettings, Settings, load_settings
 from embedstream.encoders import EncoderSpec
 from embedstream.export import ExportTarget, export_model, local_cpu_target
 from embedstream.kafka_io import ensure_topics
@@ -40,7 +40,9 @@ class LocalStack:
         triton_ports: tuple[int | None, int | None, int | None] = (None, None, None),
         export_target: ExportTarget | None = None,
         durable: bool = False,
+        exporter: Callable[[EncoderSettings, Path, ExportTarget], EncoderSpec] | None = None,
     ) -> None:
+        """``exporter`` replaces ``export_model`` (the GPU run traces TorchScript again on its device)."""
         if settings is None:
             settings = load_settings()
         self.pipelines: list[Settings] = [settings] if isinstance(settings, Settings) else list(settings)
@@ -54,6 +56,7 @@ class LocalStack:
         self._triton_ports = triton_ports
         self.specs: list[EncoderSpec] = []
         self.export_target = export_target or local_cpu_target()
+        self._export = exporter or export_model
 
     def start(self) -> LocalStack:
         try:
@@ -62,7 +65,7 @@ class LocalStack:
             self.broker.start()
             exported: dict[str, EncoderSpec] = {}
             for pipeline in self.pipelines:
-                spec = export_model(pipeline.encoder, self.model_repository, self.export_target)
+                spec = self._export(pipeline.encoder, self.model_repository, self.export_target)
                 exported.setdefault(spec.name, spec)
             self.specs = list(exported.values())
             http, grpc, metrics = self._triton_ports
