@@ -160,7 +160,7 @@ def test_exporter_kind_matches_its_triton(services):
         for exporter in _depends_on(triton):
             command = services[exporter]["command"]
             assert command[command.index("--kind") + 1] == kind
-            assert command[command.index("--backend") + 1] == "pytorch"
+            assert command[command.index("--backend") + 1] == "onnxruntime"
 
 
 def test_every_triton_serves_every_worker_encoder(services):
