@@ -76,6 +76,8 @@ class GpuOptions:
     artifact: str = "auto"
     timeout_s: float = 300.0
     preflight_only: bool = False
+    # Another interpreter for the workers (the rehearsal runs them under numpy 2, as on the GPU image).
+    worker_python: str = sys.executable
 
     @property
     def topic_partitions(self) -> int:
@@ -131,7 +133,8 @@ def preflight(opts: GpuOptions) -> list[Check]:
         )
     )
     try:
-        with contextlib.suppress(Warning):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # tritonclient 2.51 imports the deprecated pkg_resources
             importlib.import_module("tritonclient.utils.shared_memory")
         importlib.import_module("embedstream.worker")
         importlib.import_module("embedstream.local.bench.stages")
@@ -545,7 +548,9 @@ def pipeline_backlog(
     produced_at = time.time()
     stages.produce_burst(k, k.input_topic, messages, time.time)
     produce_s = time.time() - produced_at
-    group = [WorkerProcess(local, stack.workdir, f"gpu-{name}-{i}") for i in range(opts.workers)]
+    group = [
+        WorkerProcess(local, stack.workdir, f"gpu-{name}-{i}", python=opts.worker_python) for i in range(opts.workers)
+    ]
     follower = stages.Follower(TopicReader(k), group[0])
     try:
         for wp in group:
@@ -627,8 +632,8 @@ def table_lines(report: dict[str, Any]) -> list[str]:
         cells = []
         for m in mods:
             st = report["modalities"][m]["stages"].get(stage)
-            if st is None:
-                cells.append(f"{'-':>34}")
+            if st is None or "throughput" not in st:
+                cells.append(f"{'-' if st is None else 'failed':>34}")
                 continue
             gpu = st.get("gpu", {})
             util = f"gpu {gpu['util_mean']:.0f}%/{gpu['util_max']:.0f}%" if gpu.get("samples") else "gpu n/a"
@@ -678,6 +683,7 @@ def run(opts: GpuOptions, checks: Sequence[Check]) -> dict[str, Any]:
             "artifact": artifact,
             "counts": opts.counts,
             "bare_seconds": opts.bare_seconds,
+            "worker_python": opts.worker_python,
         },
         "modalities": {},
     }
@@ -769,6 +775,7 @@ def parse_args(argv: Sequence[str] | None = None) -> GpuOptions:
     p.add_argument("--artifact", choices=("auto", "torchscript", "onnx"), default="auto")
     p.add_argument("--timeout-s", type=float, default=300.0, help="longest wait for a pipeline stage's rows")
     p.add_argument("--preflight-only", action="store_true")
+    p.add_argument("--worker-python", default=sys.executable, help="interpreter for the worker processes")
     a = p.parse_args(argv)
     mods = tuple(m.strip() for m in a.modalities.split(",") if m.strip())
     if not mods or set(mods) - set(MODALITIES):
@@ -778,7 +785,7 @@ def parse_args(argv: Sequence[str] | None = None) -> GpuOptions:
         workers=a.workers, partitions=a.partitions, instances=a.instances,
         counts={"image": a.image_count, "text": a.text_count}, photo_pool=a.photo_pool,
         bare_batches=a.bare_batches, bare_seconds=a.bare_seconds, artifact=a.artifact, timeout_s=a.timeout_s,
-        preflight_only=a.preflight_only,
+        preflight_only=a.preflight_only, worker_python=a.worker_python,
     )  # fmt: skip
     return opts
 
