@@ -212,3 +212,10 @@ def test_preflight_fails_clearly_on_an_empty_bundle(tmp_path: Path) -> None:
     assert not checks["photos"].ok
     assert gpu.main(["--device", "cpu", "--bundle", str(tmp_path), "--out", str(tmp_path / "out")]) == 3
     assert (tmp_path / "out" / "preflight.json").is_file()
+
+
+def test_the_onnx_provider_probe_builds_a_model_onnx_runtime_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    monkeypatch.setattr(gpu, "PROBE_PROVIDER", "CPUExecutionProvider")
+    assert gpu.onnx_cuda_works()

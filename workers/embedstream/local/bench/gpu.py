@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import importlib
 import importlib.util
@@ -221,7 +222,34 @@ def choose_artifact(requested: str, device: str) -> str:
     except ImportError:
         return "torchscript"
     exporter = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript"))
-    return "onnx" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() and exporter else "torchscript"
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers() or not exporter:
+        return "torchscript"
+    return "onnx" if onnx_cuda_works() else "torchscript"
+
+
+PROBE_PROVIDER = "CUDAExecutionProvider"
+
+
+def onnx_cuda_works() -> bool:
+    """Whether a session really runs on ONNX Runtime's CUDA provider: it is listed even where its CUDA
+    libraries are missing, and a session then falls back to the CPU with only a log line."""
+    try:
+        import numpy as np
+        import onnx
+        import onnxruntime
+        from onnx import TensorProto, helper
+
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = min(model.ir_version, 9)
+        onnx.checker.check_model(model)
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=[PROBE_PROVIDER])
+        session.run(None, {"x": np.ones((1, 4), dtype=np.float32)})
+        return session.get_providers()[0] == PROBE_PROVIDER
+    except Exception:
+        return False
 
 
 # ------------------------------------------------------------------------------------ GPU sampling
@@ -695,13 +723,26 @@ def run(opts: GpuOptions, checks: Sequence[Check]) -> dict[str, Any]:
               "starting Triton...", flush=True)  # fmt: skip
         t0 = time.time()
         os.environ.setdefault("EMBEDSTREAM_BROKER_BIN", str(opts.bundle / "bin" / "tansu"))
-        stack = LocalStack(
-            list(settings.values()),
-            workdir=opts.workdir,
-            partitions=opts.topic_partitions,
-            export_target=target,
-            exporter=device_exporter(opts.device),
-        ).start()
+
+        def start(t: ExportTarget) -> LocalStack:
+            return LocalStack(
+                list(settings.values()),
+                workdir=opts.workdir,
+                partitions=opts.topic_partitions,
+                export_target=t,
+                exporter=device_exporter(opts.device),
+            ).start()
+
+        try:
+            stack = start(target)
+        except Exception as exc:
+            if artifact != "onnx" or opts.artifact != "auto":
+                raise
+            # ONNX was only chosen because it looked possible: the measurements matter more than the artifact.
+            print(f"serving ONNX failed ({type(exc).__name__}: {exc}); serving TorchScript instead", flush=True)
+            report["options"]["artifact"] = "torchscript"
+            report["onnx_failed"] = f"{type(exc).__name__}: {exc}"[:2000]
+            stack = start(dataclasses.replace(target, artifact="torchscript"))
         report["stack_start_s"] = round(time.time() - t0, 1)
         try:
             for m, s in settings.items():
