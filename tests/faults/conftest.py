@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from embedstream.config import Settings, load_settings
+from embedstream.local.broker import LocalBroker
 from embedstream.local.stack import LocalStack
+from embedstream.local.storage import LocalStorage
 
 from ..integration.helpers import private_topics
 
@@ -38,6 +40,42 @@ def fault_stack(tmp_path_factory) -> Iterator[LocalStack]:
 @pytest.fixture
 def fault_lane(fault_stack, tmp_path, request) -> tuple[Settings, Path]:
     return private_topics(fault_stack.settings, request.node.name, partitions=6), tmp_path
+
+
+class DurableBroker:
+    """The fault stack's Triton with a broker of its own that stores in a local S3 server (on disk)."""
+
+    def __init__(self, fault_stack: LocalStack, workdir: Path) -> None:
+        self.workdir = workdir
+        self.storage = LocalStorage(workdir)
+        self.broker = LocalBroker(workdir, storage=self.storage.location)
+        self.triton = fault_stack.triton
+        data = fault_stack.settings.model_dump()
+        data["kafka"]["bootstrap_servers"] = self.broker.bootstrap
+        self.settings = Settings(**data)
+
+    def start(self) -> DurableBroker:
+        self.storage.start()
+        self.broker.start()
+        return self
+
+    def stop(self) -> None:
+        self.broker.stop()
+        self.storage.stop()
+
+
+@pytest.fixture(scope="session")
+def durable(fault_stack, tmp_path_factory) -> Iterator[DurableBroker]:
+    stack = DurableBroker(fault_stack, tmp_path_factory.mktemp("durable")).start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def durable_lane(durable, tmp_path, request) -> tuple[Settings, Path]:
+    return private_topics(durable.settings, request.node.name, partitions=6), tmp_path
 
 
 @pytest.fixture

@@ -191,7 +191,15 @@ class LocalStorage:
         if not port_open(self.s3_port):
             return False
         self.location.check(timeout_s=1.0)
-        return True
+        # The S3 gateway answers for the bucket before its volume server has registered (after a
+        # restart on old data, writes get 500 for a few seconds): ready means an object was stored.
+        url = f"{self.location.endpoint}/{self.bucket}/.embedstream-ready"
+        put = urllib.request.Request(url, data=b"ready", method="PUT")
+        with urllib.request.urlopen(put, timeout=2.0) as resp:
+            if resp.status != 200:
+                return False
+        with urllib.request.urlopen(url, timeout=2.0) as resp:
+            return bool(resp.status == 200 and resp.read() == b"ready")
 
     def alive(self) -> bool:
         return self._proc.alive()
