@@ -1,0 +1,338 @@
+"""`embedstream sink lancedb|feast` against a real broker and real stores, as processes a test can SIGKILL.
+
+The output topic is filled with Arrow messages as a worker writes them (``stores.sample_rows``), so no
+Triton is needed: what is under test is topic -> store. Each store must end with exactly the rows the
+topic carried, vector for vector, after a SIGKILL mid-stream, after a replay of the whole range, and
+after an outage during which nothing past the held messages was committed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from embedstream.config import KafkaSettings
+from embedstream.kafka_io import ensure_topics, make_admin, make_reader, make_writer
+from embedstream.local.broker import LocalBroker
+from embedstream.local.process import ChildProcess, free_port
+from embedstream.stores.sample_rows import SampleMessage, sample_messages
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PARTITIONS = 3
+DIM = 32
+MODEL = "sample_encoder"
+TABLE = f"{MODEL}-v1"
+STORES = ("lancedb", "feast")
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory) -> Iterator[LocalBroker]:
+    b = LocalBroker(tmp_path_factory.mktemp("sink-broker")).start()
+    yield b
+    b.stop()
+
+
+class SinkProcess:
+    """`embedstream sink STORE` as a user runs it, with a config file and a health port."""
+
+    def __init__(self, store: str, bootstrap: str, topics: list[str], group: str, workdir: Path) -> None:
+        self.store = store
+        self.port = free_port()
+        self.workdir = workdir
+        self.config = workdir / f"sink-{group}.toml"
+        self.config.write_text(
+            f'health_host = "127.0.0.1"\nhealth_port = {self.port}\n'
+            f'[kafka]\nbootstrap_servers = "{bootstrap}"\n'
+            f"[sink]\ntopics = {orjson.dumps(topics).decode()}\n"
+            f'group_id = "{group}"\ndead_letter_topic = "dlq-{group}"\n'
+            f'lancedb_uri = "{workdir / "lancedb"}"\nfeast_repo = "{workdir / "feast"}"\n'
+            # Small writes, so a SIGKILL lands between two of them with rows stored but not committed.
+            "batch_rows = 256\nmax_wait_ms = 50\nindex_min_rows = 1024\nretry_backoff_s = 0.2\nmax_backoff_s = 1.0\n"
+        )
+        argv = [sys.executable, "-m", "embedstream", "sink", store, "--config", str(self.config)]
+        env = {**os.environ, "LANCE_LOG": "error"}
+        self.proc = ChildProcess(f"sink {store}", argv, workdir / "logs" / f"sink-{group}.log", env)
+
+    def start(self) -> SinkProcess:
+        self.proc.start()
+        self.proc.wait_until(lambda: self.status().get("ready", False), 60, "joined its group")
+        return self
+
+    def status(self) -> dict:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as resp:
+                return orjson.loads(resp.read())
+        except urllib.error.HTTPError as exc:  # 503 while not ready: the body still says why
+            return orjson.loads(exc.read())
+        except OSError:
+            return {}
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+# -- the stores, read the way a user reads them -------------------------------------------------------
+
+
+def stored_lancedb(workdir: Path) -> dict[str, np.ndarray]:
+    import lancedb
+
+    db = lancedb.connect(str(workdir / "lancedb"))
+    if TABLE not in db.list_tables().tables:
+        return {}
+    table = db.open_table(TABLE).to_arrow()
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "duplicate rows in the LanceDB table"
+    vectors = table.column("embedding").combine_chunks().values.to_numpy().reshape(-1, DIM)
+    return dict(zip(ids, vectors, strict=True))
+
+
+def stored_feast(workdir: Path, expected_ids: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Entity keys in the online store (SQLite), and with ``expected_ids`` their vectors via get_online_features."""
+    db = workdir / "feast" / "data" / "online.db"
+    if not db.exists():
+        return {}
+    with sqlite3.connect(db, timeout=30) as conn:
+        keys = conn.execute("select count(distinct entity_key) from embedstream_embeddings_image").fetchone()[0]
+    if expected_ids is None:
+        return dict.fromkeys((str(i) for i in range(keys)), np.zeros(0))
+    from embedstream.stores.feast_store import FeastStore
+
+    found = FeastStore(workdir / "feast").online_vectors("image", [(i, MODEL, "1") for i in expected_ids])
+    assert keys == sum(v is not None for v in found), "entity keys in the online store beyond the rows read"
+    return {i: np.asarray(v, np.float32) for i, v in zip(expected_ids, found, strict=True) if v is not None}
+
+
+def stored(store: str, workdir: Path, expected_ids: list[str] | None = None) -> dict[str, np.ndarray]:
+    return stored_lancedb(workdir) if store == "lancedb" else stored_feast(workdir, expected_ids)
+
+
+def prepare_store(store: str, workdir: Path) -> None:
+    if store == "feast":
+        from embedstream.stores.feast_repo import write_repo
+
+        write_repo(workdir / "feast")
+
+
+# -- the topic ----------------------------------------------------------------------------------------
+
+
+class Topic:
+    def __init__(self, bootstrap: str, name: str) -> None:
+        self.k = KafkaSettings(bootstrap_servers=bootstrap)
+        self.name = name
+        ensure_topics(self.k, {name: PARTITIONS})
+        self.ends: dict[int, int] = {}
+        self._producer = make_writer(self.k, linger_ms=2, max_request_size=16 << 20)
+        self._sent = 0
+
+    def produce(self, messages: list[SampleMessage | tuple[bytes, bytes]], pause_s: float = 0.0) -> None:
+        for m in messages:
+            key, value = (m.key, m.value) if isinstance(m, SampleMessage) else m
+            md = self._producer.send(self.name, key=key, value=value, partition=self._sent % PARTITIONS).get(30)
+            self.ends[md.partition] = max(self.ends.get(md.partition, 0), md.offset + 1)
+            self._sent += 1
+            if pause_s:
+                time.sleep(pause_s)
+
+    def committed(self, group: str) -> dict[int, int]:
+        return committed(self.k, self.name, group)
+
+    def close(self) -> None:
+        self._producer.close()
+
+
+def committed(k: KafkaSettings, topic: str, group: str) -> dict[int, int]:
+    """The group's committed offsets on the topic, per partition, as the broker holds them."""
+    admin = make_admin(k)
+    try:
+        offsets = admin.list_group_offsets(group).get(group, {})
+    finally:
+        admin.close()
+    return {tp.partition: om.offset for tp, om in offsets.items() if tp.topic == topic}
+
+
+def wait_for(what: str, cond: Callable[[], bool], timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def read_dead_letters(bootstrap: str, topic: str, at_least: int) -> list[dict[str, bytes]]:
+    from kafka.structs import TopicPartition
+
+    reader = make_reader(KafkaSettings(bootstrap_servers=bootstrap), auto_offset_reset="earliest")
+    try:
+        reader.assign([TopicPartition(topic, 0)])
+        out: list[dict[str, bytes]] = []
+        deadline = time.monotonic() + 30
+        while len(out) < at_least and time.monotonic() < deadline:
+            for records in reader.poll(timeout_ms=500).values():
+                out += [dict(r.headers) for r in records]
+        return out
+    finally:
+        reader.close()
+
+
+def nan_message() -> SampleMessage:
+    m = sample_messages(2, 2, DIM, model_name=MODEL, seed=99, id_prefix="nan")[0]
+    vectors = m.vectors.copy()
+    vectors[0, 0] = np.nan
+    from embedstream.records import RowMeta
+    from embedstream.sinks.arrow_codec import encode_batch, output_schema
+
+    metas = [
+        RowMeta(i.encode(), i, "images", 0, j, 0, {"source_width": 1, "source_height": 1}) for j, i in enumerate(m.ids)
+    ]
+    return SampleMessage(b"nan", encode_batch(output_schema("image", MODEL, "1", DIM), metas, vectors), m.ids, vectors)
+
+
+# -- the tests ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_exactly_n_rows_after_sigkill_and_replay(broker, tmp_path, store):
+    n = 2400
+    messages = sample_messages(n, 16, DIM, model_name=MODEL)
+    expected = {i: v for m in messages for i, v in zip(m.ids, m.vectors, strict=True)}
+    group = f"sink-{store}-{tmp_path.name}"
+    topic = Topic(broker.bootstrap, f"out-{group}")
+    prepare_store(store, tmp_path)
+    bad = [(b"garbage", b"not arrow at all"), nan_message()]
+
+    sink = SinkProcess(store, broker.bootstrap, [topic.name], group, tmp_path).start()
+    producer = threading.Thread(target=topic.produce, args=(messages[:60] + bad + messages[60:], 0.02))
+    producer.start()
+    try:
+        # SIGKILL mid-stream: some rows stored, the stream still arriving.
+        wait_for("a third of the rows stored", lambda: len(stored(store, tmp_path)) >= n // 3)
+        sink.kill()  # with rows written since its last commit, most likely: the restart re-reads them
+        sink = SinkProcess(store, broker.bootstrap, [topic.name], group, tmp_path).start()
+        producer.join()
+        wait_for("every offset committed", lambda: topic.committed(group) == topic.ends)
+        rows = stored(store, tmp_path, list(expected))
+        assert sorted(rows) == sorted(expected)
+        assert all(np.array_equal(rows[i], expected[i]) for i in expected)
+        sink.stop()
+
+        # Replay of the whole range into a replay topic, sunk into the same store by a new group.
+        replayed = f"{topic.name}-replay"
+        subprocess.run(
+            [sys.executable, "-m", "embedstream", "replay", "--bootstrap", broker.bootstrap,
+             "--from-topic", topic.name, "--to-topic", replayed],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        replay_group = f"{group}-replay"
+        sink = SinkProcess(store, broker.bootstrap, [replayed], replay_group, tmp_path).start()
+        wait_for("the replayed range consumed", lambda: sink.status().get("consumed", 0) >= len(messages) + len(bad))
+        total = sum(topic.ends.values())
+        wait_for(
+            "the replayed range committed", lambda: sum(committed(topic.k, replayed, replay_group).values()) == total
+        )
+        rows = stored(store, tmp_path, list(expected))
+        assert sorted(rows) == sorted(expected)  # no duplicates, none missing, the NaN rows not among them
+        assert all(np.array_equal(rows[i], expected[i]) for i in expected)
+    finally:
+        sink.stop()
+        producer.join()
+        topic.close()
+
+    reasons = {h["embedstream.dlq.reason"].decode() for h in read_dead_letters(broker.bootstrap, f"dlq-{group}", 2)}
+    assert reasons == {"undecodable", "non_finite"}
+
+
+class Outage:
+    """A real store outage: LanceDB's files unwritable, or Feast's SQLite online store locked by another writer."""
+
+    def __init__(self, store: str, workdir: Path) -> None:
+        self.store, self.workdir = store, workdir
+        self._lock: sqlite3.Connection | None = None
+
+    def begin(self) -> None:
+        if self.store == "feast":
+            self._lock = sqlite3.connect(self.workdir / "feast" / "data" / "online.db", isolation_level=None)
+            self._lock.execute("BEGIN EXCLUSIVE")
+            return
+        root = self.workdir / "lancedb"
+        if os.geteuid() == 0:  # root writes through permissions; the immutable flag stops it
+            if shutil.which("chattr") is None or subprocess.run(["chattr", "-R", "+i", str(root)]).returncode:
+                pytest.skip("running as root without chattr +i: cannot make the LanceDB directory unwritable")
+        else:
+            for d, _, _ in os.walk(root):
+                os.chmod(d, 0o555)
+        try:
+            (root / "probe").touch()
+        except OSError:
+            return
+        self.end()
+        pytest.skip("the LanceDB directory stayed writable")
+
+    def end(self) -> None:
+        if self._lock is not None:
+            self._lock.execute("ROLLBACK")
+            self._lock.close()
+            self._lock = None
+            return
+        root = self.workdir / "lancedb"
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-R", "-i", str(root)], check=False)
+        else:
+            for d, _, _ in os.walk(root):
+                os.chmod(d, 0o755)
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_store_outage_holds_the_sink_without_committing(broker, tmp_path, store):
+    n = 1200
+    messages = sample_messages(n, 16, DIM, model_name=MODEL, seed=3)
+    expected = {i: v for m in messages for i, v in zip(m.ids, m.vectors, strict=True)}
+    group = f"outage-{store}-{tmp_path.name}"
+    topic = Topic(broker.bootstrap, f"out-{group}")
+    prepare_store(store, tmp_path)
+    half = len(messages) // 2
+    sink = SinkProcess(store, broker.bootstrap, [topic.name], group, tmp_path).start()
+    outage = Outage(store, tmp_path)
+    try:
+        topic.produce(messages[:half])
+        wait_for("the first half committed", lambda: topic.committed(group) == topic.ends)
+        before = dict(topic.ends)
+
+        outage.begin()
+        try:
+            topic.produce(messages[half:])
+            wait_for("the sink degraded", lambda: sink.status().get("degraded") is True)
+            status = sink.status()
+            assert status["ready"] is False
+            assert topic.committed(group) == before  # nothing past the held messages
+        finally:
+            outage.end()
+
+        wait_for("every offset committed", lambda: topic.committed(group) == topic.ends)
+        assert sink.status()["degraded"] is False
+        assert sink.status()["outages"] >= 1
+        rows = stored(store, tmp_path, list(expected))
+        assert sorted(rows) == sorted(expected)
+        assert all(np.array_equal(rows[i], expected[i]) for i in expected)
+    finally:
+        outage.end()
+        sink.stop()
+        topic.close()
