@@ -22,7 +22,7 @@ from embedstream.local.storage import S3Location, StorageError
 from embedstream.local.worker_process import WorkerProcess
 
 from ..integration.helpers import wait_for_rows
-from .test_faults import N, _broker_hides_aborted_records, _finish, _stream
+from .test_faults import N, _finish, _stream, exactly_once_with_a_killed_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -122,30 +122,8 @@ def test_whole_durable_stack_killed_and_started_again(durable, durable_lane, rep
 
 
 def test_exactly_once_on_the_durable_broker_worker_killed_mid_transaction(durable, durable_lane, report):
-    from embedstream.kafka_io import ensure_topics
-
     settings, workdir = durable_lane
-    kafka = settings.kafka.model_copy(update={"delivery": "exactly_once", "transaction_timeout_ms": 10_000})
-    settings = settings.model_copy(update={"kafka": kafka})
-    probe_topic = f"{kafka.input_topic}-probe"
-    ensure_topics(kafka, {probe_topic: 1})
-    hides_aborted = _broker_hides_aborted_records(kafka.bootstrap_servers, probe_topic)
-
-    keys = _stream(settings, "eos-durable")
-    # The same worker id gives the same transactional id: the restarted worker fences the killed one.
-    first = WorkerProcess(settings, workdir, "w-eos").start()
-    try:
-        seen = wait_for_rows(settings, 30)
-        assert 30 <= seen < N, f"saw {seen}; worker log:\n{first.tail()}"
-    finally:
-        first.kill()
-    second = WorkerProcess(settings, workdir, "w-eos").start()
-    try:
-        counts = _finish(settings, keys, report, time.monotonic(), broker_hides_aborted_records=hides_aborted)
-    finally:
-        second.terminate()
-    if hides_aborted:
-        assert counts["duplicates"] == 0, counts
+    exactly_once_with_a_killed_worker(settings, workdir, report, "eos-durable")
 
 
 @pytest.mark.parametrize(
