@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from embedstream.encoders._sidecar import read_json_sidecar
 from embedstream.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -69,14 +70,7 @@ class DetectorSidecar:
 
     @classmethod
     def read(cls, path: Path) -> DetectorSidecar:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"detector sidecar {path} not found: `embedstream train --detector` writes it") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"detector sidecar {path} is not valid JSON: {exc}") from None
-        if data.get("format") != FORMAT:
-            raise ConfigError(f"detector sidecar {path}: format {data.get('format')!r} is not {FORMAT!r}")
+        data = read_json_sidecar(path, FORMAT, "detector sidecar", "`embedstream train --detector` writes it")
         try:
             side = cls(**data)
         except TypeError as exc:

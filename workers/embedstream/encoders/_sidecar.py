@@ -27,6 +27,23 @@ _SIZE_SPEC = re.compile(r"^w(\d+)c(\d+)h(\d+)(?:l(\d+))?$")
 NEVER = 3.0e38
 
 
+def read_json_sidecar(path: Path, fmt: str, what: str, writer: str) -> dict[str, Any]:
+    """A sidecar's JSON object, refused with a clear error when absent, not JSON, or of another format.
+
+    ``what`` names the file in errors ("sidecar", "detector sidecar"); ``writer`` says what writes it.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} not found: {writer}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise ConfigError(f"{what} {path}: format {found!r} is not {fmt!r}")
+    return data
+
+
 @dataclass(frozen=True)
 class Sidecar:
     family: str
@@ -48,14 +65,7 @@ class Sidecar:
 
     @classmethod
     def read(cls, path: Path) -> Sidecar:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"sidecar {path} not found: `embedstream train` writes it beside the weights") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"sidecar {path} is not valid JSON: {exc}") from None
-        if data.get("format") != FORMAT:
-            raise ConfigError(f"sidecar {path}: format {data.get('format')!r} is not {FORMAT!r}")
+        data = read_json_sidecar(path, FORMAT, "sidecar", "`embedstream train` writes it beside the weights")
         try:
             side = cls(
                 **{
