@@ -247,6 +247,12 @@ def test_text_of_exactly_max_length_is_not_truncated(tokenizer):
         (b"", "empty"),
         (b"   \n\t ", "empty"),
         ("\u3000\u2003".encode(), "empty"),  # Unicode whitespace
+        (b"\x00", "empty"),  # NUL
+        (b"\x00" * 64, "empty"),
+        (b"\x00 \x01\x1f\x7f\n\x00", "empty"),  # C0 controls, DEL and whitespace
+        ("\x85\x9f".encode(), "empty"),  # C1 controls
+        ("\u200b\u200d\ufeff\u2060 \u200e".encode(), "empty"),  # zero-width and direction marks
+        (b'{"text": "\\u0000\\u0007 "}', "empty"),  # controls inside an envelope
         (b"\xff\xfe bad", "invalid_utf8"),
         (b"caf\xe9", "invalid_utf8"),  # Latin-1, not UTF-8
         (b"\xed\xa0\x80", "invalid_utf8"),  # an encoded surrogate
@@ -268,6 +274,12 @@ def test_bad_text_is_a_bad_record_with_its_reason(modality, value, reason):
     out = modality.decode(msg(value))
     assert isinstance(out, BadRecord), out
     assert out.reason == reason, out.message
+
+
+@pytest.mark.parametrize("text", ["\x00a", "a\x00", "\u200bx", "\x07 7", "\u00e9", "\U0001f642", "\ue000"])
+def test_text_with_one_visible_character_among_controls_is_embedded(modality, text):
+    out = modality.decode(msg(text.encode()))
+    assert isinstance(out, DecodedText), out
 
 
 def test_oversize_is_checked_before_anything_else(tokenizer):

@@ -2,12 +2,15 @@
 
 Guards run cheapest first: message size, UTF-8, envelope, blank text, then the tokenizer. Text
 longer than the model's max length is truncated by the tokenizer (as sentence-transformers does)
-and the row records it; only blank or undecodable text is dead-lettered. Each batch is padded
+and the row records it; only blank or undecodable text is dead-lettered. Blank means nothing to
+read: empty, or only whitespace, control characters (NUL, DEL, C0/C1 controls) and invisible
+format characters (zero-width spaces, byte-order marks). Each batch is padded
 to its longest text.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -93,9 +96,20 @@ def _text_of(msg: SourceMessage, limits: TextLimits) -> _Text | BadRecord:
     parsed = _unwrap(msg, raw) if is_envelope(msg) else _Text(raw, default_id(msg), msg.timestamp_ms)
     if isinstance(parsed, BadRecord):
         return parsed
-    if not parsed.text.strip():
-        return BadRecord(msg, "empty", "text is empty or only whitespace")
+    if _blank(parsed.text):
+        return BadRecord(msg, "empty", "text is empty or only whitespace, control or format characters")
     return parsed
+
+
+# Unicode categories that carry nothing to embed: controls (NUL, DEL, C0/C1) and invisible format
+# characters (zero-width space/joiners, byte-order mark, direction marks).
+_INVISIBLE = frozenset({"Cc", "Cf"})
+
+
+def _blank(text: str) -> bool:
+    """True when the text holds nothing but whitespace, control and format characters."""
+    # Stops at the first visible character, which in real text is the first or second one.
+    return all(ch.isspace() or unicodedata.category(ch) in _INVISIBLE for ch in text)
 
 
 def _unwrap(msg: SourceMessage, raw: str) -> _Text | BadRecord:
