@@ -336,3 +336,136 @@ def test_store_outage_holds_the_sink_without_committing(broker, tmp_path, store)
         outage.end()
         sink.stop()
         topic.close()
+
+
+# -- search by a new input and recall@5, on embeddings Triton really served -----------------------------
+#
+# One stack of this test's own serves the packaged encoders (EfficientNet-Lite0 with its ImageNet
+# weights, all-MiniLM-L6-v2): the real-photo stream and paraphrase groups go through the workers,
+# `embedstream sink lancedb` stores their rows, and new inputs (a copy of a photo the stream never
+# carried, a paraphrase it held back) are embedded through the same served models and searched.
+
+COPIES_PER_PHOTO = 5  # 4 siblings per copy: recall@5 asks for all four in the five nearest
+RECALL_FLOOR = 0.9  # measured 0.984 (125 copies of 25 photos, exact search); chance 5/124 = 0.04
+
+
+@pytest.fixture(scope="module")
+def served_stack(tmp_path_factory):
+    from embedstream.config import load_settings
+    from embedstream.local import pipelines
+    from embedstream.local.stack import LocalStack
+
+    base = load_settings()
+    pipes = [pipelines.image_settings(base), pipelines.text_settings(base)]
+    with LocalStack(pipes, workdir=tmp_path_factory.mktemp("search-stack"), partitions=2) as stack:
+        yield stack
+
+
+def _embed_into_lancedb(stack, workdir: Path, streams: list[list[tuple[bytes, bytes]]]) -> list[str]:
+    """Each pipeline's worker embeds its stream; one `sink lancedb` stores every output topic. Returns the topics."""
+    from embedstream.local.worker_process import WorkerProcess
+
+    from .helpers import private_topics, produce, read_all
+
+    lanes = [private_topics(s, f"search-{i}", partitions=2) for i, s in enumerate(stack.all_settings)]
+    for lane, messages in zip(lanes, streams, strict=True):
+        produce(lane.kafka.bootstrap_servers, lane.kafka.input_topic, messages)
+    workers = [WorkerProcess(lane, workdir, f"worker-{i}").start() for i, lane in enumerate(lanes)]
+    try:
+        for lane, messages in zip(lanes, streams, strict=True):
+            result = read_all(lane, len(messages))
+            assert result.rows == len(messages) and not result.dead_letters
+    finally:
+        for w in workers:
+            w.terminate()
+    topics = [lane.kafka.output_topic for lane in lanes]
+    sink = SinkProcess("lancedb", stack.broker.bootstrap, topics, "search-sink", workdir).start()
+    try:
+        from embedstream.stores.lance_store import LanceStore
+
+        def stored_rows() -> int:
+            store = LanceStore(str(workdir / "lancedb"))
+            return sum(store.open(n).count_rows() for n in store.table_names())
+
+        wait_for("every row in LanceDB", lambda: stored_rows() == sum(len(s) for s in streams))
+    finally:
+        sink.stop()
+    return topics
+
+
+def _cli_search(workdir: Path, stack, table: str, *query: str) -> list[str]:
+    """`embedstream search` as a user runs it; returns the hit ids, nearest first."""
+    assert stack.triton is not None
+    out = subprocess.run(
+        [sys.executable, "-m", "embedstream", "search", "--lancedb-uri", str(workdir / "lancedb"),
+         "--triton-url", stack.triton.grpc_url, "--table", table, "-k", "5", *query],
+        check=True, capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    print(out)
+    return [line.split()[2] for line in out.splitlines()[1:] if line.strip()]
+
+
+@pytest.mark.timeout(600)
+def test_search_by_a_new_photo_and_sentence_and_recall_at_5_of_photo_copies(served_stack, tmp_path):
+    from embedstream.local.paraphrases import PARAPHRASES
+    from embedstream.local.photos import natural_photos, photo_stream
+    from embedstream.ops.search import nearest, search_new, table_model, vector_of
+    from embedstream.stores.lance_store import LanceStore, table_name
+
+    stack = served_stack
+    photos = natural_photos()
+    copies = list(photo_stream(len(photos) * COPIES_PER_PHOTO, seed=0, photos=photos, prefix="copy"))
+    source = {m.key.decode(): m.source for m in copies}
+    # The last sentence of each group is held back: the stream never carries it, a query asks with it.
+    kept = [(f"s{g:02d}-{j}".encode(), t.encode()) for g, grp in enumerate(PARAPHRASES) for j, t in enumerate(grp[:-1])]
+    fact = {k.decode(): k.decode().split("-")[0] for k, _ in kept}
+    _embed_into_lancedb(stack, tmp_path, [[(m.key, m.value) for m in copies], kept])
+
+    by_modality = {s.modality: s for s in stack.specs}
+    image_spec, text_spec = by_modality["image"], by_modality["text"]
+    store = LanceStore(str(tmp_path / "lancedb"))
+    images = store.open(table_name(image_spec.name, image_spec.version))
+    texts = store.open(table_name(text_spec.name, text_spec.version))
+    assert images.count_rows() == len(copies) and texts.count_rows() == len(kept)
+
+    # recall@5: of each copy's siblings (the other copies of its photo), the share among its 5 nearest
+    found = 0
+    for row_id in source:
+        hits = nearest(images, vector_of(images, row_id), 5, exclude_id=row_id)
+        found += sum(source[h.id] == source[row_id] for h in hits)
+    recall = found / (len(source) * (COPIES_PER_PHOTO - 1))
+    print(f"recall@5 of photo copies in LanceDB: {recall:.3f} ({len(source)} copies of {len(photos)} photos)")
+    assert recall >= RECALL_FLOOR
+
+    # The query path is the worker's: a stored copy's own bytes, embedded for a query, find that row at ~0.
+    settings = stack.local_settings(stack.pipelines[0])
+    first = copies[0]
+    hits = search_new(settings, images, 1, image=first.value)
+    assert hits[0].id == first.key.decode() and hits[0].distance < 1e-4, hits
+
+    # New copies (another seed: other crops, edits and encodings) of every photo: their nearest stored rows
+    fresh = list(photo_stream(len(photos), seed=1234, photos=photos, prefix="new"))
+    top1 = sum(source[search_new(settings, images, 1, image=m.value)[0].id] == m.source for m in fresh)
+    print(f"new photo copies whose nearest stored row is a copy of the same photo: {top1}/{len(fresh)}")
+    assert top1 >= 0.9 * len(fresh)  # measured 25/25
+    text_settings = stack.local_settings(stack.pipelines[1])
+    held = [(f"s{g:02d}", grp[-1]) for g, grp in enumerate(PARAPHRASES)]
+    text_top1 = sum(fact[search_new(text_settings, texts, 1, text=t)[0].id] == g for g, t in held)
+    print(f"held-back paraphrases whose nearest stored sentence states the same fact: {text_top1}/{len(held)}")
+    assert text_top1 >= 0.9 * len(held)  # measured 34/34
+
+    # The CLI: a new image file and a new sentence, against the table of the model that made its rows
+    query = tmp_path / "query.jpg"
+    query.write_bytes(fresh[0].value)
+    ids = _cli_search(tmp_path, stack, images.name, "--image", str(query))
+    assert len(ids) == 5 and source[ids[0]] == fresh[0].source
+    ids = _cli_search(tmp_path, stack, texts.name, "--text", held[0][1])
+    assert len(ids) == 5 and fact[ids[0]] == held[0][0]
+    # The table says which model made it: a sentence for the image table is refused by name.
+    refused = subprocess.run(
+        [sys.executable, "-m", "embedstream", "search", "--lancedb-uri", str(tmp_path / "lancedb"),
+         "--triton-url", stack.triton.grpc_url, "--table", images.name, "--text", "a sentence"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "query it with --image" in refused.stderr
+    assert table_model(images).name == image_spec.name

@@ -42,7 +42,7 @@ def nearest(table: Any, vector: np.ndarray, k: int, exclude_id: str | None = Non
     result: pa.Table = (
         table.search(np.asarray(vector, np.float32), vector_column_name="embedding")
         .metric("cosine")
-        .select(list(RESULT_COLUMNS))
+        .select([*RESULT_COLUMNS, "_distance"])
         .limit(limit)
         .to_arrow()
     )
@@ -69,22 +69,69 @@ def pick_table(names: list[str], wanted: str | None) -> str:
     return names[0]
 
 
-def embed_query(settings: Any, *, image: bytes | None = None, text: str | None = None) -> np.ndarray:
-    """One new input embedded by the served model, as a worker would (decode, infer), without Kafka."""
-    from embedstream.encoders import served_model_name
+@dataclass(frozen=True)
+class TableModel:
+    """The model whose rows a table holds: what a new query must be embedded with."""
+
+    name: str
+    version: str
+    dim: int
+
+
+def table_model(table: Any) -> TableModel:
+    """(model name, version, embedding width) of a table's rows (one table per model version)."""
+    first = table.search().select(["model_name", "model_version"]).limit(1).to_arrow()
+    if first.num_rows == 0:
+        raise ConfigError(f"table {table.name!r} is empty: nothing to search")
+    dim = table.schema.field("embedding").type.list_size
+    return TableModel(str(first.column("model_name")[0]), str(first.column("model_version")[0]), int(dim))
+
+
+def embed_query(
+    settings: Any,
+    model: TableModel,
+    *,
+    image: bytes | None = None,
+    text: str | None = None,
+    ready_timeout_s: float = 30.0,
+) -> np.ndarray:
+    """One new input embedded by the served model that made the table's rows, as a worker embeds a
+    message: the worker's Triton client reads the model's spec from Triton, the modality decodes and
+    stacks the input exactly as it does a message's bytes, one inference. No Kafka on the way.
+
+    Refuses a served model of another version or width than the table's rows (its vectors would lie
+    in another space), and an image for a text model or the other way round.
+    """
     from embedstream.inference.triton import TritonBackend
     from embedstream.modalities import modality_for
     from embedstream.records import BadRecord, SourceMessage
 
-    value = image if image is not None else (text or "").encode()
-    backend = TritonBackend.for_served_model(settings.triton, served_model_name(settings.encoder), 30.0)
+    if (image is None) == (text is None):
+        raise ValueError("embed_query takes an image or a text, one of them")
+    wanted = "image" if image is not None else "text"
+    backend = TritonBackend.for_served_model(settings.triton, model.name, ready_timeout_s)
     try:
-        modality = modality_for(backend.spec, settings)
+        spec = backend.spec
+        if spec.modality != wanted:
+            raise ConfigError(f"table of {model.name!r} holds {spec.modality} rows: query it with --{spec.modality}")
+        if spec.version != model.version or spec.embedding_dim != model.dim:
+            raise ConfigError(
+                f"Triton at {settings.triton.url} serves {spec.name} version {spec.version} ({spec.embedding_dim}-d); "
+                f"the table holds version {model.version} ({model.dim}-d) rows: serve that version to search it"
+            )
+        modality = modality_for(spec, settings)
+        value = image if image is not None else (text or "").encode()
         msg = SourceMessage("query", 0, 0, b"query", value, 0)
-        decoded = modality.decode(msg)
+        decoded = modality.decode_many([msg])[0]
         if isinstance(decoded, BadRecord):
             raise ConfigError(f"the query cannot be embedded: {decoded.reason}: {decoded.message}")
         outputs = backend.infer(modality.stack([decoded]))
-        return np.asarray(outputs[backend.spec.embedding_output.name][0], np.float32)
+        return np.asarray(outputs[spec.embedding_output.name][0], np.float32)
     finally:
         backend.close()
+
+
+def search_new(settings: Any, table: Any, k: int, *, image: bytes | None = None, text: str | None = None) -> list[Hit]:
+    """The k rows of ``table`` nearest to a new image or sentence, embedded by the table's served model."""
+    vector = embed_query(settings, table_model(table), image=image, text=text)
+    return nearest(table, vector, k)

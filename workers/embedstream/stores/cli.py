@@ -45,8 +45,14 @@ def register(sub: argparse._SubParsersAction, flag: Flag) -> dict[str, Handler]:
     p.add_argument("--table", help="table (<model>-v<version>); default: the only one")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--id", dest="row_id", help="a stored row's id")
-    what.add_argument("--image", type=Path, help="an image file, embedded by the served model (config's [triton])")
-    what.add_argument("--text", help="a sentence, embedded by the served model")
+    what.add_argument("--image", type=Path, help="a new image file, embedded by the model that made the table's rows")
+    what.add_argument("--text", help="a new sentence, embedded by the model that made the table's rows")
+    flag(
+        p,
+        "--triton-url",
+        "TRITON__URL",
+        "Triton serving the table's model, for --image/--text (overrides [triton])",
+    )
     p.add_argument("-k", type=int, default=5, help="how many neighbours (default 5)")
     return {"sink": cmd_sink, "search": cmd_search}
 
@@ -57,6 +63,8 @@ def _settings(args: argparse.Namespace) -> Any:
     overrides: dict[str, Any] = {}
     if getattr(args, "bootstrap", None):
         overrides["kafka"] = {"bootstrap_servers": args.bootstrap}
+    if getattr(args, "triton_url", None):
+        overrides["triton"] = {"url": args.triton_url}
     sink: dict[str, Any] = {}
     if getattr(args, "lancedb_uri", None):
         sink["lancedb_uri"] = args.lancedb_uri
@@ -95,9 +103,7 @@ def cmd_sink(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from embedstream.ops.search import embed_query, nearest, pick_table, search_by_id
+    from embedstream.ops.search import pick_table, search_by_id, search_new
     from embedstream.stores.lance_store import LanceStore
 
     settings = _settings(args)
@@ -106,14 +112,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.row_id is not None:
         hits = search_by_id(table, args.row_id, args.k)
         query = f"row {args.row_id}"
+    elif args.image is not None:
+        hits = search_new(settings, table, args.k, image=args.image.read_bytes())
+        query = str(args.image)
     else:
-        if args.image is not None:
-            vector: np.ndarray = embed_query(settings, image=args.image.read_bytes())
-            query = str(args.image)
-        else:
-            vector = embed_query(settings, text=args.text)
-            query = repr(args.text)
-        hits = nearest(table, vector, args.k)
+        hits = search_new(settings, table, args.k, text=args.text)
+        query = repr(args.text)
     print(f"{len(hits)} nearest to {query} in {table.name} (cosine distance):")
     for rank, hit in enumerate(hits, 1):
         r = hit.row
