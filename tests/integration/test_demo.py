@@ -32,6 +32,8 @@ def test_the_demo_accounts_for_every_message_and_retrieves_copies_and_paraphrase
         # the 6 bad-on-purpose messages, and only they, went to the dead-letter topic
         assert s.dead_lettered == 6 and s.bad_not_dead_lettered == 0
         assert s.embedded == 54
+        # the sink step: every row read back stored once in each store, none beyond them
+        assert s.stored == {"lancedb": 54, "feast": 54}, out.getvalue()
 
     image, text = by["image"].retrieval, by["text"].retrieval
     assert image is not None and text is not None
@@ -39,3 +41,6 @@ def test_the_demo_accounts_for_every_message_and_retrieves_copies_and_paraphrase
     # the stream's first 60 sentences: pairs of paraphrases, plus singletons as distractors
     assert text.anchors >= 40 and text.top1 >= 0.9, text
     assert "neighbour top-1 / top-5" in out.getvalue()
+    # one search of a new photo copy in LanceDB, one Feast lookup equal to the published row
+    assert "search[/]" not in out.getvalue() and "(never in the stream) in LanceDB table" in out.getvalue()
+    assert "equal to the published row: yes" in out.getvalue()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,8 @@ class DemoSummary:
     retrieval: Retrieval | None = None
     # bad-on-purpose keys that came back as an embedding instead of a dead letter, or not at all
     bad_not_dead_lettered: int = 0
+    # rows read back that each store holds after the sink step (image and text): store -> rows
+    stored: dict[str, int] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -140,12 +143,32 @@ def run_demo(
         started = time.monotonic()
         sent = _produce_all(local, traffic, console)
         done_at = _follow(traffic, readers, workers, started, console)
-        return [
+        summaries = [
             summarize(t, spec_name, r.result, done_at[i], sent[i])
             for i, (t, r, spec_name) in enumerate(zip(traffic, readers, _model_names(stack, traffic), strict=True))
         ]
+        return _sink_step(summaries, local, traffic, readers, stack.workdir, console)
     finally:
         _shut_down(stack, readers, workers, console)
+
+
+def _sink_step(
+    summaries: list[DemoSummary],
+    local: Sequence[Settings],
+    traffic: Sequence[DemoTraffic],
+    readers: Sequence[TopicReader],
+    workdir: Path,
+    console: Console,
+) -> list[DemoSummary]:
+    """The image and text embeddings into LanceDB and Feast (``stores.demo_sink``), where installed."""
+    from embedstream.stores.demo_sink import SinkLane, sink_demo, sinks_installed
+
+    if not sinks_installed():
+        console.print("stores skipped: LanceDB and Feast come with the sinks extra (pip install 'embedstream[sinks]')")
+        return summaries
+    lanes = [SinkLane(t.modality, s, r.result, t.groups) for s, t, r in zip(local, traffic, readers, strict=True)]
+    counts = sink_demo(lanes, workdir, console)
+    return [dataclasses.replace(s, stored=counts.get(s.modality, {})) for s in summaries]
 
 
 def _print_stack(stack: LocalStack, console: Console) -> None:
@@ -235,6 +258,10 @@ def print_summary(summaries: Sequence[DemoSummary], console: Console) -> None:
         ("latency p50", lambda s: f"{s.latency_p50_ms:.0f} ms"),
         ("latency p99", lambda s: f"{s.latency_p99_ms:.0f} ms"),
     ]
+    if any(s.stored for s in summaries):
+        rows.append(
+            ("stored in LanceDB / Feast", lambda s: f"{s.stored['lancedb']} / {s.stored['feast']}" if s.stored else "-")
+        )
     if any(s.anomaly_recall is not None for s in summaries):
         rows.append(
             (
