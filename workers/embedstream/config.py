@@ -103,6 +103,10 @@ class EncoderSettings(_Frozen):
     # what is served and logs it.
     weights_fingerprint: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
     preprocessing_fingerprint: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
+    # An embedding-space anomaly detector (docs/anomaly.md): the .safetensors `embedstream train detector`
+    # wrote (its .json beside it). Exported inside the image or text encoder's served model, it adds the
+    # anomaly_score and anomaly columns to every row. Needed to export only.
+    detector: str | None = None
 
 
 class BatchSettings(_Frozen):
