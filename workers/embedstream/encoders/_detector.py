@@ -1,6 +1,6 @@
 """An embedding-space anomaly detector for any encoder, served inside the encoder's Triton model.
 
-Fitted on embeddings of normal traffic (``embedstream train --detector``), it scores each row by how
+Fitted on embeddings of normal traffic (``embedstream train detector``), it scores each row by how
 far it lands from that reference and flags rows above a threshold: the ``anomaly_score`` (FP32) and
 ``anomaly`` (BOOL) columns, the same pair of extra outputs the time-series autoencoder returns.
 
@@ -70,7 +70,7 @@ class DetectorSidecar:
 
     @classmethod
     def read(cls, path: Path) -> DetectorSidecar:
-        data = read_json_sidecar(path, FORMAT, "detector sidecar", "`embedstream train --detector` writes it")
+        data = read_json_sidecar(path, FORMAT, "detector sidecar", "`embedstream train detector` writes it")
         try:
             side = cls(**data)
         except TypeError as exc:
@@ -155,8 +155,13 @@ def fit(
     k: int = 5,
     seed: int = 0,
     encoder: dict[str, Any] | None = None,
+    groups: Any = None,
 ) -> Fitted:
-    """Fit on normal rows; the threshold is the ``quantile`` of the scores of a held-out share."""
+    """Fit on normal rows; the threshold is the ``quantile`` of the scores of a held-out share.
+
+    ``groups`` (one label per row, e.g. the source a row was cut from): the held-out share is whole
+    groups, so no held-out row has a near copy in the reference, which would set the threshold too low.
+    """
     if kind not in KINDS:
         raise ConfigError(f"detector kind {kind!r} is not one of {', '.join(KINDS)}")
     x = np.asarray(embeddings, dtype=np.float32)
@@ -166,9 +171,22 @@ def fit(
         raise ConfigError("the reference embeddings hold non-finite values")
     if not 0.5 <= quantile < 1:
         raise ConfigError(f"threshold quantile must be in [0.5, 1), got {quantile}")
-    order = np.random.default_rng(seed).permutation(len(x))
-    n_hold = max(5, round(len(x) * holdout))
-    held, ref = x[order[:n_hold]], x[order[n_hold:]]
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        order = rng.permutation(len(x))
+        n_hold = max(5, round(len(x) * holdout))
+        held_mask = np.zeros(len(x), bool)
+        held_mask[order[:n_hold]] = True
+    else:
+        labels = np.asarray(groups)
+        if len(labels) != len(x):
+            raise ConfigError(f"{len(labels)} group labels for {len(x)} rows")
+        names = rng.permutation(np.unique(labels))
+        if len(names) < 2:
+            raise ConfigError("a group-wise hold-out needs at least two groups")
+        n_hold = min(len(names) - 1, max(1, round(len(names) * holdout)))
+        held_mask = np.isin(labels, names[:n_hold])
+    held, ref = x[held_mask], x[~held_mask]
     tensors = fit_tensors(kind, ref, components=components, k=k)
     held_scores = score(kind, tensors, held, k)
     side = DetectorSidecar(
@@ -186,6 +204,7 @@ def fit(
         training={
             "rule": f"quantile {quantile} of the scores of {len(held)} held-out normal rows",
             "holdout": holdout,
+            "holdout_by": "row" if groups is None else "group",
             "seed": seed,
         },
     )
@@ -255,12 +274,15 @@ def head(fitted: Fitted) -> torch.nn.Module:
     class KnnHead(torch.nn.Module):
         reference: torch.Tensor
         threshold: torch.Tensor
+        neighbours: torch.Tensor
 
         def __init__(self, t: dict[str, np.ndarray], threshold: float, k: int) -> None:
             super().__init__()
             self.register_buffer("reference", torch.from_numpy(np.array(t["reference"], dtype=np.float32)))
             self.register_buffer("threshold", torch.tensor([threshold], dtype=torch.float32))
             self.k = min(k, int(t["reference"].shape[0]))
+            # Read by nothing at run time (topk takes the int): a buffer so the weights fingerprint covers k.
+            self.register_buffer("neighbours", torch.tensor([self.k], dtype=torch.int64))
 
         def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             x = emb.float()
@@ -284,13 +306,29 @@ def wrap(module: torch.nn.Module, fitted: Fitted) -> torch.nn.Module:
             self.encoder = encoder
             self.detector = detector
 
-        def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            out = self.encoder(*inputs)
+        def outputs(self, out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
             outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
             s, flag = self.detector(outs[0])
             return (*outs, s, flag)
 
-    return WithDetector(module, head(fitted)).eval()
+        def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return self.outputs(self.encoder(*inputs))
+
+    # Named inputs, as many as the encoder takes: torch.export (the dynamo ONNX exporter) maps its
+    # dynamic shapes onto named arguments, not onto *inputs.
+    class WithDetector1(WithDetector):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+            return self.outputs(self.encoder(x))
+
+    class WithDetector2(WithDetector):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+            return self.outputs(self.encoder(x, y))
+
+    import inspect
+
+    arity = len(inspect.signature(module.forward).parameters)
+    cls = {1: WithDetector1, 2: WithDetector2}.get(arity, WithDetector)
+    return cls(module, head(fitted)).eval()
 
 
 def with_detector_spec(spec: EncoderSpec, fitted: Fitted) -> EncoderSpec:

@@ -1,0 +1,276 @@
+"""How well the embedding-space detector tells normal inputs from out-of-distribution ones (docs/anomaly.md).
+
+``python -m embedstream.training.detector_study`` embeds real inputs in-process with the packaged
+encoders (EfficientNet-Lite0 ImageNet weights, all-MiniLM-L6-v2), fits both detector kinds on normal
+rows and prints ROC-AUC and precision/recall at the fitted threshold on unseen normal inputs vs
+out-of-distribution ones:
+
+- images: normal = augmented copies (``local.photos.augment``) of the bundled natural photos. The
+  photos are split: the detector is fitted on copies of some and scored on copies of the others, so
+  the normal test photos are ones it never saw. Out of distribution: scikit-image's textures,
+  microscopy, medical and drawn test images (none of them a photograph of an everyday scene), and
+  generated flat, noise and stripe images.
+- text: normal = the hand-written everyday sentences of ``local.paraphrases`` (fitted on some groups,
+  scored on the others); off-topic = the first lines of Python standard-library docstrings.
+
+The integration test ``tests/integration/test_anomaly.py`` runs the image study through Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import io
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from embedstream.encoders import _detector
+
+# scikit-image's bundled images that are not photographs of everyday scenes: textures, microscopy,
+# retina scans, drawings and test charts.
+OOD_SKIMAGE = (
+    "brick.png", "grass.png", "gravel.png", "cell.png", "ihc.png", "retina.jpg", "microaneurysms.png",
+    "chessboard_RGB.png", "text.png", "page.png", "logo.png", "horse.png", "phantom.png", "color.png",
+)  # fmt: skip
+# Standard-library modules whose docstrings give the off-topic sentences.
+DOC_MODULES = (
+    "os.path", "json", "shutil", "string", "textwrap", "pathlib", "itertools", "functools", "zipfile",
+    "tarfile", "csv", "base64", "hashlib", "heapq", "bisect", "random", "statistics", "fractions",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Split:
+    """Raw inputs: ``fit`` (normal, for fitting), ``normal`` (unseen normal), ``ood`` (out of distribution)."""
+
+    fit: list[bytes]
+    normal: list[bytes]
+    ood: list[bytes]
+    ood_names: list[str]
+    # The source of each fit row (a photo, a paraphrase group, a module): the threshold's hold-out is whole groups.
+    fit_groups: list[int]
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def ood_images(rng: np.random.Generator, copies: int = 2) -> tuple[list[bytes], list[str]]:
+    """Out-of-distribution images: scikit-image's non-photographs (a few crops each) and generated ones."""
+    from embedstream.local.photos import _package_dir, augment
+
+    root = _package_dir("skimage", "pip install scikit-image") / "data"
+    out, names = [], []
+    for name in OOD_SKIMAGE:
+        path = root / name
+        if not path.is_file():
+            continue
+        with Image.open(path) as raw:
+            img = raw.convert("RGB")
+        for i in range(copies):
+            out.append(_jpeg(augment(img, rng)))
+            names.append(f"{Path(name).stem}-{i}")
+    for i in range(copies * 3):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        out.append(_png(Image.new("RGB", (320, 240), colour)))
+        names.append(f"flat-{i}")
+        out.append(_png(Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))))
+        names.append(f"noise-{i}")
+        period = int(rng.integers(4, 40))
+        stripes = ((np.arange(320) // period) % 2 * 255).astype(np.uint8)
+        out.append(_png(Image.fromarray(np.tile(stripes, (240, 1)))))
+        names.append(f"stripes-{i}")
+    return out, names
+
+
+# Photographs that ship in other packages than the photo stream's: the unseen normal images.
+UNSEEN_PHOTOS = (
+    ("sklearn", "datasets/images/china.jpg"),
+    ("sklearn", "datasets/images/flower.jpg"),
+    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+    ("skimage", "data/motorcycle_left.png"),
+    ("skimage", "data/camera.png"),
+)
+# Near out-of-distribution: photographs, but of microscope slides and retinas, not everyday scenes.
+NEAR_OOD = ("cell", "ihc", "retina", "microaneurysms")
+
+
+def unseen_photos() -> list[Image.Image]:
+    from embedstream.local.photos import _package_dir
+
+    out = []
+    for package, rel in UNSEEN_PHOTOS:
+        path = _package_dir(package, f"pip install {package}") / rel
+        if path.is_file():
+            with Image.open(path) as raw:
+                out.append(raw.convert("RGB"))
+    return out
+
+
+def image_split(fit_copies: int = 8, test_copies: int = 6, seed: int = 0) -> Split:
+    """Copies of the photo stream's photos to fit on; copies of other packages' photos as unseen normal; OOD."""
+    from embedstream.local.photos import augment, encode, natural_photos
+
+    rng = np.random.default_rng(seed)
+
+    def copies(img: Image.Image, n: int) -> list[bytes]:
+        return [encode(augment(img, rng), ("JPEG", "PNG", "WEBP")[int(rng.integers(0, 3))], 85) for _ in range(n)]
+
+    photos = natural_photos()
+    fit = [c for photo in photos for c in copies(photo.open(), fit_copies)]
+    normal = [c for img in unseen_photos() for c in copies(img, test_copies)]
+    ood, names = ood_images(rng)
+    return Split(fit, normal, ood, names, [i for i in range(len(photos)) for _ in range(fit_copies)])
+
+
+def docstring_groups() -> list[list[str]]:
+    """Per module of :data:`DOC_MODULES`: the first docstring lines (5 words or more) of its public callables."""
+    import importlib
+
+    seen: set[str] = set()
+    groups = []
+    for name in DOC_MODULES:
+        module = importlib.import_module(name)
+        lines = []
+        for attr in sorted(dir(module)):
+            obj = getattr(module, attr)
+            doc = "" if attr.startswith("_") or not callable(obj) else (inspect.getdoc(obj) or "").strip()
+            line = doc.splitlines()[0].strip() if doc else ""
+            if len(line.split()) >= 5 and line not in seen:
+                seen.add(line)
+                lines.append(line)
+        groups.append(lines)
+    return groups
+
+
+def text_split(domain: str = "docs", test_every: int = 3) -> Split:
+    """``docs``: fitted on standard-library docstrings of some modules, scored on the other modules' vs
+    the everyday sentences; ``everyday``: fitted on some paraphrase groups, scored on the others vs docstrings."""
+    from embedstream.local.paraphrases import PARAPHRASES
+
+    everyday = [list(g) for g in PARAPHRASES]
+    docs = docstring_groups()
+    own, other = (docs, everyday) if domain == "docs" else (everyday, docs)
+    fit: list[bytes] = []
+    normal: list[bytes] = []
+    groups: list[int] = []
+    for i, group in enumerate(own):
+        if i % test_every == test_every - 1:
+            normal.extend(t.encode() for t in group)
+        else:
+            fit.extend(t.encode() for t in group)
+            groups.extend([i] * len(group))
+    ood = [t for g in other for t in g]
+    return Split(fit, normal, [t.encode() for t in ood], ood, groups)
+
+
+@dataclass(frozen=True)
+class Result:
+    modality: str
+    kind: str
+    auc: float
+    precision: float
+    recall: float
+    false_positive_rate: float
+    threshold: float
+    fit_rows: int
+    normal_rows: int
+    ood_rows: int
+
+
+def evaluate(
+    modality: str,
+    fit: np.ndarray,
+    normal: np.ndarray,
+    ood: np.ndarray,
+    kind: _detector.Kind,
+    groups: Sequence[int] | None = None,
+    **params: Any,
+) -> Result:
+    from embedstream.training.detector import precision_recall, roc_auc
+
+    fitted = _detector.fit(kind, fit, groups=groups, **params)
+    s_normal, s_ood = fitted.score(normal), fitted.score(ood)
+    t = fitted.side.threshold
+    precision, recall = precision_recall(s_normal > t, s_ood > t)
+    return Result(modality, kind, roc_auc(s_normal, s_ood), precision, recall, float(np.mean(s_normal > t)), t,
+                  len(fit), len(normal), len(ood))  # fmt: skip
+
+
+def embed(settings_encoder: dict[str, object], values: Sequence[bytes]) -> np.ndarray:
+    from embedstream.config import load_settings
+    from embedstream.training.detector import InProcessEncoder
+
+    settings = load_settings(encoder=settings_encoder)
+    return InProcessEncoder(settings).embed(values)
+
+
+def table(results: Sequence[Result]) -> str:
+    lines = [
+        "| modality | detector | ROC-AUC | precision | recall | normal flagged | fit rows | unseen normal | OOD |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.modality} | {r.kind} | {r.auc:.3f} | {r.precision:.3f} | {r.recall:.3f} | "
+            f"{r.false_positive_rate:.3f} | {r.fit_rows} | {r.normal_rows} | {r.ood_rows} |"
+        )
+    return "\n".join(lines)
+
+
+# Study name -> the encoder settings it embeds with (the packaged weights).
+STUDIES: dict[str, dict[str, Any]] = {
+    "image": {"family": "cnn", "arch": "tf_efficientnet_lite0"},
+    "text-docs": {"family": "transformer", "arch": "all-MiniLM-L6-v2"},
+    "text-everyday": {"family": "transformer", "arch": "all-MiniLM-L6-v2"},
+}
+
+
+def run_study(name: str, seed: int = 0, components: int = 8, k: int = 30) -> tuple[list[Result], dict[str, Result]]:
+    """Both kinds on one study; for images also the near-OOD (microscopy, retina) rows alone, Mahalanobis."""
+    enc = STUDIES[name]
+    split = image_split(seed=seed) if name == "image" else text_split(name.split("-", 1)[1])
+    fit, normal, ood = (embed(enc, v) for v in (split.fit, split.normal, split.ood))
+    results = []
+    for kind in _detector.KINDS:
+        results.append(evaluate(name, fit, normal, ood, kind, split.fit_groups, components=components, k=k, seed=seed))
+    extra = {}
+    if name == "image":
+        near = np.array([n.rsplit("-", 1)[0] in NEAR_OOD for n in split.ood_names])
+        for label, rows in (("far", ~near), ("near", near)):
+            extra[label] = evaluate(f"image ({label} OOD only)", fit, normal, ood[rows], "mahalanobis",
+                                    split.fit_groups, components=components, seed=seed)  # fmt: skip
+    return results, extra
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--studies", default=",".join(STUDIES), help=f"comma-separated, of {', '.join(STUDIES)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--components", type=int, default=8)
+    parser.add_argument("--k", type=int, default=30)
+    args = parser.parse_args(argv)
+    results: list[Result] = []
+    for name in args.studies.split(","):
+        both, extra = run_study(name, args.seed, args.components, args.k)
+        results += both + list(extra.values())
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
