@@ -1,5 +1,6 @@
 """The embedding-space anomaly detector: fit, served head, export with an encoder, the output columns, the CLI."""
 
+import dataclasses
 import io
 import json
 
@@ -237,3 +238,26 @@ def test_train_detector_refusals(tmp_path):
     text.write_text("a sentence\n")
     assert cli_main(["train", "detector", "--no-progress"]) == 2  # neither --data nor --topic
     assert cli_main(["train", "detector", "--data", str(text), "--topic", "t", "--no-progress"]) == 2
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_the_output_schema_has_the_contract_anomaly_columns_only_with_a_detector(modality):
+    import pyarrow as pa
+
+    from embedstream.sinks.arrow_codec import model_field, output_schema
+
+    from .test_contracts import load
+
+    contract = load("embedding.arrow.json")["model_fields"]["detector"]
+    spec = detector.with_detector_spec(
+        dataclasses.replace(SPEC, modality=modality), detector.fit("knn", cluster(20, dim=SPEC.embedding_dim))
+    )
+    fields = [model_field(o.column, o.dtype) for o in spec.outputs[1:] if o.column]
+    schema = output_schema(modality, spec.name, spec.version, spec.embedding_dim, fields)
+    names = schema.names
+    assert names[-3:] == ["anomaly_score", "anomaly", "embedding"]
+    assert [(f.name, str(f.type), f.nullable) for f in schema][-3:-1] == [
+        (c["name"], c["type"], c["nullable"]) for c in contract
+    ]
+    plain = output_schema(modality, SPEC.name, SPEC.version, SPEC.embedding_dim)
+    assert "anomaly_score" not in plain.names and isinstance(plain, pa.Schema)
