@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 import embedstream.metrics  # noqa: F401  (registers the worker metrics in REGISTRY)
 from embedstream.config import load_settings
 from embedstream.encoders import get_family
+from embedstream.stores.sink import sink_kafka
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -284,7 +285,7 @@ def test_workers_run_the_image_without_torch_and_model_code_runs_the_exporter_im
         if "build" not in service:
             continue
         model_code = name == "tools" or service.get("command", [None])[0] in ("export-models", "train")
-        want = "exporter" if model_code else "worker"
+        want = "exporter" if model_code else "sink" if service.get("command", [None])[0] == "sink" else "worker"
         assert service["build"]["target"] == want, name
         assert service["image"].split(":")[0] == f"embedstream-{want}", name
     stages = _stages(_dockerfile(services).read_text())
@@ -298,6 +299,11 @@ def test_workers_run_the_image_without_torch_and_model_code_runs_the_exporter_im
     with_models = {s for s, (_, text) in stages.items() if "extra['models']" in text}
     assert with_models and with_models <= chain("exporter")
     assert not with_models & chain("worker")
+    assert not with_models & chain("sink")
+    # The sinks extra (lancedb, feast) goes into the sink image only.
+    with_sinks = {s for s, (_, text) in stages.items() if "extra['sinks']" in text}
+    assert with_sinks and with_sinks <= chain("sink")
+    assert not with_sinks & (chain("worker") | chain("exporter"))
 
 
 def test_dockerfile_runs_as_non_root_with_a_healthcheck(services):
@@ -313,9 +319,82 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck(services):
 
 def test_dockerfile_prepares_the_volume_mount_points_for_the_worker_user(services):
     # A fresh named volume copies the owner of the image directory it is mounted over.
-    text = _dockerfile(services).read_text()
+    _, text = _stages(_dockerfile(services).read_text())["runtime"]
     (install,) = re.findall(r"install -d -o 10001 -g 10001 ([^\n]+)", text)
     assert {"/models", "/weights"} <= set(install.split())
+
+
+# --- the sinks ------------------------------------------------------------------------------------------
+
+SINKS = {"sink-lancedb": "lancedb", "sink-feast": "feast"}
+SINK_CONFIG_TARGET = "/etc/embedstream/sink.toml"
+
+
+def _sink_settings(service):
+    (source,) = [v.split(":")[0] for v in service["volumes"] if v.split(":")[1] == SINK_CONFIG_TARGET]
+    return load_settings(ROOT / source)
+
+
+def _named_volume_at(service, path: Path) -> str:
+    """The named volume mounted at ``path`` or a directory above it."""
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        if not source.startswith(".") and (path == Path(target) or Path(target) in path.parents):
+            return source
+    raise AssertionError(f"no named volume holds {path}")
+
+
+@pytest.mark.parametrize("name", sorted(SINKS))
+def test_a_sink_service_per_store_runs_its_store_with_the_sink_config(services, compose, name):
+    service = services[name]
+    store = SINKS[name]
+    assert service["command"][:2] == ["sink", store] and SINK_CONFIG_TARGET in service["command"]
+    assert service["build"]["target"] == "sink" and service["image"].startswith("embedstream-sink:")
+    deps = _depends_on(service)
+    assert deps["kafka"]["condition"] == "service_healthy"
+    assert deps["kafka-init"]["condition"] == "service_completed_successfully"
+    assert {"gpu", "cpu"} <= set(service["profiles"])
+    assert "/readyz" in " ".join(service["healthcheck"]["test"])
+    settings = _sink_settings(service)
+    assert settings.health_port == 8080 and settings.health_host == "0.0.0.0"
+    assert settings.kafka.bootstrap_servers == "kafka:9092"
+    # The store lives on a named volume, so a restarted sink finds the rows it wrote.
+    where = Path(settings.sink.lancedb_uri) if store == "lancedb" else settings.sink.feast_repo
+    assert _named_volume_at(service, where) in compose["volumes"]
+
+
+def test_the_sinks_read_every_worker_output_topic_kafka_init_creates(services):
+    script = " ".join(services["kafka-init"]["command"])
+    outputs = {_worker_settings(services, w).kafka.output_topic for w in WORKERS}
+    worker_groups = {_worker_settings(services, w).kafka.group_id for w in WORKERS}
+    groups = set()
+    for name, store in SINKS.items():
+        settings = _sink_settings(services[name])
+        assert set(settings.sink.topics) <= outputs and "embeddings.image" in settings.sink.topics
+        k = sink_kafka(settings, store)
+        groups.add(k.group_id)
+        assert re.search(rf"(^|\s){re.escape(k.dead_letter_topic)}:\d+:\d+", script), k.dead_letter_topic
+    # A group per store, none a worker's: each store gets every row, the workers' offsets stay theirs.
+    assert len(groups) == len(SINKS) and not groups & worker_groups
+
+
+def test_feast_init_writes_the_repository_the_feast_sink_reads(services):
+    init, sink = services["feast-init"], services["sink-feast"]
+    assert init["command"][:3] == ["sink", "feast", "init"] and init["restart"] == "no"
+    repo = Path(init["command"][3])
+    assert _sink_settings(sink).sink.feast_repo == repo
+    assert _named_volume_at(init, repo) == _named_volume_at(sink, repo)
+    assert _depends_on(sink)["feast-init"]["condition"] == "service_completed_successfully"
+
+
+def test_the_sink_image_owns_the_store_mount_points(services):
+    stages = _stages(_dockerfile(services).read_text())
+    _, text = stages["sink"]
+    (install,) = re.findall(r"install -d -o 10001 -g 10001 ([^\n]+)", text)
+    for name, store in SINKS.items():
+        settings = _sink_settings(services[name])
+        where = settings.sink.lancedb_uri if store == "lancedb" else str(settings.sink.feast_repo)
+        assert where in install.split()
 
 
 # --- Prometheus and Grafana ---------------------------------------------------------------------
