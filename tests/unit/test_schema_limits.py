@@ -28,6 +28,9 @@ REQUIRED = {
     "text.max_message_bytes",
     "timeseries.max_message_bytes",
     "limits.formats",
+    "timeseries.max_id_bytes",
+    "timeseries.max_header_bytes",
+    "timeseries.max_state_bytes",
 }
 
 

@@ -83,6 +83,11 @@ class TritonSettings(_Frozen):
     # Bounded retries before the worker gives up on a batch; each waits longer, with jitter.
     max_retries: int = Field(default=5, ge=0)
     retry_backoff_s: float = Field(default=0.5, gt=0)
+    # A readiness probe of the served model this often, on a thread of its own: /readyz says degraded
+    # once one fails, or once one has waited health_probe_timeout_s (a frozen server never answers),
+    # instead of only after a batch has used up its retries.
+    health_probe_interval_s: float = Field(default=0.5, gt=0)
+    health_probe_timeout_s: float = Field(default=2.0, gt=0)
 
 
 class EncoderSettings(_Frozen):
@@ -149,6 +154,16 @@ class TimeSeriesSettings(_Frozen):
     # partition, so a series that went quiet does not hold the partition's commits back; None: never.
     idle_evict_ms: int | None = Field(default=None, ge=1)
     max_message_bytes: int = Field(default=1024 * 1024, ge=1)
+    # A series id (UTF-8) or message key longer than this is dead-lettered as oversize_id; the
+    # message's headers (names + values) beyond max_header_bytes as oversize_headers. Both are held
+    # with every buffered point, so they are capped before anything is kept.
+    max_id_bytes: int = Field(default=1024, ge=1)
+    max_header_bytes: int = Field(default=16 * 1024, ge=0)
+    # Bytes of held window state (buffered points: raw message, key, headers, series id, values and
+    # object overheads; per series: its key): over it the least recently updated series are evicted
+    # (their points dead-lettered as evicted) until it fits. Bounds memory however large or many the
+    # series are, where max_series bounds only their number. docs/memory.md.
+    max_state_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
 
 
 class SinkSettings(_Frozen):

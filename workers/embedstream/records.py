@@ -26,6 +26,8 @@ Reason = Literal[
     "wrong_shape",
     "late",
     "evicted",
+    "oversize_id",
+    "oversize_headers",
     # embedstream sink: a store would not take the rows
     "store_rejected",
 ]

@@ -25,6 +25,7 @@ from embedstream.config import Settings
 from embedstream.delivery import delivery_for
 from embedstream.dispatch import Dispatcher, Inferred
 from embedstream.encoders import EncoderSpec
+from embedstream.health import BackendWatch
 from embedstream.inference import InferenceBackend
 from embedstream.intake import sort_decoded, source_message, wrong_model
 from embedstream.modalities import Modality
@@ -78,6 +79,9 @@ class Worker:
         self._commit_interval_s = settings.commit_interval_ms / 1000
         self._last_commit = clock()
         self._consumed = metrics.CONSUMED.labels(modality.name)
+        # Says degraded as soon as the backend stops answering; started by run(), not by step-driven tests.
+        t = settings.triton
+        self._watch = BackendWatch(backend.ready, t.health_probe_interval_s, t.health_probe_timeout_s, clock)
 
     @property
     def spec(self) -> EncoderSpec:
@@ -104,6 +108,7 @@ class Worker:
         k = self.settings.kafka
         self._delivery.begin()
         self._warm_up()
+        self._watch.start()
         self._consumer.subscribe([k.input_topic], listener=RebalanceListener(self, self._consumer))
         log.info("worker %s consuming %s as group %s", self.settings.worker_id, k.input_topic, k.group_id)
         try:
@@ -111,6 +116,7 @@ class Worker:
                 self.step()
             self.drain()
         finally:
+            self._watch.stop()
             self._consumer.close(autocommit=False)
         return self.stats
 
@@ -224,17 +230,19 @@ class Worker:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def close(self) -> None:
+        self._watch.stop()
         self._dispatcher.close()
         self._producer.close(timeout=10)
         self._backend.close()
 
     def status(self) -> dict[str, Any]:
-        degraded = self._dispatcher.degraded
+        unanswered = self._watch.failing
+        degraded = self._dispatcher.degraded or unanswered is not None
         return {
             "worker_id": self.settings.worker_id,
             "ready": self.assigned is not None and not degraded,
             "degraded": degraded,
-            "degraded_reason": self._dispatcher.degraded_reason,
+            "degraded_reason": self._dispatcher.degraded_reason or unanswered or "",
             "outages": self.stats.outages,
             "assigned": sorted(f"{tp.topic}/{tp.partition}" for tp in self.assigned or []),
             "consumed": self.stats.consumed,

@@ -1,16 +1,26 @@
-"""Child processes with log files, readiness polling and a clean stop."""
+"""Child processes with log files, readiness polling and a clean stop that leaves no process of theirs behind.
+
+A child starts in a session (and process group) of its own, so a stop signals the whole group: its
+own children (Triton's Python-backend stubs) go with it. ``reap_group_on_exit`` also kills what is
+left of the group the moment the child dies on its own (a crash, the OOM killer, a SIGKILL from
+outside); ``reap_stale`` finds processes a previous run left behind (by their command line).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from embedstream.errors import RuntimeStartError
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -28,11 +38,20 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 class ChildProcess:
     """One server process: started in its own process group, logging to a file, stopped for sure."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        reap_group_on_exit: bool = False,
+    ) -> None:
+        """``reap_group_on_exit``: SIGKILL the child's process group as soon as the child exits, however."""
         self.name = name
         self.argv = argv
         self.log_path = log_path
         self.env = env
+        self.reap_group_on_exit = reap_group_on_exit
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -50,6 +69,17 @@ class ChildProcess:
             raise RuntimeStartError(f"cannot start {self.name} ({self.argv[0]}): {exc}") from exc
         finally:
             log.close()
+        if self.reap_group_on_exit:
+            proc = self._proc
+            threading.Thread(target=self._reap_when_gone, args=(proc,), name=f"reap {self.name}", daemon=True).start()
+
+    @classmethod
+    def _reap_when_gone(cls, proc: subprocess.Popen[bytes]) -> None:
+        # Polled, not a blocking wait(): a thread blocked in waitpid would hold Popen's lock and make
+        # poll() elsewhere report the process alive.
+        while proc.poll() is None:
+            time.sleep(0.1)
+        cls._signal_group(proc, signal.SIGKILL)  # what the child left: e.g. stubs that ignore SIGTERM
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -77,25 +107,80 @@ class ChildProcess:
             return "(no log)"
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM the group, SIGKILL it after ``timeout_s``; either way nothing of the group is left."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        self._signal_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self._signal_group(proc, signal.SIGKILL)
-            proc.wait(timeout=5)
+        if proc.poll() is None:
+            self._signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0fs of SIGTERM: killing its process group", self.name, timeout_s)
+        # The leader is gone (or going); members that outlive it (or ignore SIGTERM) are killed too.
+        self._signal_group(proc, signal.SIGKILL)
+        proc.wait(timeout=5)
 
     def kill(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._signal_group(self._proc, signal.SIGKILL)
+        if self._proc is not None:
+            self._signal_group(self._proc, signal.SIGKILL)  # even with the leader dead: its group may live on
             self._proc.wait(timeout=5)
         self._proc = None
 
     @staticmethod
     def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+            os.killpg(proc.pid, sig)  # the group id is the child's pid (start_new_session)
+        except (ProcessLookupError, PermissionError):
             pass
+
+
+def command_lines() -> dict[int, list[str]]:
+    """Every process's argv this user can read (Linux /proc; empty elsewhere)."""
+    out: dict[int, list[str]] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return out
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if raw:
+            out[int(entry.name)] = raw.rstrip(b"\0").decode(errors="replace").split("\0")
+    return out
+
+
+def reap_stale(match: Callable[[list[str]], bool], what: str) -> list[int]:
+    """SIGKILL every process whose argv ``match`` accepts (never this one); returns their pids."""
+    killed = []
+    for pid, argv in command_lines().items():
+        if pid == os.getpid() or not match(argv):
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            continue
+        killed.append(pid)
+    if killed:
+        log.warning("killed %d %s left by an earlier run: pids %s", len(killed), what, killed)
+        _wait_gone(killed, 5.0)
+    return killed
+
+
+def _wait_gone(pids: list[int], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not any(Path(f"/proc/{pid}").exists() and not is_zombie(pid) for pid in pids):
+            return
+        time.sleep(0.05)
+
+
+def is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"

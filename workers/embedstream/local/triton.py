@@ -1,4 +1,11 @@
-"""A local CPU Triton Inference Server, from the ``nvidia-pytriton`` wheel, with its Python backend."""
+"""A local CPU Triton Inference Server, from the ``nvidia-pytriton`` wheel, with its Python backend.
+
+The server runs in a process group of its own with its Python-backend stubs (one process per model
+instance). The stubs ignore SIGTERM and watch only whether their parent's pid exists, so a server
+that dies unreaped, or whose stubs hang, would leave them running: every stop kills the whole group
+(SIGKILL after the grace period), the group is killed the moment the server dies on its own, and a
+start first kills stubs and servers that an earlier run left under the same work directory.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from embedstream.errors import RuntimeStartError
-from embedstream.local.process import ChildProcess, free_port
+from embedstream.local.process import ChildProcess, command_lines, free_port, is_zombie, reap_stale
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +84,17 @@ class LocalTriton:
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
         root = _pytriton_root()
-        backends = _build_backend_dir(root, self.workdir / "triton-backends")
+        self.backends = self.workdir / "triton-backends"
+        self.stub_path = self.backends / "python" / "triton_python_backend_stub"
+        self._reap_stale()  # before the stub binary is copied over: a running one may hold it busy
+        backends = _build_backend_dir(root, self.backends)
         env = _server_env(root)
         self._proc = ChildProcess(
-            "triton server", self._command(root, backends), self.workdir / "logs" / "triton.log", env=env
+            "triton server",
+            self._command(root, backends),
+            self.workdir / "logs" / "triton.log",
+            env=env,
+            reap_group_on_exit=True,
         )
 
     def _command(self, root: Path, backends: Path) -> list[str]:
@@ -113,7 +127,28 @@ class LocalTriton:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
+    def ours(self, argv: list[str]) -> bool:
+        """Whether a command line is this work directory's server or one of its stubs."""
+        if not argv:
+            return False
+        if argv[0] == str(self.stub_path):
+            return True
+        return Path(argv[0]).name == "tritonserver" and f"--backend-directory={self.backends}" in argv
+
+    def stubs(self) -> list[int]:
+        """Pids of running (not zombie) Python-backend stubs of this work directory."""
+        return [
+            pid
+            for pid, argv in command_lines().items()
+            if argv and argv[0] == str(self.stub_path) and not is_zombie(pid)
+        ]
+
+    def _reap_stale(self) -> list[int]:
+        return reap_stale(self.ours, f"Triton processes under {self.workdir}")
+
     def start(self, timeout_s: float = 180.0) -> LocalTriton:
+        if not self._proc.alive():
+            self._reap_stale()
         self._proc.start()
         self._proc.wait_until(self.ready, timeout_s, "ready on /v2/health/ready")
         log.info("triton ready: grpc %s, http %s", self.grpc_url, self.http_url)

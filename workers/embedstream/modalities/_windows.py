@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,24 +48,62 @@ class TimeSeriesWindow:
 
 _Key = tuple[str, int, str]  # topic, partition, series_id
 
+# Fixed costs of holding one point beyond its variable-sized parts (CPython 3.11, 64-bit): the
+# Observation and SourceMessage objects with their __dict__s, the headers tuple, the int fields, the
+# numpy array header and the deque slot. Measured with tracemalloc (tests/unit/test_timeseries.py).
+POINT_OVERHEAD_BYTES = 450
+# Per open series: the OrderedDict entry, its key tuple, the _Series object and its empty deque.
+SERIES_OVERHEAD_BYTES = 1000
+
+
+def point_bytes(obs: Observation) -> int:
+    """What holding this point costs: its raw message (value, key, headers), series id and values."""
+    src = obs.source
+    size = POINT_OVERHEAD_BYTES + sys.getsizeof(src.value) + sys.getsizeof(obs.series_id) + obs.values.nbytes
+    if src.key is not None:
+        size += sys.getsizeof(src.key)
+    for name, value in src.headers:
+        size += sys.getsizeof(name) + sys.getsizeof(value) + 64  # + the pair tuple
+    return size
+
+
+def series_bytes(key: _Key) -> int:
+    return SERIES_OVERHEAD_BYTES + sys.getsizeof(key[0]) + sys.getsizeof(key[2])
+
 
 @dataclass
 class _Series:
     points: deque[Observation] = field(default_factory=deque)
     last_ts: int = -1
     in_published: int = 0  # leading buffered points that were already part of an emitted window
+    bytes: int = 0  # series_bytes + point_bytes of the buffered points
 
 
 class SlidingWindows:
-    """Per-series count windows with LRU-bounded state; returns windows and the dead letters it decides."""
+    """Per-series count windows with LRU-bounded state; returns windows and the dead letters it decides.
 
-    def __init__(self, length: int, stride: int, max_series: int, idle_evict_ms: int | None = None) -> None:
+    State is bounded twice: by count (``max_series``) and by bytes (``max_state_bytes``, the
+    ``point_bytes`` of every buffered point plus ``series_bytes`` per series, kept in ``state_bytes``).
+    Over either, the least recently updated series are evicted, and at last the current one.
+    """
+
+    def __init__(
+        self,
+        length: int,
+        stride: int,
+        max_series: int,
+        idle_evict_ms: int | None = None,
+        max_state_bytes: int | None = None,
+    ) -> None:
         if not 1 <= stride <= length:
             raise ConfigError(f"timeseries.stride must be from 1 to the window length {length}, got {stride}")
         self.length = length
         self.stride = stride
         self.max_series = max_series
         self.idle_evict_ms = idle_evict_ms
+        self.max_state_bytes = max_state_bytes
+        self.state_bytes = 0
+        self.peak_state_bytes = 0
         self._series: OrderedDict[_Key, _Series] = OrderedDict()
         self._newest: dict[tuple[str, int], int] = {}  # newest event time per partition, for idle eviction
         self.counters: Counter[str] = Counter()
@@ -91,7 +130,8 @@ class SlidingWindows:
         self._newest[part] = max(self._newest.get(part, obs.timestamp_ms), obs.timestamp_ms)
         dead: list[BadRecord] = []
         if st is None:
-            st = self._series[key] = _Series()
+            st = self._series[key] = _Series(bytes=series_bytes(key))
+            self.state_bytes += st.bytes
             self.counters["series_opened"] += 1
             while len(self._series) > self.max_series:
                 dead += self._evict(*self._series.popitem(last=False), f"over max_series={self.max_series}")
@@ -100,10 +140,26 @@ class SlidingWindows:
         dead += self._evict_idle(key)
         st.points.append(obs)
         st.last_ts = obs.timestamp_ms
+        size = point_bytes(obs)
+        st.bytes += size
+        self.state_bytes += size
+        self.peak_state_bytes = max(self.peak_state_bytes, self.state_bytes)
+        window = None
         if len(st.points) < self.length:
             self.counters["absorbed"] += 1
-            return None, dead
-        return self._emit(st, obs), dead
+        else:
+            window = self._emit(st, obs)
+        if self.max_state_bytes is not None and self.state_bytes > self.max_state_bytes:
+            dead += self._evict_over_bytes()
+        return window, dead
+
+    def _evict_over_bytes(self) -> list[BadRecord]:
+        """Least recently updated first (the current series, most recent, goes last) until the state fits."""
+        limit = self.max_state_bytes
+        dead: list[BadRecord] = []
+        while self._series and limit is not None and self.state_bytes > limit:
+            dead += self._evict(*self._series.popitem(last=False), f"held state over max_state_bytes={limit}")
+        return dead
 
     def _emit(self, st: _Series, newest: Observation) -> TimeSeriesWindow:
         """The full buffer as a window row; its oldest ``stride`` points are finished by it and leave."""
@@ -119,8 +175,9 @@ class SlidingWindows:
                 for p in (pts[i] for i in range(self.stride))
             ),
         )
-        for _ in range(self.stride):
-            pts.popleft()
+        freed = sum(point_bytes(pts.popleft()) for _ in range(self.stride))
+        st.bytes -= freed
+        self.state_bytes -= freed
         st.in_published = len(pts)
         self.counters["windows"] += 1
         return window
@@ -139,6 +196,8 @@ class SlidingWindows:
         return dead
 
     def _evict(self, key: _Key, st: _Series, why: str) -> list[BadRecord]:
+        """Account for a series already taken out of ``_series``; its buffered points as dead letters."""
+        self.state_bytes -= st.bytes
         self.counters["series_evicted"] += 1
         self.counters["points_evicted"] += len(st.points)
         n = len(st.points)
@@ -151,8 +210,9 @@ class SlidingWindows:
     def forget(self, partitions: Sequence[TopicPartition]) -> int:
         """Drop the state of lost partitions; returns the points dropped (their new owner re-reads them)."""
         lost = {(tp.topic, tp.partition) for tp in partitions}
-        gone = [k for k in self._series if k[:2] in lost]
-        dropped = sum(len(self._series.pop(k).points) for k in gone)
+        gone = [self._series.pop(k) for k in [k for k in self._series if k[:2] in lost]]
+        self.state_bytes -= sum(st.bytes for st in gone)
+        dropped = sum(len(st.points) for st in gone)
         for part in lost:
             self._newest.pop(part, None)
         return dropped

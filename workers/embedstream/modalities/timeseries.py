@@ -31,7 +31,12 @@ The rules (also in ``schemas/timeseries-observation.schema.json``):
   newest point is that far (event time) behind the newest point of its partition is evicted too.
   The unfinished points of an evicted series are dead-lettered with reason ``evicted`` (their
   original bytes, so they can be replayed), so they never hold commits back; a later point of that
-  series starts a new window. Memory is bounded by max_series x T points (values and raw bytes).
+  series starts a new window. Memory is bounded by count, max_series x T points, and in bytes:
+  the held points (raw message, key, headers, series id, values, object overheads) and series stay
+  within ``max_state_bytes``; over it the least recently updated series are evicted the same way
+  (the current one last). A series id or key over ``max_id_bytes`` is dead-lettered ``oversize_id``
+  and headers over ``max_header_bytes`` ``oversize_headers``, before anything is held
+  (docs/memory.md).
 * **Restart and rebalance.** Window state lives in memory only and is rebuilt from the log: after
   a crash, a restart or losing a partition, the next owner re-reads from the committed offset, which
   is at or before the oldest unfinished point of every series, so no window is lost silently. For
@@ -110,10 +115,21 @@ _Why = tuple[Reason, str, str]
 
 
 def parse_timeseries(
-    msg: SourceMessage, window_length: int, channels: int, max_bytes: int
+    msg: SourceMessage,
+    window_length: int,
+    channels: int,
+    max_bytes: int,
+    max_id_bytes: int | None = None,
+    max_header_bytes: int | None = None,
 ) -> Observation | TimeSeriesWindow | BadRecord:
-    """Bytes -> an observation, a window, or a BadRecord; never raises on bad input."""
-    doc = _document(msg, max_bytes)
+    """Bytes -> an observation, a window, or a BadRecord; never raises on bad input.
+
+    ``max_id_bytes`` caps the key and the series id, ``max_header_bytes`` the headers (None: no cap).
+    """
+    why = _oversize_meta(msg, max_id_bytes, max_header_bytes)
+    if why is not None:
+        return BadRecord(msg, *why)
+    doc = _document(msg, max_bytes, max_id_bytes)
     if isinstance(doc, tuple):
         return BadRecord(msg, *doc)
     values = doc["values"]
@@ -128,7 +144,19 @@ def parse_timeseries(
     return _window(msg, doc, arr32) if is_window else _observation(msg, doc, arr32)
 
 
-def _document(msg: SourceMessage, max_bytes: int) -> dict[str, Any] | _Why:
+def _oversize_meta(msg: SourceMessage, max_id_bytes: int | None, max_header_bytes: int | None) -> _Why | None:
+    """A key or headers too large to hold with a buffered point; checked before the value is parsed."""
+    if max_id_bytes is not None and msg.key is not None and len(msg.key) > max_id_bytes:
+        return "oversize_id", f"key of {len(msg.key)} bytes > timeseries.max_id_bytes {max_id_bytes}", "ValueError"
+    if max_header_bytes is not None and msg.headers:
+        size = sum(len(name.encode()) + len(value or b"") for name, value in msg.headers)
+        if size > max_header_bytes:
+            why = f"headers of {size} bytes > timeseries.max_header_bytes {max_header_bytes}"
+            return "oversize_headers", why, "ValueError"
+    return None
+
+
+def _document(msg: SourceMessage, max_bytes: int, max_id_bytes: int | None = None) -> dict[str, Any] | _Why:
     """The JSON object with a series id, non-empty values and only the fields its shape allows."""
     if not msg.value:
         return "empty", "empty message", "ValueError"
@@ -143,6 +171,12 @@ def _document(msg: SourceMessage, max_bytes: int) -> dict[str, Any] | _Why:
     series_id = doc.get("series_id")
     if not isinstance(series_id, str) or not series_id:
         return "invalid_timeseries", "'series_id' must be a non-empty string", "ValueError"
+    # len(str) <= its UTF-8 length <= 4 x len(str): encode only where the answer is not already known.
+    if max_id_bytes is not None and len(series_id) * 4 > max_id_bytes:
+        id_bytes = len(series_id.encode("utf-8", "surrogatepass"))
+        if id_bytes > max_id_bytes:
+            why = f"'series_id' of {id_bytes} bytes > timeseries.max_id_bytes {max_id_bytes}"
+            return "oversize_id", why, "ValueError"
     if "metadata" in doc and not isinstance(doc["metadata"], dict):
         return "invalid_timeseries", "'metadata' must be an object", "ValueError"
     values = doc.get("values")
@@ -226,12 +260,20 @@ class TimeSeriesModality:
         self.window_length, self.channels = dims
         ts = settings.timeseries
         self._max_bytes = ts.max_message_bytes
+        self._max_id_bytes = ts.max_id_bytes
+        self._max_header_bytes = ts.max_header_bytes
         self.windows = SlidingWindows(
-            self.window_length, ts.stride or self.window_length, ts.max_series, ts.idle_evict_ms
+            self.window_length,
+            ts.stride or self.window_length,
+            ts.max_series,
+            ts.idle_evict_ms,
+            ts.max_state_bytes,
         )
 
     def decode(self, msg: SourceMessage) -> TimeSeriesWindow | BadRecord | Deferred:
-        parsed = parse_timeseries(msg, self.window_length, self.channels, self._max_bytes)
+        parsed = parse_timeseries(
+            msg, self.window_length, self.channels, self._max_bytes, self._max_id_bytes, self._max_header_bytes
+        )
         if not isinstance(parsed, Observation):
             return parsed
         item, dead = self.windows.add(parsed)
