@@ -79,8 +79,13 @@ def msg(value: bytes, key: bytes | None = b"k1", headers=()) -> SourceMessage:
     return SourceMessage("text", 1, 9, key, value, 1_700_000_000_000, tuple(headers))
 
 
+def ready(modality, m: SourceMessage):
+    """What the worker makes of a message: the checks on its loop, then the tokenizer on the inference thread."""
+    return modality.prepare([modality.decode(m)])[0]
+
+
 def decoded(modality, texts: list[str]) -> list[DecodedText]:
-    out = [modality.decode(msg(t.encode(), headers=(("content-type", b"text/plain"),))) for t in texts]
+    out = [ready(modality, msg(t.encode(), headers=(("content-type", b"text/plain"),))) for t in texts]
     assert all(isinstance(d, DecodedText) for d in out), out
     return out
 
@@ -214,7 +219,7 @@ def test_fixed_shape_inputs_are_merged_untouched(python_backend_model):
 
 
 def test_raw_text_is_tokenized_with_special_tokens(modality):
-    out = modality.decode(msg(b"Hello world"))
+    out = ready(modality, msg(b"Hello world"))
     assert isinstance(out, DecodedText)
     assert out.input_ids.dtype == np.int64
     assert out.input_ids.tolist() == [101, 7592, 2088, 102]
@@ -271,14 +276,14 @@ def test_text_of_exactly_max_length_is_not_truncated(tokenizer):
     ],
 )
 def test_bad_text_is_a_bad_record_with_its_reason(modality, value, reason):
-    out = modality.decode(msg(value))
+    out = ready(modality, msg(value))
     assert isinstance(out, BadRecord), out
     assert out.reason == reason, out.message
 
 
 @pytest.mark.parametrize("text", ["\x00a", "a\x00", "\u200bx", "\x07 7", "\u00e9", "\U0001f642", "\ue000"])
 def test_text_with_one_visible_character_among_controls_is_embedded(modality, text):
-    out = modality.decode(msg(text.encode()))
+    out = ready(modality, msg(text.encode()))
     assert isinstance(out, DecodedText), out
 
 
@@ -295,23 +300,23 @@ def test_default_byte_limit_is_one_mebibyte():
 
 def test_envelope_sets_id_and_event_time_and_ignores_metadata(modality):
     doc = {"text": "Hello world", "id": "doc-7", "event_time_ms": 5, "metadata": {"lang": "en"}}
-    out = modality.decode(msg(orjson.dumps(doc)))
+    out = ready(modality, msg(orjson.dumps(doc)))
     assert isinstance(out, DecodedText)
     assert (out.id, out.event_time_ms, out.input_ids.tolist()) == ("doc-7", 5, [101, 7592, 2088, 102])
-    defaults = modality.decode(msg(orjson.dumps({"text": "Hello world"}), key=None))
+    defaults = ready(modality, msg(orjson.dumps({"text": "Hello world"}), key=None))
     assert (defaults.id, defaults.event_time_ms) == ("text/1@9", 1_700_000_000_000)
 
 
 def test_text_starting_with_a_brace_is_raw_when_the_header_says_so(modality):
-    out = modality.decode(msg(b"{curly} text", headers=(("content-type", b"text/plain; charset=utf-8"),)))
+    out = ready(modality, msg(b"{curly} text", headers=(("content-type", b"text/plain; charset=utf-8"),)))
     assert isinstance(out, DecodedText) and out.token_count > 2
-    assert modality.decode(msg(b"{curly} text")).reason == "invalid_envelope"
+    assert ready(modality, msg(b"{curly} text")).reason == "invalid_envelope"
 
 
 def test_a_byte_order_mark_is_not_text(modality):
-    plain, marked = modality.decode(msg(b"Hello world")), modality.decode(msg(b"\xef\xbb\xbfHello world"))
+    plain, marked = ready(modality, msg(b"Hello world")), ready(modality, msg(b"\xef\xbb\xbfHello world"))
     assert plain.input_ids.tolist() == marked.input_ids.tolist()
-    assert modality.decode(msg(b"\xef\xbb\xbf")).reason == "empty"
+    assert ready(modality, msg(b"\xef\xbb\xbf")).reason == "empty"
 
 
 def test_a_failing_tokenizer_is_a_bad_record_not_an_exception(tokenizer, monkeypatch):
@@ -409,9 +414,70 @@ def envelope_validator():
 @pytest.mark.parametrize("case", sorted(ENVELOPES))
 def test_text_envelope_schema_agrees_with_the_decoder(envelope_validator, modality, case):
     doc, accepted = ENVELOPES[case]
-    out = modality.decode(msg(orjson.dumps(doc), headers=(("content-type", b"application/json"),)))
+    out = ready(modality, msg(orjson.dumps(doc), headers=(("content-type", b"application/json"),)))
     assert envelope_validator.is_valid(doc) is accepted
     if accepted:
         assert isinstance(out, DecodedText), out
     else:
         assert isinstance(out, BadRecord) and out.reason == "invalid_envelope"
+
+
+# -- in the worker's loop -------------------------------------------------------------------------------
+
+
+class _ZeroBackend:
+    """Zero embeddings of the spec's width: the loop's own work, no model."""
+
+    def __init__(self, spec) -> None:
+        self.spec = spec
+
+    def connect(self) -> None: ...
+
+    def ready(self) -> bool:
+        return True
+
+    def close(self) -> None: ...
+
+    def infer(self, inputs):
+        return {self.spec.embedding_output.name: np.zeros((len(inputs[0]), self.spec.embedding_dim), np.float32)}
+
+
+def test_the_worker_tokenizes_on_its_inference_thread_and_dead_letters_what_the_tokenizer_refuses(spec, monkeypatch):
+    import threading
+
+    from embedstream.testing import FakeConsumer, FakeProducer
+    from embedstream.worker import Worker
+
+    settings = load_settings(
+        encoder={"family": "transformer", "arch": str(MODEL_DIR)},
+        kafka={"input_topic": "text", "output_topic": "embeddings.text", "dead_letter_topic": "deadletter.text"},
+        batch={"max_size": 4, "max_wait_ms": 0},
+        commit_interval_ms=0,
+    )
+    modality = modality_for(spec, settings)
+    real = modality._tokenizer.encode_many
+    threads: set[str] = set()
+
+    def picky(texts):
+        threads.add(threading.current_thread().name)
+        if any("poison" in t for t in texts):
+            raise RuntimeError("tokenizer exploded")
+        return real(texts)
+
+    monkeypatch.setattr(modality._tokenizer, "encode_many", picky)
+    texts = [b"a fine text", b"poison pill", b"\xff", b"another fine text", b"the last one"]
+    consumer = FakeConsumer({0: [(f"k{i}".encode(), t) for i, t in enumerate(texts)]}, topic="text")
+    producer = FakeProducer(ack_immediately=True)
+    worker = Worker(settings, modality, _ZeroBackend(spec), consumer, producer)
+    consumer.subscribe(["text"], listener=None)
+    for _ in range(20):
+        worker.step()
+    worker.drain()
+
+    assert threads and all(name.startswith("infer") for name in threads), threads
+    rows = [r for _, v, _ in producer.sent["embeddings.text"] for r in decode_embeddings(v).to_pylist()]
+    assert [r["key"] for r in rows] == [b"k0", b"k3", b"k4"]
+    assert [r["token_count"] for r in rows] == [len(real([t.decode()])[0][0]) for t in (texts[0], texts[3], texts[4])]
+    reasons = {k: dict(h)["embedstream.dlq.reason"] for k, _, h in producer.sent["deadletter.text"]}
+    assert reasons == {b"k1": b"undecodable", b"k2": b"invalid_utf8"}
+    assert consumer.committed[next(iter(consumer.committed))] == len(texts)  # nothing left behind

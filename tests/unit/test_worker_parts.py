@@ -30,6 +30,9 @@ class Values:
 
     name = "image"
 
+    def prepare(self, items):
+        return items
+
     def stack(self, items):
         return (np.stack([np.full((1, 1, 3), v, np.uint8) for v in items]),)
 

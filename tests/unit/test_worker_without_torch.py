@@ -68,7 +68,7 @@ service.make_producer = lambda *a, **k: FakeProducer()
 assert served_model_name(settings.encoder) == spec.name
 worker = service.create_worker(settings, ready_timeout_s=5)
 assert worker.spec == spec
-out = worker.modality.decode(SourceMessage("in", 0, 0, b"k", {message!r}, 0))
+out = worker.modality.prepare([worker.modality.decode(SourceMessage("in", 0, 0, b"k", {message!r}, 0))])[0]
 assert type(out).__name__ == {decoded!r}, out
 """
 

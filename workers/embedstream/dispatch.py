@@ -1,6 +1,7 @@
 """Inference off the loop's thread: at most ``max_in_flight`` batches at the backend, results in order.
 
-The RPC releases the GIL, so decoding the next batch overlaps inference of this one. A batch the
+The RPC releases the GIL, so decoding the next batch overlaps inference of this one; so does what
+a modality leaves to ``prepare`` (the text tokenizer), which runs here too. A batch the
 backend refuses for good is halved until the refused record is alone; a batch that fails because
 the backend is away is held (see ``outage``) until a probe finds the backend back.
 """
@@ -24,16 +25,19 @@ from embedstream.errors import BackendError
 from embedstream.inference import InferenceBackend
 from embedstream.modalities import Modality
 from embedstream.outage import OutageGate
+from embedstream.records import BadRecord
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Inferred:
-    """One batch back from the backend: the parts it embedded with their outputs, and the items it refused."""
+    """One batch back from the backend: the parts it embedded with their outputs, the items it refused,
+    and the items the modality could not prepare for it."""
 
     ok: list[tuple[list[Any], dict[str, np.ndarray]]] = field(default_factory=list)
     rejected: list[tuple[Any, str]] = field(default_factory=list)
+    unprepared: list[BadRecord] = field(default_factory=list)
 
 
 class Dispatcher:
@@ -160,7 +164,13 @@ class Dispatcher:
     def _infer_splitting(self, items: list[Any]) -> Inferred:
         """Runs on an inference thread. A batch the backend refuses is halved until the refused record is alone."""
         out = Inferred()
-        parts = [items]
+        ready = []
+        for item in self._modality.prepare(items):
+            if isinstance(item, BadRecord):
+                out.unprepared.append(item)
+            else:
+                ready.append(item)
+        parts = [ready] if ready else []
         while parts:
             part = parts.pop()
             try:

@@ -204,6 +204,8 @@ class Worker:
             for item, why in result.rejected:
                 bad = BadRecord(item.source, "inference_rejected", why, "BackendError")
                 self._dead_letter(bad, self._modality.covers(item))
+            for bad in result.unprepared:
+                self._dead_letter(bad)
 
     def _dead_letter(self, bad: BadRecord, covers: list[tuple[TopicPartition, int]] | None = None) -> None:
         self._sink.dead_letter(bad, covers)

@@ -37,6 +37,13 @@ class Modality(Protocol):
     def decode_many(self, msgs: Sequence[SourceMessage]) -> Sequence[Any | BadRecord | Deferred]:
         """``decode`` for what one poll returned, in order; a modality batches or parallelises it here."""
 
+    def prepare(self, items: Sequence[Any]) -> Sequence[Any | BadRecord]:
+        """One batch's items made ready for ``stack``, in order: what ``decode`` left for the inference thread.
+
+        Runs on the inference thread, so work that releases the GIL (a tokenizer's batch call) overlaps
+        the loop; an item that cannot be made ready comes back as a BadRecord (never an exception).
+        """
+
     def stack(self, items: Sequence[Any]) -> tuple[np.ndarray, ...]:
         """Items -> the model's input tensors for one batch, in the spec's input order."""
 
@@ -91,6 +98,9 @@ class _OwnRow(Protocol):
 
 class OneRowPerMessage:
     """For modalities whose every item is one message's row and that keep no state across messages."""
+
+    def prepare(self, items: Sequence[Any]) -> Sequence[Any]:
+        return items  # decode made them ready
 
     def covers(self, item: _OwnRow) -> list[tuple[TopicPartition, int]]:
         src = item.source

@@ -6,6 +6,10 @@ and the row records it; only blank or undecodable text is dead-lettered. Blank m
 read: empty, or only whitespace, control characters (NUL, DEL, C0/C1 controls) and invisible
 format characters (zero-width spaces, byte-order marks). Each batch is padded
 to its longest text.
+
+The worker's loop runs the checks (``decode``); the tokenizer runs in ``prepare``, on the inference
+thread, one call per batch: the Rust tokenizer releases the GIL, so one batch is tokenized while the
+loop polls, checks and publishes others.
 """
 
 from __future__ import annotations
@@ -45,10 +49,13 @@ class DecodedText:
 
 
 @dataclass(frozen=True)
-class _Text:
-    text: str
+class CheckedText:
+    """A message that passed the checks: its text, not tokenized yet (``TextModality.prepare`` does that)."""
+
+    source: SourceMessage
     id: str
     event_time_ms: int
+    text: str = field(repr=False)
 
 
 def decode_text(msg: SourceMessage, tokenizer: TextTokenizer, limits: TextLimits) -> DecodedText | BadRecord:
@@ -59,21 +66,26 @@ def decode_texts(
     msgs: Sequence[SourceMessage], tokenizer: TextTokenizer, limits: TextLimits
 ) -> list[DecodedText | BadRecord]:
     """Each message checked on its own, then every good text tokenized in one call; results in input order."""
-    out: list[DecodedText | BadRecord | _Text] = [_text_of(msg, limits) for msg in msgs]
-    good = [i for i, t in enumerate(out) if isinstance(t, _Text)]
-    texts = [t for t in out if isinstance(t, _Text)]
+    return tokenize_texts([check_text(msg, limits) for msg in msgs], tokenizer)
+
+
+def tokenize_texts(
+    items: Sequence[CheckedText | DecodedText | BadRecord], tokenizer: TextTokenizer
+) -> list[DecodedText | BadRecord]:
+    """Every checked text tokenized in one call; what is already tokenized or bad passes through, in order."""
+    out: list[CheckedText | DecodedText | BadRecord] = list(items)
+    todo = [(i, it) for i, it in enumerate(items) if isinstance(it, CheckedText)]
     encoded: Sequence[tuple[np.ndarray, int, bool] | Exception]
     try:
-        encoded = tokenizer.encode_many([t.text for t in texts])
+        encoded = tokenizer.encode_many([it.text for _, it in todo])
     except Exception:  # the tokenizer is third-party code: find the text it fails on, fail only that record
-        encoded = [_encode_one(tokenizer, t.text) for t in texts]
-    for i, t, enc in zip(good, texts, encoded, strict=True):
-        msg = msgs[i]
+        encoded = [_encode_one(tokenizer, it.text) for _, it in todo]
+    for (i, it), enc in zip(todo, encoded, strict=True):
         if isinstance(enc, Exception):
-            out[i] = BadRecord(msg, "undecodable", f"tokenizer failed: {enc}", type(enc).__name__)
+            out[i] = BadRecord(it.source, "undecodable", f"tokenizer failed: {enc}", type(enc).__name__)
         else:
-            out[i] = DecodedText(msg, t.id, t.event_time_ms, *enc)
-    return out  # type: ignore[return-value]  # every _Text was replaced by its result above
+            out[i] = DecodedText(it.source, it.id, it.event_time_ms, *enc)
+    return out  # type: ignore[return-value]  # every CheckedText was replaced by its result above
 
 
 def _encode_one(tokenizer: TextTokenizer, text: str) -> tuple[np.ndarray, int, bool] | Exception:
@@ -83,7 +95,8 @@ def _encode_one(tokenizer: TextTokenizer, text: str) -> tuple[np.ndarray, int, b
         return exc
 
 
-def _text_of(msg: SourceMessage, limits: TextLimits) -> _Text | BadRecord:
+def check_text(msg: SourceMessage, limits: TextLimits) -> CheckedText | BadRecord:
+    """Every check but the tokenizer's."""
     if not msg.value:
         return BadRecord(msg, "empty", "message value is empty")
     if len(msg.value) > limits.max_message_bytes:
@@ -93,7 +106,7 @@ def _text_of(msg: SourceMessage, limits: TextLimits) -> _Text | BadRecord:
         raw = msg.value.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         return BadRecord(msg, "invalid_utf8", f"message value is not valid UTF-8: {exc}", "UnicodeDecodeError")
-    parsed = _unwrap(msg, raw) if is_envelope(msg) else _Text(raw, default_id(msg), msg.timestamp_ms)
+    parsed = _unwrap(msg, raw) if is_envelope(msg) else CheckedText(msg, default_id(msg), msg.timestamp_ms, raw)
     if isinstance(parsed, BadRecord):
         return parsed
     if _blank(parsed.text):
@@ -112,7 +125,7 @@ def _blank(text: str) -> bool:
     return all(ch.isspace() or unicodedata.category(ch) in _INVISIBLE for ch in text)
 
 
-def _unwrap(msg: SourceMessage, raw: str) -> _Text | BadRecord:
+def _unwrap(msg: SourceMessage, raw: str) -> CheckedText | BadRecord:
     """Read a text envelope; any deviation from the schema is a BadRecord."""
     doc = parse_object(msg, raw, ALLOWED_KEYS)
     if isinstance(doc, BadRecord):
@@ -123,7 +136,7 @@ def _unwrap(msg: SourceMessage, raw: str) -> _Text | BadRecord:
     meta = read_meta(msg, doc)
     if isinstance(meta, BadRecord):
         return meta
-    return _Text(text, *meta)
+    return CheckedText(msg, *meta, text)
 
 
 class TextModality(OneRowPerMessage):
@@ -145,13 +158,24 @@ class TextModality(OneRowPerMessage):
         )
         self._limits = settings.text
 
-    def decode(self, msg: SourceMessage) -> DecodedText | BadRecord:
-        return decode_text(msg, self._tokenizer, self._limits)
+    def decode(self, msg: SourceMessage) -> CheckedText | BadRecord:
+        return check_text(msg, self._limits)
 
-    def decode_many(self, msgs: Sequence[SourceMessage]) -> list[DecodedText | BadRecord]:
-        return decode_texts(msgs, self._tokenizer, self._limits)
+    def decode_many(self, msgs: Sequence[SourceMessage]) -> list[CheckedText | BadRecord]:
+        return [check_text(msg, self._limits) for msg in msgs]
 
-    def stack(self, items: Sequence[DecodedText]) -> tuple[np.ndarray, ...]:
+    def prepare(self, items: Sequence[CheckedText | DecodedText]) -> list[DecodedText | BadRecord]:
+        return tokenize_texts(items, self._tokenizer)
+
+    def stack(self, items: Sequence[CheckedText | DecodedText]) -> tuple[np.ndarray, ...]:
+        """The batch's token ids and attention mask; texts not tokenized yet are tokenized here."""
+        ready = self.prepare(items)
+        bad = [it for it in ready if isinstance(it, BadRecord)]
+        if bad:
+            raise ValueError(f"{len(bad)} of {len(items)} texts cannot be tokenized: {bad[0].message}")
+        return self._stack(ready)  # type: ignore[arg-type]  # no BadRecord left
+
+    def _stack(self, items: Sequence[DecodedText]) -> tuple[np.ndarray, ...]:
         # Pad to this batch's longest text, not max_length: short texts then cost short sequences.
         length = max(len(it.input_ids) for it in items)
         ids = np.full((len(items), length), self._tokenizer.pad_token_id, dtype=np.int64)

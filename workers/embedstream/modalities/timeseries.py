@@ -284,6 +284,9 @@ class TimeSeriesModality:
     def decode_many(self, msgs: Sequence[SourceMessage]) -> list[TimeSeriesWindow | BadRecord | Deferred]:
         return [self.decode(m) for m in msgs]  # in order: each point may complete its series' window
 
+    def prepare(self, items: Sequence[TimeSeriesWindow]) -> Sequence[TimeSeriesWindow]:
+        return items  # a window is ready once decode closed it
+
     def stack(self, items: Sequence[TimeSeriesWindow]) -> tuple[np.ndarray, ...]:
         return (np.stack([it.values for it in items]).astype(np.float32, copy=False),)
 

@@ -152,9 +152,10 @@ def model_latency(settings: Settings, messages: Sequence[Message], batch: int, t
 
 
 def decode_only(settings: Settings, messages: Sequence[Message], clock: Clock) -> StageResult:
-    """The worker's decode path alone, one poll-sized chunk at a time, on one decode thread."""
+    """The worker's decode path alone (its checks and ``prepare``, the text tokenizer), one poll-sized chunk at
+    a time, on one decode thread."""
     from embedstream.modalities import modality_for
-    from embedstream.records import SourceMessage
+    from embedstream.records import BadRecord, Deferred, SourceMessage
 
     one_thread = _with_batch(settings, decode_threads=1)
     modality = modality_for(encoder_spec(one_thread), one_thread)
@@ -162,7 +163,8 @@ def decode_only(settings: Settings, messages: Sequence[Message], clock: Clock) -
     size = one_thread.batch.max_size
     start = clock()
     for i in range(0, len(msgs), size):
-        modality.decode_many(msgs[i : i + size])
+        decoded = modality.decode_many(msgs[i : i + size])
+        modality.prepare([d for d in decoded if not isinstance(d, (BadRecord, Deferred))])
     return StageResult(len(msgs), clock() - start, {"decode_threads": 1})
 
 
