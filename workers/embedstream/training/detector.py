@@ -189,11 +189,15 @@ def fit_and_save(
     components: int = 64,
     k: int = 5,
     seed: int = 0,
+    groups: Sequence[Any] | None = None,
 ) -> tuple[Path, _detector.Fitted]:
-    """Fit on the reference rows and write ``out`` (.safetensors) + its .json; returns the path and the fit."""
+    """Fit on the reference rows and write ``out`` (.safetensors) + its .json; returns the path and the fit.
+
+    ``groups``: the source of each row, where several rows come from one source (see ``_detector.fit``).
+    """
     fitted = _detector.fit(
         kind, reference.embeddings, quantile=quantile, holdout=holdout, components=components, k=k, seed=seed,
-        encoder=encoder,
+        encoder=encoder, groups=groups,
     )  # fmt: skip
     side = fitted.side
     fitted = _detector.Fitted(
