@@ -137,6 +137,7 @@ def recorded_clients(monkeypatch):
     _Recorder.built = []
     for name in ("KafkaConsumer", "KafkaProducer", "KafkaAdminClient"):
         monkeypatch.setattr(kafka_io, name, _Recorder)
+    monkeypatch.setattr(kafka_io, "check_connection", lambda k, **_: None)  # no broker behind the recorder
     return _Recorder.built
 
 

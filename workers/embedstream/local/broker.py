@@ -4,6 +4,11 @@ In memory every topic is lost when the broker stops. Given an ``S3Location`` (``
 keeps its log there and a restarted broker serves the same records and committed offsets. Tansu
 starts even when it cannot use its storage and then fails every request, so a broker on S3 is
 ready only once it has stored and read back a probe record.
+
+Given a ``BrokerSecurity`` (``local.secure_front``) it demands TLS + SASL: clients connect to a front
+on ``port`` that terminates TLS and authenticates them (SCRAM-SHA-256/512, PLAIN) before relaying to
+Tansu on a second loopback port, which advertises the front's address. ``client_settings`` gives
+the matching client settings. Without it (the default) clients speak plaintext to Tansu itself.
 """
 
 from __future__ import annotations
@@ -14,10 +19,15 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from embedstream.errors import RuntimeStartError
 from embedstream.local.process import ChildProcess, free_port, port_open
 from embedstream.local.storage import S3Location, StorageError
+
+if TYPE_CHECKING:
+    from embedstream.config import KafkaSettings
+    from embedstream.local.secure_front import BrokerSecurity, SecureFront
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +53,23 @@ def broker_binary() -> str:
 
 
 class LocalBroker:
-    def __init__(self, workdir: Path, port: int | None = None, storage: S3Location | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        storage: S3Location | None = None,
+        security: BrokerSecurity | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.storage = storage
+        self.security = security
+        # Secured, Tansu listens on a port of its own behind the front and advertises the front.
+        self._tansu_port = free_port() if security else self.port
         url = f"tcp://127.0.0.1:{self.port}"
+        listen = f"tcp://127.0.0.1:{self._tansu_port}"
+        self._front: SecureFront | None = None
+        self._front_log = Path(workdir) / "logs" / "broker-front.log"
         engine = storage.storage_engine if storage else "memory://tansu/"
         env = {
             **os.environ,
@@ -58,7 +80,7 @@ class LocalBroker:
         self._proc = ChildProcess(
             "kafka broker (tansu)",
             [
-                broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                broker_binary(), "broker", "--listener-url", listen, "--advertised-listener-url", url,
                 "--storage-engine", engine,
             ],
             Path(workdir) / "logs" / "broker.log",
@@ -70,9 +92,28 @@ class LocalBroker:
     def pid(self) -> int | None:
         return self._proc.pid
 
+    def client_settings(self, user: str | None = None, mechanism: str | None = None, **kafka: Any) -> KafkaSettings:
+        """Client settings for this broker: its bootstrap and, secured, SASL_SSL as ``user`` (default: the first)
+        with ``mechanism`` (default: the first enabled) trusting ``security.cafile``; ``kafka`` sets the rest."""
+        from embedstream.config import KafkaSettings
+
+        conf: dict[str, Any] = {"bootstrap_servers": self.bootstrap}
+        if self.security is not None:
+            sec = self.security
+            user = user or next(iter(sec.users))
+            conf.update(
+                security_protocol="SASL_SSL",
+                sasl_mechanism=mechanism or sec.mechanisms[0],
+                sasl_username=user,
+                sasl_password=sec.users[user],
+                ssl_cafile=sec.cafile,
+            )
+        return KafkaSettings(**{**conf, **kafka})
+
     def start(self, timeout_s: float = 30.0) -> LocalBroker:
-        if port_open(self.port):
-            raise RuntimeStartError(f"port {self.port} is already in use; choose another broker port")
+        for port in {self.port, self._tansu_port}:
+            if port_open(port):
+                raise RuntimeStartError(f"port {port} is already in use; choose another broker port")
         if self.storage is not None:
             self.storage.check()
         try:
@@ -81,6 +122,10 @@ class LocalBroker:
             self._log_start = 0
         self._proc.start()
         try:
+            if self.security is not None:
+                from embedstream.local.secure_front import SecureFront
+
+                self._front = SecureFront(self.security, self.port, self._tansu_port, self._front_log).start()
             answered = self._ask_metadata_in_background()
             self._proc.wait_until(
                 lambda: answered.is_set() or self._storage_failure() is not None,
@@ -93,9 +138,11 @@ class LocalBroker:
             if self.storage is not None:
                 self._probe()
         except BaseException:
+            self._stop_front()
             self._proc.stop()
             raise
-        log.info("kafka broker ready on %s (storage %s)", self.bootstrap, self._where())
+        secured = " with TLS + SASL" if self.security else ""
+        log.info("kafka broker ready on %s%s (storage %s)", self.bootstrap, secured, self._where())
         return self
 
     def _ask_metadata_in_background(self) -> threading.Event:
@@ -136,10 +183,9 @@ class LocalBroker:
         """Store a record and read it back: Tansu answers metadata without touching its storage."""
         from kafka import TopicPartition
 
-        from embedstream.config import KafkaSettings
         from embedstream.kafka_io import ensure_topics, make_reader, make_writer
 
-        k = KafkaSettings(bootstrap_servers=self.bootstrap)
+        k = self.client_settings()
         try:
             ensure_topics(k, {PROBE_TOPIC: 1})
             producer = make_writer(k, client_id="embedstream-storage-probe", linger_ms=0)
@@ -164,12 +210,12 @@ class LocalBroker:
             ) from None
 
     def _answers_metadata(self) -> bool:
-        from embedstream.config import KafkaSettings
         from embedstream.kafka_io import make_admin
 
-        if not port_open(self.port):  # spares the client's connection-refused error logs while starting
+        # Spares the client's connection-refused error logs while starting.
+        if not (port_open(self._tansu_port) and port_open(self.port)):
             return False
-        admin = make_admin(KafkaSettings(bootstrap_servers=self.bootstrap), request_timeout_ms=2000)
+        admin = make_admin(self.client_settings(), request_timeout_ms=2000)
         try:
             admin.list_topics()
             return True
@@ -179,8 +225,16 @@ class LocalBroker:
     def alive(self) -> bool:
         return self._proc.alive()
 
+    def _stop_front(self) -> None:
+        if self._front is not None:
+            self._front.stop()
+            self._front = None
+
     def stop(self) -> None:
+        self._stop_front()
         self._proc.stop()
 
     def kill(self) -> None:
+        """SIGKILL the broker process; a secure front (in this process) stops with it."""
+        self._stop_front()
         self._proc.kill()
