@@ -72,8 +72,10 @@ def _json_patch(doc: dict, ops: list[dict]) -> dict:
         for p in parts[:-1]:
             node = node[int(p)] if isinstance(node, list) else node[p]
         last = parts[-1]
-        if isinstance(node, list):
-            node[int(last)] = op["value"]
+        if isinstance(node, list) and op["op"] == "add":  # RFC 6902: insert before the index, "-" appends
+            node.insert(len(node) if last == "-" else int(last), copy.deepcopy(op["value"]))
+        elif isinstance(node, list):
+            node[int(last)] = copy.deepcopy(op["value"])
         else:
             node[last] = copy.deepcopy(op["value"])
     return doc
@@ -226,6 +228,11 @@ def _index(docs: list[dict]) -> dict[tuple[str, str], dict]:
 def _workers(docs: list[dict]) -> list[dict]:
     deployments = _by_kind(docs, "Deployment")
     return [d for d in deployments if d["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"]
+
+
+def _sinks(docs: list[dict]) -> list[dict]:
+    deployments = _by_kind(docs, "Deployment")
+    return [d for d in deployments if d["metadata"]["labels"].get("app.kubernetes.io/component") == "sink"]
 
 
 def _triton(docs: list[dict]) -> dict:
@@ -401,7 +408,7 @@ def test_workers_run_the_worker_image_and_the_export_the_exporter_image(overlay)
     assert export["args"][0] == "export-models"
     assert export["image"].split(":")[0] == "embedstream-exporter"
     pinned = yaml.safe_load((K8S / "overlays" / name / "kustomization.yaml").read_text())["images"]
-    assert {i["name"] for i in pinned} == {"embedstream-worker", "embedstream-exporter"}
+    assert {i["name"] for i in pinned} == {"embedstream-worker", "embedstream-exporter", "embedstream-sink"}
 
 
 def test_the_init_container_exports_lite0_with_its_packaged_weights_from_the_workers_toml(overlay, tmp_path):
@@ -442,7 +449,7 @@ def test_secret_is_a_template_with_placeholders_only(overlay):
 def test_worker_toml_loads_and_agrees_with_services_and_keda(overlay, tmp_path):
     _, docs = overlay
     scaled = {so["spec"]["scaleTargetRef"]["name"]: so for so in _by_kind(docs, "ScaledObject")}
-    assert set(scaled) == {w["metadata"]["name"] for w in _workers(docs)}
+    assert set(scaled) == {w["metadata"]["name"] for w in _workers(docs) + _sinks(docs)}
     triton_service = "embedstream-triton"
     for w in _workers(docs):
         path = tmp_path / f"{w['metadata']['name']}.toml"
@@ -464,6 +471,96 @@ def test_worker_toml_loads_and_agrees_with_services_and_keda(overlay, tmp_path):
         partitions = int(so["metadata"]["annotations"]["embedstream.io/input-partitions"])
         assert 1 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"] <= partitions
         assert so["apiVersion"] == "keda.sh/v1alpha1"
+
+
+SINK_CONFIG = "/etc/embedstream/sink.toml"
+
+
+def _mounted_file(docs: list[dict], deployment: dict, path: str) -> str:
+    """The ConfigMap file the Deployment's main container sees at ``path``."""
+    spec = _pod_spec(deployment)
+    c = spec["containers"][0]
+    (mount,) = [m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    return _configmap_data(docs, volume["configMap"]["name"])[Path(path).name]
+
+
+def test_a_sink_deployment_per_store_scaled_on_its_own_consumer_group(overlay, tmp_path):
+    from embedstream.stores.sink import sink_kafka
+
+    _, docs = overlay
+    sinks = {d["metadata"]["name"]: d for d in _sinks(docs)}
+    assert set(sinks) == {"embedstream-sink-lancedb", "embedstream-sink-feast"}
+    scaled = {so["spec"]["scaleTargetRef"]["name"]: so for so in _by_kind(docs, "ScaledObject")}
+    worker_groups, worker_outputs = set(), set()
+    for w in _workers(docs):
+        (tmp_path / "w.toml").write_text(_worker_toml(docs, w))
+        k = load_settings(tmp_path / "w.toml").kafka
+        worker_groups.add(k.group_id)
+        worker_outputs.add(k.output_topic)
+    groups = set()
+    for name, d in sinks.items():
+        store = name.rsplit("-", 1)[1]
+        (c,) = _pod_spec(d)["containers"]
+        assert c["args"] == ["sink", store, "--config", SINK_CONFIG]
+        assert {x["image"].split(":")[0] for x in _containers(d)} == {"embedstream-sink"}
+        assert "replicas" not in d["spec"]  # KEDA owns it
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+        env = {e["name"]: e for e in c["env"]}
+        assert env["EMBEDSTREAM_KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == (
+            "embedstream-kafka-credentials"
+        )
+        path = tmp_path / f"{name}.toml"
+        path.write_text(_mounted_file(docs, d, SINK_CONFIG))
+        settings = load_settings(path)
+        assert settings.health_port == 8080 and settings.health_host == "0.0.0.0"
+        assert settings.kafka.sasl_password is None  # from the Secret, never the ConfigMap
+        assert str(settings.kafka.ssl_cafile.parent) in {m["mountPath"] for m in c["volumeMounts"]}
+        k = sink_kafka(settings, store)
+        groups.add(k.group_id)
+        # The topics the workers publish; the group is the sink's own, and KEDA watches exactly it.
+        assert set(settings.sink.topics) <= worker_outputs
+        (trigger,) = scaled[name]["spec"]["triggers"]
+        meta = trigger["metadata"]
+        assert trigger["type"] == "kafka" and trigger["authenticationRef"]["name"] == "embedstream-kafka-auth"
+        assert meta["consumerGroup"] == k.group_id
+        assert meta["bootstrapServers"] == settings.kafka.bootstrap_servers
+        assert "topic" not in meta or meta["topic"] in settings.sink.topics
+        assert int(meta["lagThreshold"]) > 0
+        so = scaled[name]
+        partitions = int(so["metadata"]["annotations"]["embedstream.io/input-partitions"])
+        assert 1 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"] <= partitions
+    assert len(groups) == 2 and not groups & worker_groups
+
+
+def test_the_lancedb_sink_writes_an_object_store_every_replica_shares(overlay, tmp_path):
+    _, docs = overlay
+    (d,) = [d for d in _sinks(docs) if d["metadata"]["name"].endswith("-lancedb")]
+    (tmp_path / "sink.toml").write_text(_mounted_file(docs, d, SINK_CONFIG))
+    # Not a pod-local path: replicas come and go, the table must outlive them.
+    assert load_settings(tmp_path / "sink.toml").sink.lancedb_uri.startswith("s3://")
+
+
+def test_the_feast_sink_registers_the_views_sink_feast_init_writes_before_it_starts(overlay, tmp_path):
+    from embedstream.stores.feast_repo import features_py
+
+    _, docs = overlay
+    (d,) = [d for d in _sinks(docs) if d["metadata"]["name"].endswith("-feast")]
+    pod = _pod_spec(d)
+    (init,) = pod["initContainers"]
+    (sink,) = pod["containers"]
+    (tmp_path / "sink.toml").write_text(_mounted_file(docs, d, SINK_CONFIG))
+    repo = str(load_settings(tmp_path / "sink.toml").sink.feast_repo)
+    assert "apply_repo" in init["args"][0] and repo in init["args"][0]
+    # The init container writes the repository into the very volume the sink reads it from.
+    mounted = {c["name"]: {m["mountPath"]: m["name"] for m in c["volumeMounts"]} for c in (init, sink)}
+    assert mounted[init["name"]][repo] == mounted[sink["name"]][repo]
+    files = _index(docs)[("ConfigMap", next(v["configMap"]["name"] for v in pod["volumes"]
+                                            if v["name"] == "feast-repo-files"))]["data"]  # fmt: skip
+    assert files["features.py"] == features_py(), "features.py is not what `sink feast init` writes"
+    store = yaml.safe_load(files["feature_store.yaml"])
+    # One online store shared by every replica and reader, not a pod's SQLite file.
+    assert store["online_store"]["type"] == "redis" and store["project"] == "embedstream"
 
 
 def test_keda_max_replicas_comment_in_the_template():
