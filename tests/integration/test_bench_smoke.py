@@ -39,11 +39,16 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
     for name, stage in ts["stages"].items():
         if name != "perf_analyzer":  # it sends as many requests as its measurement windows take
             want = {"null": 100, "raw_kafka": 100, "raw_consume": 100, "decode": 100, "pipeline_scaled": 96}
+            want["sink_lancedb"] = 100  # rows stored by `sink lancedb`, each once
             want["pipeline_points"] = 1600
             want = want.get(name, 48)
             assert stage["messages"] == want, name
         assert stage["messages"] > 0, name
         assert stage["throughput"] > 0, name
+    sink = ts["stages"]["sink_lancedb"]
+    assert sink["raw_consume_rows_per_s"] > 0 and sink["vs_raw_consume"] == pytest.approx(
+        sink["throughput"] / sink["raw_consume_rows_per_s"]
+    )
     pa = ts["stages"]["perf_analyzer"]
     assert pa["batch"] == ts["max_batch"] and pa["concurrency"] == ts["max_in_flight"]
     assert pa["shared_memory"] == "system"  # fixed-size windows on the same host, as the worker sends them

@@ -32,6 +32,7 @@ STAGES: dict[str, str] = {
     "null": "null encoder pipeline",
     "raw_kafka": "raw kafka-python consume+produce",
     "raw_consume": "raw kafka-python consume alone",
+    "sink_lancedb": "sink lancedb, rows into a LanceDB table (rows/s)",
     "peer": "naive peer: kafka-python -> torch in-process -> produce, 1 process",
 }
 PIPELINE_VS_BARE_TARGET = 0.85

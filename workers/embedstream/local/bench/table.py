@@ -276,6 +276,15 @@ def _peer(ctx: BenchContext) -> StageResult:
     return peer.run_peer(settings, len(messages), ctx.clocks.mono, ctx.progress("peer"))
 
 
+def _sink_lancedb(ctx: BenchContext) -> StageResult:
+    from embedstream.local.bench.sink_stage import sink_lancedb
+
+    topic, rows = f"{ctx.w.raw_topics[0]}-sink", _plumbing_total(ctx.w, ctx.opts)
+    dim, per_message = encoder_spec(ctx.real).embedding_dim, ctx.real.batch.max_size
+    args = (ctx.real, topic, rows, dim, per_message, ctx.stack.workdir, ctx.opts.partitions, ctx.clocks.mono)
+    return sink_lancedb(*args, ctx.progress("sink_lancedb"))
+
+
 def _raw_consume(ctx: BenchContext) -> StageResult:
     topic, count = ctx.w.raw_topics[0], len(ctx.plumbing)
     return stages.raw_consume(ctx.real, topic, count, ctx.clocks.mono, ctx.progress("raw_consume"))
@@ -323,5 +332,11 @@ STAGE_TABLE: tuple[Stage, ...] = (
         total=_plumbing_total,
     ),
     Stage("raw_consume", _raw_consume, total=_plumbing_total),
+    Stage(
+        "sink_lancedb",
+        _sink_lancedb,
+        note=lambda c, r: f"{r.extra['vs_raw_consume']:.2f}x raw consume of its topic",
+        total=_plumbing_total,
+    ),
     Stage("peer", _peer, note=lambda c, r: f"mean batch {r.extra['mean_batch']:.1f}"),
 )
