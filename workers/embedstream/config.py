@@ -110,7 +110,8 @@ class EncoderSettings(_Frozen):
     preprocessing_fingerprint: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
     # An embedding-space anomaly detector (docs/anomaly.md): the .safetensors `embedstream train detector`
     # wrote (its .json beside it). Exported inside the image or text encoder's served model, it adds the
-    # anomaly_score and anomaly columns to every row. Needed to export only.
+    # anomaly_score and anomaly columns to every row. Needed to export; a worker given the same file
+    # also reports the drift of its traffic's mean embedding (drift.py).
     detector: str | None = None
 
 

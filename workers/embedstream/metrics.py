@@ -35,6 +35,20 @@ BACKEND_ERRORS = Counter("embedstream_backend_errors", "Failed inference request
 BACKEND_RETRIES = Counter("embedstream_backend_retries", "Inference retries after a retriable error", ["model"])
 OUTAGES = Counter("embedstream_backend_outages", "Times the worker paused for an unavailable backend", ["model"])
 DEGRADED = Gauge("embedstream_degraded", "1 while the inference backend is unavailable", ["model"])
+# Drift of the traffic from the anomaly detector's normal reference, over the latest rows (drift.py).
+DRIFT_MEAN_SHIFT = Gauge(
+    "embedstream_drift_mean_shift",
+    "Whitened distance of the window's mean embedding from the detector's reference mean, RMS per dimension",
+    ["model"],
+)
+DRIFT_MEAN_SHIFT_EXPECTED = Gauge(
+    "embedstream_drift_mean_shift_expected", "The mean shift a window of normal rows of this size shows", ["model"]
+)
+DRIFT_ANOMALY_RATE = Gauge("embedstream_drift_anomaly_rate", "Share of the window's rows flagged anomalous", ["model"])
+DRIFT_ANOMALY_RATE_EXPECTED = Gauge(
+    "embedstream_drift_anomaly_rate_expected", "Share of normal rows the threshold flags (1 - its quantile)", ["model"]
+)
+DRIFT_WINDOW_ROWS = Gauge("embedstream_drift_window_rows", "Rows in the drift window", ["model"])
 
 
 def exposition() -> tuple[bytes, str]:

@@ -24,6 +24,7 @@ from embedstream.batcher import MicroBatcher
 from embedstream.config import Settings
 from embedstream.delivery import delivery_for
 from embedstream.dispatch import Dispatcher, Inferred
+from embedstream.drift import DriftMonitor
 from embedstream.encoders import EncoderSpec
 from embedstream.health import BackendWatch
 from embedstream.inference import InferenceBackend
@@ -71,6 +72,8 @@ class Worker:
         self._batcher: MicroBatcher[Any] = MicroBatcher(batch.max_size, batch.max_wait_ms / 1000, clock)
         self._tracker = OffsetTracker()
         self._sink = KafkaSink(settings, modality, backend.spec, producer, self._tracker)
+        # Where the served model carries an anomaly detector: its drift gauges (drift.py).
+        self._drift = DriftMonitor.for_worker(backend.spec, settings)
         self._dispatcher = Dispatcher(
             backend, modality, batch.max_in_flight, clock, self._pause_for_outage, self._resume_after_outage
         )
@@ -199,6 +202,8 @@ class Worker:
         for result in results:
             for part, outputs in result.ok:
                 self.stats.output_messages += self._sink.publish(part, outputs)
+                if self._drift is not None:
+                    self._drift.observe(outputs)
                 self.stats.batches += 1
                 self.stats.embedded += len(part)
             for item, why in result.rejected:

@@ -136,14 +136,18 @@ def score(kind: Kind, tensors: dict[str, np.ndarray], embeddings: np.ndarray, k:
         dist = 1.0 - x @ ref.T
         kk = min(k, ref.shape[0])
         return np.sort(dist, axis=1)[:, :kk].mean(axis=1)
-    c = x - tensors["mean"]
+    return whitened_sq_distance(tensors, x) / x.shape[1]
+
+
+def whitened_sq_distance(tensors: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance of rows ``x`` (already normalised) from a Mahalanobis detector's mean."""
+    c = np.asarray(x, np.float64) - tensors["mean"]
     comp = tensors["components"].astype(np.float64)
     proj = c @ comp
     resid = c - proj @ comp.T
-    d = x.shape[1]
     inner = ((proj * tensors["inv_std"]) ** 2).sum(axis=1)
     outer = (resid**2).sum(axis=1) * float(tensors["inv_residual_std"][0]) ** 2
-    return (inner + outer) / d
+    return np.asarray(inner + outer)
 
 
 def fit(
