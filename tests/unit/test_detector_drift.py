@@ -86,6 +86,9 @@ def test_the_rate_is_kept_without_the_detector_file_and_nothing_without_a_detect
     assert monitor.mean_shift is None and monitor.anomaly_rate == pytest.approx(10 / 40)
     assert DriftMonitor.for_worker(spec, load_settings()).mean_shift is None  # type: ignore[union-attr]
     assert DriftMonitor.for_worker(SPEC, load_settings()) is None
+    with caplog.at_level(logging.WARNING, logger="embedstream.drift"):
+        assert DriftMonitor.for_worker(SPEC, load_settings(encoder={"detector": str(other)})) is None
+    assert "has no detector" in caplog.text
 
 
 def test_the_worker_feeds_the_monitor_from_the_served_outputs():

@@ -77,6 +77,13 @@ class DriftMonitor:
         """A monitor where the served model returns a detector's flag (``extra.detector``); else None."""
         summary = spec.extra.get(_detector.SPEC_KEY)
         if not summary or not any(o.column == _detector.FLAG_COLUMN for o in spec.outputs):
+            if settings.encoder.detector:
+                log.warning(
+                    "encoder.detector is %s, but the served %s has no detector: its rows carry no anomaly "
+                    "columns; export the model again with it",
+                    settings.encoder.detector,
+                    spec.name,
+                )
             return None
         return cls(spec, summary, _served_tensors(spec, summary, settings.encoder.detector))
 
