@@ -468,4 +468,11 @@ def test_search_by_a_new_photo_and_sentence_and_recall_at_5_of_photo_copies(serv
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert refused.returncode != 0 and "query it with --image" in refused.stderr
-    assert table_model(images).name == image_spec.name
+    # A table of another version of the served model: its vectors would lie in another space.
+    from embedstream.errors import ConfigError
+    from embedstream.ops.search import TableModel, embed_query
+
+    other = TableModel(image_spec.name, "2", image_spec.embedding_dim)
+    with pytest.raises(ConfigError, match="serve that version"):
+        embed_query(settings, other, image=first.value)
+    assert table_model(images) == TableModel(image_spec.name, image_spec.version, image_spec.embedding_dim)
