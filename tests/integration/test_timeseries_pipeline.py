@@ -9,19 +9,20 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
-import pyarrow.csv as pcsv
 import pytest
 import torch
 from kafka import KafkaProducer
 
-from embedstream.config import load_settings
+from embedstream.config import KafkaSettings, load_settings
 from embedstream.encoders import get_family
+from embedstream.kafka_io import ensure_topics
+from embedstream.local.broker import LocalBroker
 from embedstream.local.stack import LocalStack
 from embedstream.local.worker_process import WorkerProcess
 from embedstream.training import synthetic
-from embedstream.training.fit import TrainConfig, train_from_file
 
 from .helpers import read_all
 
@@ -31,11 +32,40 @@ T, STRIDE = 32, 16
 OBS_SERIES = {"obs-a": 0, "obs-b": 1}  # series -> partition (keyed producers would hash; pinned for the test)
 
 
+def train_from_a_topic(root) -> Path:
+    """`embedstream train --topic`: the normal data as observation messages on a broker, read back from a range.
+
+    The range leaves out a tail of other traffic (not normal, and not JSON), which must not reach the fit.
+    """
+    from embedstream.cli import main
+
+    normal = synthetic.normal_table(16, 600, seed=0)
+    rows = normal.to_pylist()
+    channels = [c for c in normal.column_names if c.startswith("ch")]
+    broker = LocalBroker(root / "train-broker").start()
+    try:
+        ensure_topics(KafkaSettings(bootstrap_servers=broker.bootstrap), {"normal-in": 1})
+        docs = [
+            {"series_id": r["series_id"], "timestamp_ms": r["timestamp_ms"], "values": [r[c] for c in channels]}
+            for r in rows
+        ]
+        send(broker.bootstrap, "normal-in", [(d["series_id"].encode(), json.dumps(d).encode(), 0) for d in docs])
+        send(broker.bootstrap, "normal-in", [(b"x", b"not a reference message", 0)] * 5)
+        code = main(
+            ["train", "--topic", "normal-in", "--bootstrap", broker.bootstrap, "--start-offset", "0",
+             "--end-offset", str(len(docs)), "--family", "autoencoder", "--window", str(T),
+             "--out", str(root / "weights"), "--no-progress"]
+        )  # fmt: skip
+    finally:
+        broker.stop()
+    assert code == 0
+    return root / "weights" / "autoencoder.safetensors"
+
+
 @pytest.fixture(scope="module")
 def ts_stack(tmp_path_factory) -> Iterator[LocalStack]:
     root = tmp_path_factory.mktemp("timeseries")
-    pcsv.write_csv(synthetic.normal_table(16, 600, seed=0), str(root / "normal.csv"))
-    weights = train_from_file(root / "normal.csv", root / "weights", ("autoencoder",), TrainConfig(window=T))
+    weights = {"autoencoder": train_from_a_topic(root)}
     settings = load_settings(
         encoder={"family": "autoencoder", "weights": str(weights["autoencoder"]), "max_batch_size": 32},
         kafka={"input_topic": "ts-in", "output_topic": "ts-out", "dead_letter_topic": "ts-dlq", "group_id": "ts-g"},

@@ -133,3 +133,27 @@ def test_the_train_command_writes_weights_for_export(normal_csv, tmp_path, capsy
     assert not (tmp_path / "lstm.safetensors").exists()
     assert 'family = "autoencoder"' in capsys.readouterr().out
     assert main(["train", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path), "--no-progress"]) == 2
+
+
+def test_a_topic_range_becomes_series_in_time_order_and_what_is_not_normal_traffic_is_skipped():
+    from collections import defaultdict
+
+    from embedstream.training.topic_series import _common_width, _take
+
+    points: dict = defaultdict(list)
+    segments: list = []
+    msgs = [
+        b'{"series_id": "a", "timestamp_ms": 2, "values": [2.0, 2.5]}',
+        b'{"series_id": "a", "timestamp_ms": 1, "values": [1.0, 1.5]}',
+        b'{"series_id": "w", "values": [[0.0, 0.1], [0.2, 0.3]]}',
+        b"not json",
+        b'{"series_id": "a", "timestamp_ms": 3, "values": [NaN, 1.0]}',
+        b'{"timestamp_ms": 3, "values": [1.0, 1.0]}',
+        b'{"series_id": "a", "values": [1.0, 1.0]}',
+        b'{"series_id": "b", "timestamp_ms": 1, "values": [1.0, 2.0, 3.0]}',
+    ]
+    whys = [_take(m, i, points, segments) for i, m in enumerate(msgs)]
+    assert whys == [None, None, None, "not_json", "not_json", "no_series_id", "no_timestamp", None]
+    assert [v for _, _, v in sorted(points["a"])] == [[1.0, 1.5], [2.0, 2.5]]
+    assert segments == [[[0.0, 0.1], [0.2, 0.3]]]
+    assert _common_width(points, segments) == 2  # series b's 3 channels are the odd one out

@@ -1,18 +1,21 @@
-"""``embedstream train``: fit the time-series encoders on normal data from a Parquet/CSV file, and
+"""``embedstream train``: fit the time-series encoders on normal data from a Parquet/CSV file or a
+range of an input topic (observations and windows, as the worker reads them), and
 ``embedstream train detector``: fit the embedding-space anomaly detector of an image or text encoder
 on normal inputs (a folder of images, a text file of sentences) or on a range of an output topic.
 
-Reading the time-series training data from a topic range is not implemented: export the normal
-stretch to a file first. The command prints the ``[encoder]`` settings that ``embedstream
-export-models`` (and the worker) then take.
+The command prints the ``[encoder]`` settings that ``embedstream export-models`` (and the worker)
+then take.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from embedstream.training.fit import TrainConfig
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -43,7 +46,13 @@ def register(sub: Any, flag: Callable[..., None]) -> dict[str, Handler]:
     flag(d, "--kind", "TRAIN_DETECTOR_KIND", "detector", default="mahalanobis", choices=["mahalanobis", "knn"])
     flag(d, "--components", "TRAIN_DETECTOR_COMPONENTS", "mahalanobis: whitened directions", default="64", type=int)
     flag(d, "--k", "TRAIN_DETECTOR_K", "knn: neighbours averaged", default="5", type=int)
-    flag(d, "--topic", "TRAIN_TOPIC", "an output topic whose rows are the normal reference (instead of --data)")
+    flag(
+        d,
+        "--topic",
+        "TRAIN_TOPIC",
+        "instead of --data: the normal reference from a topic range (detector: an output topic's rows; "
+        "time series: an input topic's observations and windows)",
+    )
     flag(d, "--bootstrap", "KAFKA__BOOTSTRAP_SERVERS", "Kafka bootstrap servers (overrides the config file)")
     flag(d, "--partition", "TRAIN_PARTITIONS", "comma-separated partitions of --topic (default: all)")
     flag(d, "--start-offset", "TRAIN_START_OFFSET", "first message offset, per partition", type=int)
@@ -77,8 +86,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.target == "detector":
         return cmd_train_detector(args)
-    if not args.data:
-        raise ConfigError("--data is required (a .parquet or .csv file of normal data)")
+    if bool(args.data) == bool(args.topic):
+        raise ConfigError("give --data (a .parquet or .csv file of normal data) or --topic (an input topic), not both")
     cfg = TrainConfig(
         window=args.window,
         stride=args.stride,
@@ -93,11 +102,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     families = FAMILIES if args.family == "both" else (args.family,)
     channels = [c.strip() for c in args.channels.split(",")] if args.channels else None
-    paths = train_from_file(Path(args.data), Path(args.out), families, cfg, channels, progress=not args.no_progress)
+    if args.topic:
+        paths = _train_from_topic(args, families, cfg)
+    else:
+        paths = train_from_file(Path(args.data), Path(args.out), families, cfg, channels, progress=not args.no_progress)
     for family, path in paths.items():
         print(f"{family}: {path} (+ {path.with_suffix('.json').name})")
         print(f'  [encoder]\n  family = "{family}"\n  weights = "{path}"')
     return 0
+
+
+def _train_from_topic(args: argparse.Namespace, families: Sequence[str], cfg: TrainConfig) -> dict[str, Path]:
+    from embedstream.config import load_settings
+    from embedstream.training.fit import train
+    from embedstream.training.topic_series import series_from_topic
+
+    overrides: dict[str, Any] = {"kafka": {"bootstrap_servers": args.bootstrap}} if args.bootstrap else {}
+    settings = load_settings(args.config, **overrides)
+    read = series_from_topic(
+        settings, args.topic, args.start_offset, args.end_offset, _partitions(args), progress=not args.no_progress
+    )
+    points = sum(len(s) for s in read.series)
+    print(f"read {read.source['messages']} messages of {args.topic}: {len(read.series)} series, {points} points")
+    return train(read.series, Path(args.out), families, cfg, read.channels, progress=not args.no_progress)
+
+
+def _partitions(args: argparse.Namespace) -> list[int] | None:
+    from embedstream.errors import ConfigError
+
+    try:
+        return [int(x) for x in args.partition.split(",")] if args.partition else None
+    except ValueError:
+        raise ConfigError(f"--partition: not a comma-separated list of numbers: {args.partition!r}") from None
 
 
 def cmd_train_detector(args: argparse.Namespace) -> int:
@@ -111,12 +147,8 @@ def cmd_train_detector(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, **overrides)
     progress = not args.no_progress
     if args.topic:
-        try:
-            parts = [int(x) for x in args.partition.split(",")] if args.partition else None
-        except ValueError:
-            raise ConfigError(f"--partition: not a comma-separated list of numbers: {args.partition!r}") from None
         reference, encoder = detector.reference_from_topic(
-            settings, args.topic, args.start_offset, args.end_offset, parts, args.model_name, progress
+            settings, args.topic, args.start_offset, args.end_offset, _partitions(args), args.model_name, progress
         )
     else:
         reference, encoder = detector.reference_from_files(settings, Path(args.data), progress)
