@@ -40,7 +40,14 @@ def register(sub: Any, flag: Callable[..., None]) -> dict[str, Handler]:
         "normal data: .parquet or .csv, columns series_id, timestamp_ms, channels...; for a detector: "
         "a folder of images or a text file, one sentence per line",
     )
-    flag(p, "--out", "TRAIN_OUT", "directory for <family>.safetensors and <family>.json", default="weights")
+    flag(
+        p,
+        "--out",
+        "TRAIN_OUT",
+        "directory for <family>.safetensors and <family>.json; for a detector, a directory (for "
+        "detector-<model>.safetensors) or the .safetensors path",
+        default="weights",
+    )
     d = p.add_argument_group("detector (`embedstream train detector`)")
     flag(d, "--config", "CONFIG", "worker TOML config: the encoder to fit for (and the brokers for --topic)")
     flag(d, "--kind", "TRAIN_DETECTOR_KIND", "detector", default="mahalanobis", choices=["mahalanobis", "knn"])
