@@ -66,12 +66,16 @@ def secured(tmp_path_factory):
     ca = make_ca(d, "test-ca")
     other_ca = make_ca(d, "untrusted-ca")
     cert, key = make_server_cert(d, ca)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", d / "client.key", "-out", d / "client.csr",
+             "-subj", "/CN=embedstream-client")  # fmt: skip
+    _openssl("x509", "-req", "-in", d / "client.csr", "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial",
+             "-out", d / "client.pem", "-days", "2")  # fmt: skip
     password = "pw-" + secrets.token_urlsafe(12)
     security = BrokerSecurity(cert, key, {USER: password}, cafile=ca[0], mechanisms=("SCRAM-SHA-512", "SCRAM-SHA-256"))
     workdir = tmp_path_factory.mktemp("secure-broker")
     broker = LocalBroker(workdir, security=security).start()
     try:
-        yield broker, password, other_ca[0], workdir
+        yield broker, password, other_ca[0], workdir, d
     finally:
         broker.stop()
 
@@ -103,7 +107,7 @@ def _raw_request(port: int, tls: ssl.SSLContext | None, frame: bytes) -> bytes:
 
 
 def test_the_broker_refuses_plaintext_and_unauthenticated_requests(secured):
-    broker, _, _, _ = secured
+    broker, *_ = secured
     metadata_v0 = struct.pack(">hhih", 3, 0, 7, 4) + b"test" + struct.pack(">i", -1)
     # Plaintext Kafka to the TLS port: the handshake fails, nothing is answered.
     assert _raw_request(broker.port, None, metadata_v0) == b""
@@ -113,7 +117,7 @@ def test_the_broker_refuses_plaintext_and_unauthenticated_requests(secured):
 
 
 def test_worker_ops_and_readback_over_tls_and_scram(stack, secured, tmp_path, capsys):
-    broker, password, _, broker_dir = secured
+    broker, password, _, broker_dir, _ = secured
     settings = _settings(stack, broker, "secure")
     k = settings.kafka
     assert k.security_protocol == "SASL_SSL" and k.sasl_mechanism == "SCRAM-SHA-512"
@@ -159,7 +163,7 @@ def test_worker_ops_and_readback_over_tls_and_scram(stack, secured, tmp_path, ca
 
 
 def test_wrong_password_stops_the_worker_within_seconds_naming_the_cause(stack, secured, tmp_path):
-    broker, password, _, broker_dir = secured
+    broker, password, _, broker_dir, _ = secured
     settings = _settings(stack, broker, "wrongpw", sasl_password="not-" + password[::-1])
     t0 = time.monotonic()
     with pytest.raises(KafkaSecurityError, match="SASL authentication failed for user 'embed-svc'"):
@@ -181,7 +185,7 @@ def test_wrong_password_stops_the_worker_within_seconds_naming_the_cause(stack, 
 
 
 def test_untrusted_ca_stops_the_worker_within_seconds_naming_the_cause(stack, secured, tmp_path):
-    broker, password, other_ca, broker_dir = secured
+    broker, password, other_ca, broker_dir, _ = secured
     settings = _settings(stack, broker, "untrusted", ssl_cafile=other_ca)
     worker = WorkerProcess(settings, tmp_path / "worker")
     t0 = time.monotonic()
@@ -196,6 +200,26 @@ def test_untrusted_ca_stops_the_worker_within_seconds_naming_the_cause(stack, se
     assert elapsed < 20, f"the worker took {elapsed:.1f}s to give up"
     print(f"untrusted CA: worker exited after {elapsed:.1f}s")
     _no_secrets_in_logs([broker_dir, tmp_path / "worker"], password)
+
+
+def test_mutual_tls_requires_a_client_certificate(secured, tmp_path):
+    _, password, _, _, tls_dir = secured
+    ca, cert, key = tls_dir / "test-ca.pem", tls_dir / "client.pem", tls_dir / "client.key"
+    security = BrokerSecurity(tls_dir / "server.pem", tls_dir / "server.key", {USER: password}, cafile=ca,
+                              client_cafile=ca, client_certfile=cert, client_keyfile=key)  # fmt: skip
+    broker = LocalBroker(tmp_path, security=security).start()  # its own readiness checks present the certificate
+    try:
+        check_connection(broker.client_settings())
+        assert broker._front is not None and broker._front.authenticated >= 1
+        # Without a client certificate the TLS session is refused: a raw ApiVersions request gets no answer.
+        api_versions_v0 = struct.pack(">hhih", 18, 0, 1, 4) + b"test"
+        no_cert = ssl.create_default_context(cafile=str(ca))
+        assert _raw_request(broker.port, no_cert, api_versions_v0) == b""
+        with_cert = ssl.create_default_context(cafile=str(ca))
+        with_cert.load_cert_chain(str(cert), str(key))
+        assert len(_raw_request(broker.port, with_cert, api_versions_v0)) > 8  # Tansu's ApiVersions answer
+    finally:
+        broker.stop()
 
 
 def _no_secrets_in_logs(dirs: list[Path], password: str) -> None:

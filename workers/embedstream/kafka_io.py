@@ -146,9 +146,12 @@ def _explain(k: KafkaSettings, cause: str, detail: str) -> str:
                 f"Kafka TLS: {brokers} refused the TLS handshake (a client certificate missing or not trusted? "
                 f"kafka.ssl_certfile / ssl_keyfile): {detail}"
             )
+    hint = ""
+    if k.security_protocol in ("SSL", "SASL_SSL") and k.ssl_certfile is None:
+        hint = " If the brokers require client certificates (mutual TLS), set kafka.ssl_certfile and ssl_keyfile."
     return (
         f"Kafka: no usable connection to {brokers} within the check: is a broker there, and does "
-        f"kafka.security_protocol={k.security_protocol} match its listener (TLS needs SSL or SASL_SSL)? {detail}"
+        f"kafka.security_protocol={k.security_protocol} match its listener (TLS needs SSL or SASL_SSL)?{hint} {detail}"
     )
 
 

@@ -107,6 +107,8 @@ class LocalBroker:
                 sasl_username=user,
                 sasl_password=sec.users[user],
                 ssl_cafile=sec.cafile,
+                ssl_certfile=sec.client_certfile,
+                ssl_keyfile=sec.client_keyfile,
             )
         return KafkaSettings(**{**conf, **kafka})
 

@@ -52,7 +52,9 @@ class BrokerSecurity:
 
     ``users`` maps user names to passwords; they are turned into salted SCRAM keys at start and not
     kept. ``cafile`` is what clients should trust (handed to them by ``LocalBroker.client_settings``);
-    ``client_cafile``, when set, makes the broker require client certificates it signed.
+    ``client_cafile``, when set, makes the broker require client certificates it signed; then
+    ``client_certfile``/``client_keyfile`` are the ones ``client_settings`` (and the broker's own
+    readiness checks) present.
     """
 
     certfile: Path
@@ -60,6 +62,9 @@ class BrokerSecurity:
     users: Mapping[str, str]
     cafile: Path | None = None
     client_cafile: Path | None = None
+    # With client_cafile: the certificate (signed by it) and key that clients of this broker's owner present.
+    client_certfile: Path | None = None
+    client_keyfile: Path | None = None
     mechanisms: tuple[str, ...] = MECHANISMS
     iterations: int = 4096
 
@@ -69,6 +74,10 @@ class BrokerSecurity:
             raise ValueError(f"SASL mechanisms must be some of {', '.join(MECHANISMS)}, not {sorted(unknown)}")
         if not self.users:
             raise ValueError("a secured broker needs at least one user")
+        if self.client_cafile is not None and (self.client_certfile is None or self.client_keyfile is None):
+            raise ValueError(
+                "client_cafile (mutual TLS) needs client_certfile and client_keyfile for the owner's clients"
+            )
 
     def __repr__(self) -> str:  # never the passwords
         return f"BrokerSecurity(certfile={self.certfile!r}, users={sorted(self.users)}, mechanisms={self.mechanisms})"
