@@ -24,16 +24,22 @@ def test_the_demo_accounts_for_every_message_and_retrieves_copies_and_paraphrase
     console = Console(file=out, width=160)
     summaries = run_demo(load_settings(), 60, 10, 2, tmp_path, console, ("image", "text"))
     print_summary(summaries, console)
+    print(out.getvalue())  # the summary, for `pytest -s`
     by = {s.modality: s for s in summaries}
 
     for s in summaries:
-        assert s.produced == 60
+        unusual = 6 if s.modality == "image" else 0  # images that are no photographs, after the photos
+        assert s.produced == 60 + unusual
         assert s.unaccounted == 0, out.getvalue()
         # the 6 bad-on-purpose messages, and only they, went to the dead-letter topic
         assert s.dead_lettered == 6 and s.bad_not_dead_lettered == 0
-        assert s.embedded == 54
+        assert s.embedded == 54 + unusual
         # the sink step: every row read back stored once in each store, none beyond them
-        assert s.stored == {"lancedb": 54, "feast": 54}, out.getvalue()
+        assert s.stored == {"lancedb": 54 + unusual, "feast": 54 + unusual}, out.getvalue()
+
+    # the image model serves a detector fitted on other copies of the photos: the unusual images score higher
+    assert by["image"].anomaly_auc is not None and by["image"].anomaly_auc >= 0.9, out.getvalue()
+    assert "anomaly ROC-AUC" in out.getvalue()
 
     image, text = by["image"].retrieval, by["text"].retrieval
     assert image is not None and text is not None

@@ -13,7 +13,13 @@ import numpy as np
 
 from embedstream.config import KafkaSettings, Settings
 from embedstream.kafka_io import make_writer
-from embedstream.local.demo_data import DemoTraffic, image_traffic, text_traffic, timeseries_traffic
+from embedstream.local.demo_data import (
+    DemoTraffic,
+    fit_image_detector,
+    image_traffic,
+    text_traffic,
+    timeseries_traffic,
+)
 from embedstream.local.pipelines import MODALITIES
 from embedstream.local.quality import Retrieval, keyed_retrieval
 from embedstream.local.readback import Readback, TopicReader
@@ -40,6 +46,8 @@ class DemoSummary:
     latency_p99_ms: float
     anomaly_precision: float | None = None
     anomaly_recall: float | None = None
+    # images: ROC-AUC of the served anomaly_score, the unusual images against the photos
+    anomaly_auc: float | None = None
     # nearest neighbours among the embeddings read back (images: copies of one photo; text: paraphrases)
     retrieval: Retrieval | None = None
     # bad-on-purpose keys that came back as an embedding instead of a dead letter, or not at all
@@ -75,19 +83,23 @@ def summarize(
     # (a row's own event time is the data's time, which for replayed or windowed data is long past).
     lat = [ts - sent[k] for ts, table in readback.output_times for k in table.column("key").to_pylist() if k in sent]
     p50, p99 = (float(np.percentile(lat, q)) for q in (50, 99)) if lat else (0.0, 0.0)
-    precision = recall = None
-    if traffic.labels and readback.rows:
+    precision = recall = auc = None
+    table = readback.table()
+    if traffic.labels and readback.rows and "anomaly" in table.column_names:
         from embedstream.training.synthetic import precision_recall
 
-        table = readback.table()
         keys, flags = table.column("key").to_pylist(), table.column("anomaly").to_pylist()
         truth = np.array([traffic.labels.get(k, False) for k in keys])
         precision, recall = precision_recall(np.array(flags), truth)
+        if "anomaly_score" in table.column_names and truth.any() and not truth.all():
+            from embedstream.training.detector import roc_auc
+
+            scores = np.array(table.column("anomaly_score").to_pylist(), np.float64)
+            auc = roc_auc(scores[~truth], scores[truth])
     retrieval = None
     if traffic.groups and readback.rows:
         from embedstream.sinks.arrow_codec import embeddings_matrix
 
-        table = readback.table()
         retrieval = keyed_retrieval(table.column("key").to_pylist(), embeddings_matrix(table), traffic.groups)
     dead = {d.key for d in readback.dead_letters}
     return DemoSummary(
@@ -101,6 +113,7 @@ def summarize(
         p99,
         precision,
         recall,
+        auc,
         retrieval,
         sum(k not in dead for k in traffic.bad_keys),
     )
@@ -110,11 +123,19 @@ def build_traffic(
     settings: Settings, modalities: Sequence[str], count: int, bad_every: int, workdir: Path
 ) -> list[DemoTraffic]:
     makers = {
-        "image": lambda: image_traffic(settings, count, bad_every),
+        "image": lambda: _with_detector(
+            image_traffic(settings, count, bad_every, unusual=max(6, count // 10)), workdir
+        ),
         "text": lambda: text_traffic(settings, count, bad_every),
         "timeseries": lambda: timeseries_traffic(settings, max(40, count // 3), workdir),
     }
     return [makers[m]() for m in modalities]
+
+
+def _with_detector(traffic: DemoTraffic, workdir: Path) -> DemoTraffic:
+    """The image pipeline serves an anomaly detector fitted on other copies of its photos."""
+    traffic.settings = fit_image_detector(traffic.settings, workdir)
+    return traffic
 
 
 def run_demo(
@@ -127,7 +148,7 @@ def run_demo(
     modalities: Sequence[str] = MODALITIES,
 ) -> list[DemoSummary]:
     workdir = Path(workdir or ".embedstream")
-    with console.status("rendering sample data and training the time-series autoencoder on normal data..."):
+    with console.status("rendering sample data, fitting the image anomaly detector, training the time-series model..."):
         traffic = build_traffic(settings, modalities, count, bad_every, workdir)
     with console.status("starting the local Kafka broker, exporting the encoders, starting Triton..."):
         stack = LocalStack([t.settings for t in traffic], workdir=workdir, partitions=partitions).start()
@@ -269,6 +290,8 @@ def print_summary(summaries: Sequence[DemoSummary], console: Console) -> None:
                 lambda s: "-" if s.anomaly_recall is None else f"{s.anomaly_precision:.2f} / {s.anomaly_recall:.2f}",
             )
         )
+    if any(s.anomaly_auc is not None for s in summaries):
+        rows.append(("anomaly ROC-AUC", lambda s: "-" if s.anomaly_auc is None else f"{s.anomaly_auc:.2f}"))
     if any(s.retrieval is not None for s in summaries):
         rows.append(("neighbour top-1 / top-5", _retrieval_cell))
         rows.append(("  chance (rows scored)", lambda s: _retrieval_cell(s, chance=True)))
@@ -279,6 +302,11 @@ def print_summary(summaries: Sequence[DemoSummary], console: Console) -> None:
         console.print(
             "neighbour: is the nearest other embedding read back (cosine; top-5: any of the five nearest) "
             "another copy of the same photo (image), or a paraphrase rather than any unrelated sentence (text)."
+        )
+    if any(s.anomaly_auc is not None for s in summaries):
+        console.print(
+            "anomaly (image): the detector served inside the image model, fitted on other copies of the same photos; "
+            "the stream's unusual images (textures, drawings, flat, noise) are the positives."
         )
     console.print("All modalities share the two CPU cores here, so each one's throughput is a share of the machine.")
 

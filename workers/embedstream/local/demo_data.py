@@ -35,8 +35,10 @@ class DemoTraffic:
     bad_keys: list[bytes] = field(default_factory=list)
 
 
-def image_traffic(base: Settings, count: int, bad_every: int, seed: int = 0) -> DemoTraffic:
-    """Augmented copies of real photos (``local.photos``), every ``bad_every``-th one broken."""
+def image_traffic(base: Settings, count: int, bad_every: int, seed: int = 0, unusual: int = 0) -> DemoTraffic:
+    """Augmented copies of real photos (``local.photos``), every ``bad_every``-th one broken; then
+    ``unusual`` images that are no photographs (textures, drawings, flat, noise and stripe images), labelled
+    as anomalies for the detector's line."""
     traffic = DemoTraffic("image", pipelines.image_settings(base), [])
     for m in photo_stream(count, bad_every=bad_every, seed=seed, prefix="demo"):
         traffic.messages.append((m.key, m.value))
@@ -44,7 +46,39 @@ def image_traffic(base: Settings, count: int, bad_every: int, seed: int = 0) -> 
             traffic.bad_keys.append(m.key)
         else:
             traffic.groups[m.key] = m.source
+            traffic.labels[m.key] = False
+    if unusual:
+        import numpy as np
+
+        from embedstream.training.detector_study import ood_images
+
+        images, _ = ood_images(np.random.default_rng(seed + 7), copies=max(1, -(-unusual // 17)))
+        for i, value in enumerate(images[:unusual]):
+            key = f"demo-unusual-{i:04d}".encode()
+            traffic.messages.append((key, value))
+            traffic.labels[key] = True
     return traffic
+
+
+def fit_image_detector(settings: Settings, workdir: Path, photos: int = 125, seed: int = 1) -> Settings:
+    """``settings`` with an anomaly detector fitted on copies of the stream's photos (another seed: the
+    deployment's normal traffic of an earlier day), in-process with the encoder export serves."""
+    from embedstream.training.detector import InProcessEncoder, Reference, fit_and_save
+
+    reference = list(photo_stream(photos, bad_every=0, seed=seed, prefix="reference"))
+    encoder = InProcessEncoder(settings)
+    emb = encoder.embed([m.value for m in reference], batch_size=settings.batch.max_size)
+    source = {"demo": f"{photos} copies of the photo stream's photos, seed {seed}"}
+    path, _ = fit_and_save(
+        Reference(emb, source),
+        encoder.describe(),
+        workdir / "weights" / "detector-image.safetensors",
+        components=8,
+        groups=[m.source for m in reference],
+    )
+    data = settings.model_dump()
+    data["encoder"]["detector"] = str(path)
+    return Settings(**data)
 
 
 def sentence_order() -> list[tuple[int, str]]:
