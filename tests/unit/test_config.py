@@ -52,3 +52,16 @@ def test_dump_toml_round_trips_including_secrets(tmp_path):
     assert back == s
     assert back.kafka.sasl_password.get_secret_value() == "s3cret"
     assert "s3cret" not in repr(back)
+
+
+def test_produce_samples_takes_the_config_s_connection_settings(tmp_path, monkeypatch):
+    from embedstream import cli
+    from embedstream.local import demo
+
+    config = tmp_path / "w.toml"
+    config.write_text('[kafka]\nbootstrap_servers = "a:1"\nsecurity_protocol = "SASL_SSL"\nsasl_username = "u"\n')
+    seen = []
+    monkeypatch.setattr(demo, "produce", lambda k, topic, batch: seen.append(k) or {})
+    for extra in ([], ["--bootstrap", "b:2"]):
+        assert cli.main(["produce-samples", "--config", str(config), "--count", "2", *extra]) == 0
+    assert [(k.bootstrap_servers, k.security_protocol) for k in seen] == [("a:1", "SASL_SSL"), ("b:2", "SASL_SSL")]

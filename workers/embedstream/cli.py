@@ -137,7 +137,8 @@ def _add_local_commands(sub: argparse._SubParsersAction) -> None:
             )
 
     p = sub.add_parser("produce-samples", help="produce generated sample images to a topic")
-    _flag(p, "--bootstrap", "KAFKA__BOOTSTRAP_SERVERS", "Kafka bootstrap servers", default="127.0.0.1:9092")
+    _flag(p, "--config", "CONFIG", "TOML config file: its [kafka] connection settings (TLS, SASL) are used")
+    _flag(p, "--bootstrap", "KAFKA__BOOTSTRAP_SERVERS", "Kafka bootstrap servers", default=_PRODUCE_DEFAULT_BOOTSTRAP)
     _flag(p, "--topic", "KAFKA__INPUT_TOPIC", "input topic", default="images")
     _flag(p, "--count", "DEMO_COUNT", "how many", default="100", type=int)
     _flag(p, "--bad-every", "DEMO_BAD_EVERY", "make every Nth image corrupt (0: none)", default="0", type=int)
@@ -250,13 +251,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     return serve(pipelines, opts, _stop_on_signals())
 
 
+_PRODUCE_DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+
+
 def cmd_produce(args: argparse.Namespace) -> int:
-    from embedstream.config import KafkaSettings
+    from embedstream.config import KafkaSettings, load_settings
     from embedstream.local.demo import produce
     from embedstream.local.samples import samples
 
+    kafka = KafkaSettings(bootstrap_servers=args.bootstrap)
+    if args.config:
+        # The config's connection settings (TLS, SASL); its brokers unless --bootstrap names others.
+        overrides = {} if args.bootstrap == _PRODUCE_DEFAULT_BOOTSTRAP else {"bootstrap_servers": args.bootstrap}
+        kafka = load_settings(args.config, **({"kafka": overrides} if overrides else {})).kafka
     batch = [(s.key, s.value) for s in samples(args.count, bad_every=args.bad_every)]
-    n = len(produce(KafkaSettings(bootstrap_servers=args.bootstrap), args.topic, batch))
+    n = len(produce(kafka, args.topic, batch))
     print(f"produced {n} images to {args.topic}")
     return 0
 
