@@ -540,6 +540,28 @@ def test_dashboard_covers_the_operational_signals(dashboard):
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
 
 
+DRIFT_GAUGES = {
+    "mean shift": ("embedstream_drift_mean_shift", "embedstream_drift_mean_shift_expected"),
+    "anomaly rate": ("embedstream_drift_anomaly_rate", "embedstream_drift_anomaly_rate_expected"),
+}
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_dashboard_shows_each_modalitys_drift_beside_its_expected_value_and_the_alert_threshold(dashboard, modality):
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())["groups"][0]["rules"]
+    thresholds = {r["alert"]: r["expr"].split(" and ")[0].split(" > ", 1)[1].strip() for r in rules}
+    for what, (gauge, expected) in DRIFT_GAUGES.items():
+        (panel,) = [p for p in dashboard["panels"] if what in p["title"] and f"({modality})" in p["title"]]
+        exprs = [t["expr"] for t in panel["targets"]]
+        assert set().union(*(_promql_metric_names(e) for e in exprs)) == {gauge, expected}, exprs
+        assert all(f'{{model=~"{modality}-.*"}}' in e for e in exprs), exprs  # models are named <modality>-...
+        rule = "EmbeddingMeanDrift" if what == "mean shift" else "EmbeddingAnomalyRateHigh"
+        # The threshold line is the rule's right-hand side, with the panel's selector.
+        drawn = [e for e in exprs if e.startswith("3 * ")]
+        assert len(drawn) == 1, exprs
+        assert re.sub(r"max by \(model\) \((\w+)\{[^}]*\}\)", r"\1", drawn[0]) == thresholds[rule]
+
+
 # --- time-series training data ------------------------------------------------------------------
 
 
