@@ -460,6 +460,8 @@ def test_prometheus_scrapes_every_worker_and_triton(services, prometheus_config)
         assert (f"{worker}:{_worker_settings(services, worker).health_port}", "/metrics") in targets, worker
     # Both Triton services answer to this alias; its port 8002 serves Triton's metrics.
     assert ("triton:8002", "/metrics") in targets
+    for sink in ("sink-lancedb", "sink-feast"):
+        assert sink in services and (f"{sink}:8080", "/metrics") in targets, sink
     for triton in _tritons(services).values():
         assert "triton" in triton["networks"]["default"]["aliases"]
         assert "8002:8002" in triton["ports"]
