@@ -611,3 +611,26 @@ def test_the_subset_renderer_agrees_with_kubectl_kustomize(name):
     assert [key(d) for d in ours] == [key(d) for d in theirs]
     for a, b in zip(ours, theirs, strict=True):
         assert a == b, key(a)
+
+
+# --- the optional monitoring kustomization ------------------------------------------------------------------
+
+
+def test_prometheusrule_carries_the_alert_rules_of_deploy_prometheus():
+    """deploy/k8s/monitoring: the rules Prometheus loads in the compose stack, for the Prometheus Operator."""
+    docs = render(K8S / "monitoring")
+    (rule,) = docs
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["kind"] == "PrometheusRule"
+    assert rule["metadata"]["namespace"] == "embedstream"
+    assert set(rule) == {"apiVersion", "kind", "metadata", "spec"} and set(rule["spec"]) == {"groups"}
+    alerts = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    assert rule["spec"]["groups"] == alerts["groups"]
+    names = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert {"EmbeddingMeanDrift", "EmbeddingAnomalyRateHigh"} <= names
+    for g in rule["spec"]["groups"]:
+        for r in g["rules"]:
+            assert set(r) <= {"alert", "expr", "for", "labels", "annotations"}, r
+            assert re.fullmatch(r"\d+[smh]", r["for"]) and r["labels"]["severity"] in ("warning", "critical")
+    # Not in the base: overlays apply where the operator's CRDs are missing.
+    for name in OVERLAYS:
+        assert all(d["kind"] != "PrometheusRule" for d in render(K8S / "overlays" / name))
