@@ -178,8 +178,8 @@ def _promql_vector(expr: str, samples: dict[str, dict[tuple, float]]) -> dict[tu
             return value
         if re.fullmatch(r"\d+(?:\.\d+)?", tok):
             return float(tok)
-        if tok in ("and", "or", "unless", "bool", "by", "on"):
-            raise ValueError(f"outside the evaluated subset: {tok!r} in {expr!r}")
+        if tok in ("and", "or", "unless", "bool", "by", "without", "on", "ignoring") or peek() == "(":
+            raise ValueError(f"outside the evaluated subset: {tok!r} in {expr!r}")  # and functions, aggregations
         return dict(samples.get(tok, {}))
 
     def product():
@@ -202,7 +202,8 @@ def _promql_vector(expr: str, samples: dict[str, dict[tuple, float]]) -> dict[tu
         left = additive()
         op = take()
         right = additive()
-        assert isinstance(left, dict) and op in comparisons, (expr, op)
+        if not isinstance(left, dict) or op not in comparisons:
+            raise ValueError(f"outside the evaluated subset: {op!r} in {expr!r}")
         keep = binary(left, right, lambda a, b: bool(comparisons[op](a, b)))
         return {k: v for k, v in left.items() if keep.get(k)}
 
@@ -313,3 +314,28 @@ def test_drift_gauges_stay_low_on_normal_photos_and_the_alert_rules_fire_after_t
         print(f"{name}: fires (for: {FOR_SCRAPES} consecutive batches) {fired_at} OOD rows after the switch")
         fired[name] = fired_at
     assert all(v is not None and v <= MAX_OOD_ROWS_TO_ALERT[k] for k, v in fired.items()), (fired, record)
+
+
+def test_the_rule_evaluator_reads_the_rules_as_promql_does():
+    rules = {r["alert"]: r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
+    a, b = (("model", "image-a"),), (("model", "text-b"),)
+
+    def samples(shift, expected, rows):
+        return {
+            "embedstream_drift_mean_shift": {a: shift, b: 0.1},
+            "embedstream_drift_mean_shift_expected": {a: expected, b: 0.1},
+            "embedstream_drift_window_rows": {a: rows, b: 500.0},
+        }
+
+    # A filter: the left-hand side's value, per matching series; the other model never passes.
+    assert _promql_vector(rules["EmbeddingMeanDrift"], samples(0.31, 0.1, 200)) == {a: 0.31}
+    assert _promql_vector(rules["EmbeddingMeanDrift"], samples(0.30, 0.1, 500)) == {}  # not over 3 x
+    assert _promql_vector(rules["EmbeddingMeanDrift"], samples(0.9, 0.1, 199)) == {}  # window too small
+    assert _promql_vector(rules["EmbeddingMeanDrift"], {}) == {}  # gauges unset: no series
+    rate = {"embedstream_drift_anomaly_rate": {a: 0.05}, "embedstream_drift_anomaly_rate_expected": {a: 0.01}}
+    assert _promql_vector(rules["EmbeddingAnomalyRateHigh"], {**rate, "embedstream_drift_window_rows": {a: 200}})
+    rate["embedstream_drift_anomaly_rate"] = {a: 0.04}
+    assert not _promql_vector(rules["EmbeddingAnomalyRateHigh"], {**rate, "embedstream_drift_window_rows": {a: 200}})
+    for outside in ("rate(x[5m]) > 1", "x > bool 1", "x > 1 or y > 1", "sum by (model) (x) > 1"):
+        with pytest.raises(ValueError):
+            _promql_vector(outside, {})
