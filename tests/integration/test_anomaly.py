@@ -6,6 +6,8 @@ other packages (never seen by the fit) and out-of-distribution images (scikit-im
 drawings, test charts, microscopy and retina images, generated flat, noise and stripe images), and
 what is measured is the ``anomaly_score``/``anomaly`` columns read back from the output topic.
 docs/anomaly.md has the figures and the study behind the choice of detector.
+A second worker gets a stream of normal photos, then OOD images, while its /metrics are scraped: the drift
+gauges and the alert rules of deploy/prometheus/alerts.yml, evaluated on the scrapes (docs/anomaly.md, Drift).
 
 The stack is this module's own (Lite0 with a detector); it starts in ~30 s on 2 cores.
 """
