@@ -30,7 +30,7 @@ from embedstream.training import synthetic
 from embedstream.training.fit import TrainConfig, train_from_file
 
 from ..integration.helpers import private_topics, produce, wait_for_rows
-from .test_faults import _finish
+from .test_faults import killed_mid_stream_then_replaced
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -66,17 +66,7 @@ def test_text_worker_sigkilled_mid_stream_on_the_durable_broker(durable_stack, t
     messages = text_traffic(settings, TEXTS, bad_every=0).messages
     produce(settings.kafka.bootstrap_servers, settings.kafka.input_topic, messages)
     keys = [key for key, _ in messages]
-    first = WorkerProcess(settings, tmp_path, "w-text-a").start()
-    try:
-        seen = wait_for_rows(settings, 60)
-        assert 60 <= seen < TEXTS, f"the kill must land mid-stream (saw {seen}); worker log:\n{first.tail()}"
-    finally:
-        first.kill()
-    second = WorkerProcess(settings, tmp_path, "w-text-b").start()
-    try:
-        _finish(settings, keys, report, time.monotonic())
-    finally:
-        second.terminate()
+    killed_mid_stream_then_replaced(settings, tmp_path, keys, report, at_least=60, name="w-text")
 
 
 def _observations(start: int, stop: int) -> list[tuple[bytes, bytes, int]]:

@@ -36,20 +36,24 @@ def _finish(settings, keys, report, cleared_at: float, **extra) -> dict:
     return counts
 
 
-def test_sigkill_worker_mid_stream_then_restart(fault_lane, report):
-    settings, workdir = fault_lane
-    keys = _stream(settings, "kill9")
-    first = WorkerProcess(settings, workdir, "w-a").start()
+def killed_mid_stream_then_replaced(settings, workdir, keys, report, at_least: int = 30, name: str = "w") -> None:
+    """A worker SIGKILLed once ``at_least`` rows are out (not all), another started: every key accounted for."""
+    first = WorkerProcess(settings, workdir, f"{name}-a").start()
     try:
-        seen = wait_for_rows(settings, 30)
-        assert 30 <= seen < N, f"the kill must land mid-stream (saw {seen}); worker log:\n{first.tail()}"
+        seen = wait_for_rows(settings, at_least)
+        assert at_least <= seen < len(keys), f"the kill must land mid-stream (saw {seen}); worker log:\n{first.tail()}"
     finally:
         first.kill()
-    second = WorkerProcess(settings, workdir, "w-b").start()
+    second = WorkerProcess(settings, workdir, f"{name}-b").start()
     try:
         _finish(settings, keys, report, time.monotonic())
     finally:
         second.terminate()
+
+
+def test_sigkill_worker_mid_stream_then_restart(fault_lane, report):
+    settings, workdir = fault_lane
+    killed_mid_stream_then_replaced(settings, workdir, _stream(settings, "kill9"), report)
 
 
 def test_sigterm_worker_mid_stream_leaves_no_duplicates(fault_lane, report):

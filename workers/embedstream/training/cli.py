@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from embedstream.config import Settings
     from embedstream.training.fit import TrainConfig
 
 Handler = Callable[[argparse.Namespace], int]
@@ -120,18 +121,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_from_topic(args: argparse.Namespace, families: Sequence[str], cfg: TrainConfig) -> dict[str, Path]:
-    from embedstream.config import load_settings
     from embedstream.training.fit import train
     from embedstream.training.topic_series import series_from_topic
 
-    overrides: dict[str, Any] = {"kafka": {"bootstrap_servers": args.bootstrap}} if args.bootstrap else {}
-    settings = load_settings(args.config, **overrides)
+    settings = _settings(args)
     read = series_from_topic(
         settings, args.topic, args.start_offset, args.end_offset, _partitions(args), progress=not args.no_progress
     )
     points = sum(len(s) for s in read.series)
     print(f"read {read.source['messages']} messages of {args.topic}: {len(read.series)} series, {points} points")
     return train(read.series, Path(args.out), families, cfg, read.channels, progress=not args.no_progress)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """The --config file's settings, its brokers replaced by --bootstrap when given."""
+    from embedstream.config import load_settings
+
+    overrides: dict[str, Any] = {"kafka": {"bootstrap_servers": args.bootstrap}} if args.bootstrap else {}
+    return load_settings(args.config, **overrides)
 
 
 def _partitions(args: argparse.Namespace) -> list[int] | None:
@@ -144,14 +151,12 @@ def _partitions(args: argparse.Namespace) -> list[int] | None:
 
 
 def cmd_train_detector(args: argparse.Namespace) -> int:
-    from embedstream.config import load_settings
     from embedstream.errors import ConfigError
     from embedstream.training import detector
 
     if bool(args.data) == bool(args.topic):
         raise ConfigError("give --data (a folder of images or a text file of sentences) or --topic, one of them")
-    overrides: dict[str, Any] = {"kafka": {"bootstrap_servers": args.bootstrap}} if args.bootstrap else {}
-    settings = load_settings(args.config, **overrides)
+    settings = _settings(args)
     progress = not args.no_progress
     if args.topic:
         reference, encoder = detector.reference_from_topic(

@@ -134,33 +134,22 @@ def reference_from_topic(
     Offsets are message offsets (one message holds a batch of rows). ``model_name``: only that model's
     rows (a topic several models write to); rows of more than one model are refused otherwise.
     """
-    from embedstream.kafka_io import make_reader, partitions_of
-    from embedstream.ops.kafka import clamp_spans, read_spans, watermarks
     from embedstream.sinks.arrow_codec import decode_embeddings, embeddings_matrix
 
-    k = settings.kafka
-    consumer = make_reader(k, client_id=f"{k.client_id}-train-detector")
     blocks: list[np.ndarray] = []
     models: dict[str, dict[str, str]] = {}
-    try:
-        parts = list(partitions) if partitions else partitions_of(consumer, topic)
-        low, high = watermarks(consumer, topic, parts)
-        spans = clamp_spans(parts, low, high, dict.fromkeys(parts, start_offset), dict.fromkeys(parts, end_offset))
-        messages = 0
-        with progress_bar(progress, "read", sum(s.size for s in spans)) as advance:
-            for rec in read_spans(consumer, topic, spans):
-                messages += 1
-                table = decode_embeddings(rec.value)
-                meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-                name = meta.get("embedstream.model_name", "")
-                if model_name is not None and name != model_name:
-                    continue
-                models.setdefault(name, meta)
-                blocks.append(np.asarray(embeddings_matrix(table), np.float32))
-                if advance is not None:
-                    advance(1)
-    finally:
-        consumer.close()
+    messages = 0
+    reading = topic_range(settings, topic, start_offset, end_offset, partitions, progress, "train-detector")
+    with reading as (parts, records):
+        for rec in records:
+            messages += 1
+            table = decode_embeddings(rec.value)
+            meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+            name = meta.get("embedstream.model_name", "")
+            if model_name is not None and name != model_name:
+                continue
+            models.setdefault(name, meta)
+            blocks.append(np.asarray(embeddings_matrix(table), np.float32))
     if len(models) > 1:
         raise ConfigError(f"{topic} holds rows of models {sorted(models)}: choose one with --model-name")
     if not blocks:
@@ -209,6 +198,39 @@ def fit_and_save(
         path, kind, side.reference_rows, side.threshold, quantile, side.holdout_rows, encoder.get("name"),
     )  # fmt: skip
     return path, fitted
+
+
+@contextmanager
+def topic_range(
+    settings: Settings,
+    topic: str,
+    start_offset: int | None,
+    end_offset: int | None,
+    partitions: Sequence[int] | None,
+    progress: bool,
+    client: str,
+) -> Iterator[tuple[list[int], Iterator[Any]]]:
+    """(partitions read, the records in ``[start_offset, end_offset)`` of each), with a bar of records read."""
+    from embedstream.kafka_io import make_reader, partitions_of
+    from embedstream.ops.kafka import clamp_spans, read_spans, watermarks
+
+    k = settings.kafka
+    consumer = make_reader(k, client_id=f"{k.client_id}-{client}")
+    try:
+        parts = list(partitions) if partitions else partitions_of(consumer, topic)
+        low, high = watermarks(consumer, topic, parts)
+        spans = clamp_spans(parts, low, high, dict.fromkeys(parts, start_offset), dict.fromkeys(parts, end_offset))
+        with progress_bar(progress, "read", sum(s.size for s in spans)) as advance:
+
+            def records() -> Iterator[Any]:
+                for rec in read_spans(consumer, topic, spans):
+                    yield rec
+                    if advance is not None:
+                        advance(1)
+
+            yield parts, records()
+    finally:
+        consumer.close()
 
 
 @contextmanager

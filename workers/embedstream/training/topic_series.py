@@ -44,30 +44,18 @@ def series_from_topic(
     progress: bool = False,
 ) -> TopicSeries:
     """The observations and windows in ``[start_offset, end_offset)`` of each partition of ``topic``."""
-    from embedstream.kafka_io import make_reader, partitions_of
-    from embedstream.ops.kafka import clamp_spans, read_spans, watermarks
-    from embedstream.training.detector import progress_bar
+    from embedstream.training.detector import topic_range
 
-    k = settings.kafka
-    consumer = make_reader(k, client_id=f"{k.client_id}-train")
     points: dict[str, list[tuple[int, int, list[float]]]] = defaultdict(list)  # series -> (time, seq, values)
     segments: list[list[list[float]]] = []
     skipped: Counter[str] = Counter()
     seq = 0
-    try:
-        parts = list(partitions) if partitions else partitions_of(consumer, topic)
-        low, high = watermarks(consumer, topic, parts)
-        spans = clamp_spans(parts, low, high, dict.fromkeys(parts, start_offset), dict.fromkeys(parts, end_offset))
-        with progress_bar(progress, "read", sum(s.size for s in spans)) as advance:
-            for rec in read_spans(consumer, topic, spans):
-                seq += 1
-                why = _take(rec.value, seq, points, segments)
-                if why:
-                    skipped[why] += 1
-                if advance is not None:
-                    advance(1)
-    finally:
-        consumer.close()
+    with topic_range(settings, topic, start_offset, end_offset, partitions, progress, "train") as (parts, records):
+        for rec in records:
+            seq += 1
+            why = _take(rec.value, seq, points, segments)
+            if why:
+                skipped[why] += 1
     width = _common_width(points, segments)
     series: list[np.ndarray] = []
     for sid in sorted(points):
