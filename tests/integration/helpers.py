@@ -95,7 +95,7 @@ def served_weights_fingerprint(stack, settings, spec) -> str:
     import torch
 
     from embedstream.encoders import get_family
-    from embedstream.encoders._fingerprint import file_sha256, module_fingerprint, weights_fingerprint
+    from embedstream.lineage import file_sha256, module_fingerprint, weights_fingerprint
 
     version = stack.model_repository / spec.name / "1"
     if (version / "model.pt").exists():

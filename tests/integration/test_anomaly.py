@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 import yaml
 
+from embedstream import anomaly as detector
 from embedstream.cli import main as cli_main
 from embedstream.config import load_settings
-from embedstream.encoders import _detector as detector
 from embedstream.local.stack import LocalStack
 from embedstream.local.worker_process import WorkerProcess
 from embedstream.sinks.arrow_codec import embeddings_matrix

@@ -12,9 +12,9 @@ from kafka.structs import TopicPartition
 
 from embedstream.config import Settings
 from embedstream.encoders import EncoderSpec
-from embedstream.encoders._fingerprint import weights_fingerprint
 from embedstream.errors import ModelMismatchError
 from embedstream.kafka_io import make_reader, partitions_of
+from embedstream.lineage import weights_fingerprint
 from embedstream.local.samples import corrupt, samples
 from embedstream.local.stack import LocalStack
 from embedstream.local.worker_process import WorkerProcess

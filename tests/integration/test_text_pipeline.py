@@ -17,10 +17,10 @@ import pytest
 from kafka import KafkaProducer
 
 from embedstream.config import load_settings
-from embedstream.encoders._fingerprint import file_sha256, preprocessing_fingerprint
 from embedstream.encoders.transformer import packaged_model_dir
 from embedstream.export import local_cpu_target
 from embedstream.inference.triton import TritonBackend
+from embedstream.lineage import file_sha256, preprocessing_fingerprint
 from embedstream.local.stack import LocalStack
 from embedstream.local.worker_process import WorkerProcess
 from embedstream.modalities import modality_for

@@ -251,8 +251,7 @@ def test_text_encoder_is_the_packaged_minilm(services):
 
 
 def test_image_encoder_is_lite0_with_its_packaged_imagenet_weights(services):
-    from embedstream.encoders import _packaged_images
-    from embedstream.encoders._packaged import require_weights_choice
+    from embedstream.encoders import _packaged_images, require_weights_choice
 
     settings = _worker_settings(services, "worker-image")
     # weights unset: the exporter loads the packaged ImageNet weights, so no exporter needs the model hub.

@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
+from embedstream import anomaly as detector
 from embedstream.cli import main as cli_main
 from embedstream.config import EncoderSettings, load_settings
-from embedstream.encoders import _detector as detector
 from embedstream.encoders import get_family
-from embedstream.encoders._fingerprint import module_fingerprint
 from embedstream.errors import ConfigError
 from embedstream.export import ExportTarget, export_model
 from embedstream.export.onnx import ONNX_FILE, onnx_session
+from embedstream.lineage import module_fingerprint
 from embedstream.modalities.image import ImageModality
 from embedstream.sinks.arrow_codec import decode_embeddings
 from embedstream.testing import FakeBackend, FakeConsumer, FakeProducer

@@ -11,10 +11,10 @@ import yaml
 from PIL import Image
 from prometheus_client import REGISTRY
 
+from embedstream import anomaly as detector
 from embedstream.config import load_settings
 from embedstream.drift import DriftMonitor
 from embedstream.encoders import TensorSpec
-from embedstream.encoders import _detector as detector
 from embedstream.modalities.image import ImageModality
 from embedstream.testing import FakeConsumer, FakeProducer
 from embedstream.worker import Worker

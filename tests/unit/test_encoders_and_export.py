@@ -8,9 +8,9 @@ from tritonclient.grpc import model_config_pb2
 
 from embedstream.config import EncoderSettings
 from embedstream.encoders import EncoderSpec, get_family, list_families, served_model_name
-from embedstream.encoders._fingerprint import preprocessing_fingerprint, weights_fingerprint
 from embedstream.errors import ConfigError
 from embedstream.export import ExportTarget, export_model, render_config
+from embedstream.lineage import preprocessing_fingerprint, weights_fingerprint
 
 # A small setting per family keeps the unit tier fast; new families add a line here.
 SMALL = {"cnn": EncoderSettings(family="cnn", arch="mobilenetv3_small_050", weights="random", max_batch_size=16)}

@@ -412,8 +412,7 @@ def test_workers_run_the_worker_image_and_the_export_the_exporter_image(overlay)
 
 
 def test_the_init_container_exports_lite0_with_its_packaged_weights_from_the_workers_toml(overlay, tmp_path):
-    from embedstream.encoders import _packaged_images
-    from embedstream.encoders._packaged import require_weights_choice
+    from embedstream.encoders import _packaged_images, require_weights_choice
 
     _, docs = overlay
     pod = _pod_spec(_triton(docs))

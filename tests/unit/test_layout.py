@@ -31,6 +31,8 @@ WORKER_SIDE = (
     "embedstream.health",
     "embedstream.records",
     "embedstream.outage",
+    "embedstream.lineage",
+    "embedstream.anomaly",
     "embedstream.encoders._spec",
     "embedstream.encoders._registry",
 )

@@ -14,16 +14,14 @@ from safetensors.torch import save_file
 from tritonclient.grpc import model_config_pb2
 
 from embedstream.config import EncoderSettings, load_settings
-from embedstream.encoders import EncoderSpec, get_family
-from embedstream.encoders._fingerprint import (
+from embedstream.encoders import EncoderSpec, Sidecar, get_family, packaged_model_dir
+from embedstream.encoders.autoencoder import WindowAutoencoder
+from embedstream.export import export_model
+from embedstream.lineage import (
     PATTERN,
     preprocessing_fingerprint,
     weights_fingerprint,
 )
-from embedstream.encoders._names import packaged_model_dir
-from embedstream.encoders._sidecar import Sidecar
-from embedstream.encoders.autoencoder import WindowAutoencoder
-from embedstream.export import export_model
 from embedstream.modalities.image import ImageModality
 from embedstream.offsets import OffsetTracker
 from embedstream.records import SourceMessage

@@ -12,10 +12,10 @@ from tritonclient.grpc import model_config_pb2
 
 from embedstream.config import EncoderSettings
 from embedstream.encoders import EncoderSpec, get_family, list_families
-from embedstream.encoders._fingerprint import weights_fingerprint
 from embedstream.errors import ModelMismatchError
 from embedstream.export import ExportTarget, export_model, render_config
 from embedstream.export.onnx import CHECK_FILE, ONNX_FILE, export_onnx, onnx_session
+from embedstream.lineage import weights_fingerprint
 
 from .test_encoders_and_export import SMALL
 from .test_lineage import initialize_args, python_backend_model

@@ -10,8 +10,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from embedstream.config import EncoderSettings, TritonSettings, load_settings
-from embedstream.encoders import EncoderSpec, describe, get_family, served_model_name
-from embedstream.encoders._names import packaged_model_dir
+from embedstream.encoders import EncoderSpec, describe, get_family, packaged_model_dir, served_model_name
 from embedstream.errors import ConfigError, ModelMismatchError
 from embedstream.export import ExportTarget, render_config
 from embedstream.inference import triton

@@ -11,8 +11,7 @@ from safetensors import safe_open
 
 from embedstream.cli import main
 from embedstream.config import EncoderSettings
-from embedstream.encoders import get_family
-from embedstream.encoders._sidecar import Sidecar
+from embedstream.encoders import Sidecar, get_family
 from embedstream.errors import ConfigError
 from embedstream.export import export_model
 from embedstream.training import synthetic

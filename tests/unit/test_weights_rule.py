@@ -9,7 +9,7 @@ import pytest
 
 from embedstream import cli
 from embedstream.config import EncoderSettings
-from embedstream.encoders._packaged import has_packaged_weights
+from embedstream.encoders import has_packaged_weights
 from embedstream.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "deploy" / "config"

@@ -201,7 +201,7 @@ def local_settings(path: str | None) -> Settings:
     an error that names the choices; random weights only when configured by name. A time-series
     encoder without weights is trained on the bundled normal data (``local.pipelines``)."""
     from embedstream.config import load_settings
-    from embedstream.encoders._packaged import require_weights_choice
+    from embedstream.encoders import require_weights_choice
 
     settings = load_settings(path)
     if settings.encoder.family not in ("autoencoder", "lstm"):

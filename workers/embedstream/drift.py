@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedstream import metrics
-from embedstream.encoders import _detector
+from embedstream import anomaly, metrics
 
 if TYPE_CHECKING:
     from embedstream.config import Settings
@@ -60,7 +59,7 @@ class DriftMonitor:
         self.model = spec.name
         self.window_rows = window_rows
         self._embedding = spec.embedding_output.name
-        self._flag = next(o.name for o in spec.outputs if o.column == _detector.FLAG_COLUMN)
+        self._flag = next(o.name for o in spec.outputs if o.column == anomaly.FLAG_COLUMN)
         self._tensors = tensors
         self._score_mean = float(summary.get("score_mean", 0.0))
         self._batches: deque[_Batch] = deque()
@@ -75,8 +74,8 @@ class DriftMonitor:
     @classmethod
     def for_worker(cls, spec: EncoderSpec, settings: Settings) -> DriftMonitor | None:
         """A monitor where the served model returns a detector's flag (``extra.detector``); else None."""
-        summary = spec.extra.get(_detector.SPEC_KEY)
-        if not summary or not any(o.column == _detector.FLAG_COLUMN for o in spec.outputs):
+        summary = spec.extra.get(anomaly.SPEC_KEY)
+        if not summary or not any(o.column == anomaly.FLAG_COLUMN for o in spec.outputs):
             if settings.encoder.detector:
                 log.warning(
                     "encoder.detector is %s, but the served %s has no detector: its rows carry no anomaly "
@@ -93,7 +92,7 @@ class DriftMonitor:
         if self._tensors is None or self._total is None or not self._rows:
             return None
         mean = self._total / self._rows
-        return math.sqrt(float(_detector.whitened_sq_distance(self._tensors, mean[None])[0]) / len(mean))
+        return math.sqrt(float(anomaly.whitened_sq_distance(self._tensors, mean[None])[0]) / len(mean))
 
     @property
     def anomaly_rate(self) -> float:
@@ -104,7 +103,7 @@ class DriftMonitor:
         flags = np.asarray(outputs[self._flag]).reshape(-1)
         total = None
         if self._tensors is not None:
-            total = _detector.normalise(outputs[self._embedding]).sum(axis=0)
+            total = anomaly.normalise(outputs[self._embedding]).sum(axis=0)
         batch = _Batch(len(flags), int(flags.sum()), total)
         self._batches.append(batch)
         self._add(batch, 1)
@@ -129,7 +128,7 @@ def _served_tensors(spec: EncoderSpec, summary: dict[str, Any], path: str | None
     if path is None or summary.get("kind") != "mahalanobis":
         return None
     try:
-        fitted = _detector.load(path)
+        fitted = anomaly.load(path)
     except Exception as exc:  # the rate still works: say why the mean shift does not
         log.warning("drift: no mean shift for %s: cannot read encoder.detector %s: %s", spec.name, path, exc)
         return None

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from embedstream.encoders import _packaged_images
 from embedstream.encoders._names import resolve_source
+
+# From the module, not the package: the package's __init__ imports this module.
+from embedstream.encoders._packaged_images import has_packaged_weights as has_packaged_image_weights
 from embedstream.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -24,7 +26,7 @@ def has_packaged_weights(settings: EncoderSettings) -> bool:
     ``embedstream train`` wrote; the null family loads no weights at all.
     """
     if settings.family == "cnn":
-        return _packaged_images.has_packaged_weights(settings.arch)
+        return has_packaged_image_weights(settings.arch)
     if settings.family == "transformer":
         try:
             return resolve_source(settings.arch)[1]

@@ -59,7 +59,7 @@ class EncoderSpec:
     max_batch_size: int
     preprocessing: ImagePreprocessing | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    # Lineage (encoders/_fingerprint.py): set by the exporter from the module it serves; None in a spec
+    # Lineage (lineage.py): set by the exporter from the module it serves; None in a spec
     # that was only described, or read from a model exported before fingerprints existed.
     weights_sha256: str | None = None
     preprocessing_sha256: str | None = None

@@ -16,12 +16,12 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from embedstream import anomaly
 from embedstream.config import EncoderSettings
 from embedstream.encoders import EncoderSpec, get_family
-from embedstream.encoders import _detector as detector
-from embedstream.encoders._fingerprint import module_fingerprint, preprocessing_fingerprint, weights_fingerprint
 from embedstream.errors import ModelMismatchError
 from embedstream.export.triton_config import ExportTarget, render_config
+from embedstream.lineage import module_fingerprint, preprocessing_fingerprint, weights_fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +40,7 @@ def export_model(settings: EncoderSettings, repo: Path, target: ExportTarget | N
     # An embedding-space anomaly detector (encoder.detector) is served inside the encoder's model: its
     # score and flag follow the family's outputs, and its tensors are buffers of the exported module,
     # so both artifacts' weights fingerprint covers them.
-    spec, module = detector.apply(spec, module, settings.detector)
+    spec, module = anomaly.apply(spec, module, settings.detector)
     example = family.example_inputs(spec, 2)
     model_dir = Path(repo) / spec.name
     version_dir = model_dir / TRITON_VERSION_DIR

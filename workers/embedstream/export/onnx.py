@@ -78,7 +78,7 @@ def export_onnx(
     """
     import torch
 
-    from embedstream.encoders._fingerprint import file_sha256
+    from embedstream.lineage import file_sha256
 
     exporter = exporter or preferred_exporter(spec.family)
     path = Path(path)

@@ -121,7 +121,7 @@ def _check_weights(model: Any, raw_spec: str | None, path: str) -> None:
     """Refuse to serve a ``model.pt`` that is not the one the spec's weights fingerprint names.
 
     The worker trusts the fingerprint in the config; a model file swapped after export would otherwise
-    be served under the old fingerprint. Same computation as embedstream.encoders._fingerprint.
+    be served under the old fingerprint. Same computation as embedstream.lineage.
     """
     want = json.loads(raw_spec).get("weights_sha256") if raw_spec else None
     if not want:

@@ -14,10 +14,10 @@ import numpy as np
 from embedstream import metrics
 from embedstream.config import EncoderSettings, TritonSettings
 from embedstream.encoders import EncoderSpec
-from embedstream.encoders._fingerprint import CHARS, UNKNOWN, file_sha256, pin_problems
-from embedstream.errors import BackendError, ConfigError, ModelMismatchError
+from embedstream.errors import BackendError, ModelMismatchError
 from embedstream.inference.shm import InputRegion, fixed_input_bytes
-from embedstream.modalities._tokenizer import local_location, tokenizer_file
+from embedstream.lineage import UNKNOWN, pin_problems
+from embedstream.modalities import served_problems
 
 log = logging.getLogger(__name__)
 
@@ -74,25 +74,6 @@ def _spec_parameter(config: dict[str, Any]) -> str | None:
 def _lineage(spec: EncoderSpec) -> tuple[Any, ...]:
     """What a re-read of the served spec must repeat: a reload in between means another model."""
     return spec.preprocessing, spec.version, spec.weights_sha256, spec.preprocessing_sha256
-
-
-def _tokenizer_problems(spec: EncoderSpec, encoder: EncoderSettings) -> list[str]:
-    """The tokenizer this worker will use must be, byte for byte, the one the model was exported with.
-
-    The worker tokenizes, so the served preprocessing fingerprint is only true if its ``tokenizer.json``
-    is the exporter's; where the spec's path is absent here another directory may stand in for it.
-    """
-    want, location = spec.extra.get("tokenizer_sha256"), spec.extra.get("tokenizer")
-    if spec.modality != "text" or not want or not location:
-        return []
-    try:
-        path = tokenizer_file(local_location(str(location), encoder.arch), encoder.weights != "pretrained")
-    except ConfigError:
-        return []  # the text modality reports a tokenizer it cannot find, with its fix
-    have = file_sha256(path)
-    if have == want:
-        return []
-    return [f"tokenizer {path} has sha256 {have[:CHARS]}, the model was exported with {str(want)[:CHARS]}"]
 
 
 def _client_module(protocol: str) -> Any:
@@ -226,8 +207,9 @@ class TritonBackend:
 
         With the worker's ``encoder`` settings, the spec's family and version must also be theirs: a
         spec read from the server is the served model's own, and the settings say which model is wanted.
-        So must its fingerprints where the settings pin them, and a text model's tokenizer file here must
-        be the exported one (docs/lineage.md). The served fingerprints are logged either way.
+        So must its fingerprints where the settings pin them, and the modality's own preprocessing here
+        must be the exported one, e.g. a text model's tokenizer file (docs/lineage.md). The served
+        fingerprints are logged either way.
         """
         cfg = self.served_config()
         problems: list[str] = []
@@ -237,7 +219,7 @@ class TritonBackend:
             if self.spec.version != encoder.version:
                 problems.append(f"version {self.spec.version!r} is served, encoder.version is {encoder.version!r}")
             problems += pin_problems(self.spec, encoder.weights_fingerprint, encoder.preprocessing_fingerprint)
-            problems += _tokenizer_problems(self.spec, encoder)
+            problems += served_problems(self.spec, encoder)
         max_batch = int(cfg.get("max_batch_size", 0))
         if max_batch < batch_size:
             problems.append(f"max_batch_size {max_batch} < worker batch size {batch_size}")

@@ -17,9 +17,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from embedstream.encoders._names import NULL_FAMILY, imitated, null_model_name
-from embedstream.encoders._registry import EncoderFamily, get_family, register_family
-from embedstream.encoders._spec import EncoderSpec
+from embedstream.encoders import (
+    NULL_FAMILY,
+    EncoderFamily,
+    EncoderSpec,
+    get_family,
+    imitated,
+    null_model_name,
+    register_family,
+)
 
 if TYPE_CHECKING:
     from embedstream.config import EncoderSettings

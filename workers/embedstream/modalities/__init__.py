@@ -3,7 +3,9 @@
 A modality module owns its decoding (bytes -> its record type, or a BadRecord value), its record
 type, the Arrow columns it adds to the output (``FIELDS``) and the values of those columns by name.
 It registers itself under its name, which is its module's name: every public module of this package
-is a modality (``MODALITIES``), so adding one is adding its module.
+is a modality (``MODALITIES``), so adding one is adding its module. A modality whose preprocessing
+depends on files beside the worker (the text tokenizer) also registers a check of those against the
+served spec (:func:`served_problems`), which the Triton backend runs when it verifies the served model.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from kafka.structs import TopicPartition
 from embedstream.errors import ConfigError
 
 if TYPE_CHECKING:
-    from embedstream.config import Settings
+    from embedstream.config import EncoderSettings, Settings
     from embedstream.encoders import EncoderSpec
     from embedstream.records import BadRecord, Deferred, RowMeta, SourceMessage
 
@@ -61,16 +63,23 @@ class Modality(Protocol):
 
 
 ModalityFactory = Callable[["EncoderSpec", "Settings"], Modality]
+# A served spec and the worker's encoder settings -> what differs, one line each (none: nothing).
+ServedCheck = Callable[["EncoderSpec", "EncoderSettings"], list[str]]
 _FACTORIES: dict[str, ModalityFactory] = {}
 _FIELDS: dict[str, tuple[pa.Field, ...]] = {}
+_SERVED_CHECKS: dict[str, ServedCheck] = {}
 MODALITIES: dict[str, str] = {
     info.name: f"{__name__}.{info.name}" for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")
 }
 
 
-def register_modality(name: str, factory: ModalityFactory, fields: tuple[pa.Field, ...]) -> None:
+def register_modality(
+    name: str, factory: ModalityFactory, fields: tuple[pa.Field, ...], served_check: ServedCheck | None = None
+) -> None:
     _FACTORIES[name] = factory
     _FIELDS[name] = fields
+    if served_check is not None:
+        _SERVED_CHECKS[name] = served_check
 
 
 def _load(name: str) -> None:
@@ -83,6 +92,21 @@ def _load(name: str) -> None:
 def modality_for(spec: EncoderSpec, settings: Settings) -> Modality:
     _load(spec.modality)
     return _FACTORIES[spec.modality](spec, settings)
+
+
+def served_problems(spec: EncoderSpec, encoder: EncoderSettings) -> list[str]:
+    """Where the preprocessing this worker would run differs from the one ``spec`` was exported with.
+
+    The worker prepares the model's inputs itself, so the served preprocessing fingerprint holds only
+    if what it prepares them with is the exporter's; only the modality knows what that is. Checked
+    before the modality is built, so a mismatch is reported with the served model's other differences.
+    A modality no worker has is left to :func:`modality_for`, which names the known ones.
+    """
+    if spec.modality not in _FACTORIES and spec.modality not in MODALITIES:
+        return []
+    _load(spec.modality)
+    check = _SERVED_CHECKS.get(spec.modality)
+    return check(spec, encoder) if check is not None else []
 
 
 def modality_fields(name: str) -> tuple[pa.Field, ...]:

@@ -100,7 +100,7 @@ def local_location(location: str, arch: str) -> str:
     path = Path(location).expanduser()
     if path.exists() or not path.is_absolute():
         return location
-    from embedstream.encoders._names import resolve_source
+    from embedstream.encoders import resolve_source
 
     try:
         source, is_dir = resolve_source(arch)

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from embedstream.config import Settings, TextLimits
+from embedstream.config import EncoderSettings, Settings, TextLimits
 from embedstream.encoders import EncoderSpec
 from embedstream.errors import ConfigError
+from embedstream.lineage import CHARS, file_sha256
 from embedstream.modalities import OneRowPerMessage, register_modality
 from embedstream.modalities._envelope import default_id, is_envelope, parse_object, read_meta
-from embedstream.modalities._tokenizer import TextTokenizer
+from embedstream.modalities._tokenizer import TextTokenizer, local_location, tokenizer_file
 from embedstream.records import BadRecord, RowMeta, SourceMessage
 
 ALLOWED_KEYS = frozenset({"id", "text", "event_time_ms", "metadata"})
@@ -191,4 +192,23 @@ class TextModality(OneRowPerMessage):
         return RowMeta.of(item.source, item.id, item.event_time_ms, extra)
 
 
-register_modality("text", TextModality, FIELDS)
+def served_problems(spec: EncoderSpec, encoder: EncoderSettings) -> list[str]:
+    """The tokenizer this worker will use must be, byte for byte, the one the model was exported with.
+
+    The worker tokenizes, so the served preprocessing fingerprint is only true if its ``tokenizer.json``
+    is the exporter's; where the spec's path is absent here another directory may stand in for it.
+    """
+    want, location = spec.extra.get("tokenizer_sha256"), spec.extra.get("tokenizer")
+    if not want or not location:
+        return []
+    try:
+        path = tokenizer_file(local_location(str(location), encoder.arch), encoder.weights != "pretrained")
+    except ConfigError:
+        return []  # TextModality reports a tokenizer it cannot find, with its fix
+    have = file_sha256(path)
+    if have == want:
+        return []
+    return [f"tokenizer {path} has sha256 {have[:CHARS]}, the model was exported with {str(want)[:CHARS]}"]
+
+
+register_modality("text", TextModality, FIELDS, served_problems)

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from embedstream.encoders._fingerprint import UNKNOWN
+from embedstream.lineage import UNKNOWN
 from embedstream.modalities import modality_fields
 from embedstream.records import RowMeta
 

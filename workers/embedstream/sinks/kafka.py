@@ -20,8 +20,8 @@ from kafka.structs import TopicPartition
 from embedstream import metrics
 from embedstream.config import Settings
 from embedstream.encoders import EncoderSpec
-from embedstream.encoders._fingerprint import served
 from embedstream.errors import DeliveryError
+from embedstream.lineage import served
 from embedstream.modalities import Modality
 from embedstream.offsets import OffsetTracker
 from embedstream.records import BadRecord

@@ -3,7 +3,7 @@
 The reference rows come from files, embedded in-process with the worker's own decoding and the
 encoder's own module (what Triton serves, checked against the ONNX file at export), or from a range
 of an output topic, whose ``embedding`` column is used as it is. The fit itself (PCA whitening or
-kNN, the threshold on held-out rows) is :func:`embedstream.encoders._detector.fit`; the result is the
+kNN, the threshold on held-out rows) is :func:`embedstream.anomaly.fit`; the result is the
 ``.safetensors`` + ``.json`` pair that ``encoder.detector`` names.
 """
 
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedstream.encoders import _detector
+from embedstream import anomaly
 from embedstream.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class InProcessEncoder:
     def __init__(self, settings: Settings) -> None:
 
         from embedstream.encoders import describe, get_family
-        from embedstream.encoders._fingerprint import module_fingerprint
+        from embedstream.lineage import module_fingerprint
         from embedstream.modalities import modality_for
 
         self.settings = settings
@@ -172,27 +172,27 @@ def fit_and_save(
     reference: Reference,
     encoder: dict[str, Any],
     out: Path,
-    kind: _detector.Kind = "mahalanobis",
+    kind: anomaly.Kind = "mahalanobis",
     quantile: float = 0.99,
     holdout: float = 0.2,
     components: int = 64,
     k: int = 5,
     seed: int = 0,
     groups: Sequence[Any] | None = None,
-) -> tuple[Path, _detector.Fitted]:
+) -> tuple[Path, anomaly.Fitted]:
     """Fit on the reference rows and write ``out`` (.safetensors) + its .json; returns the path and the fit.
 
-    ``groups``: the source of each row, where several rows come from one source (see ``_detector.fit``).
+    ``groups``: the source of each row, where several rows come from one source (see ``anomaly.fit``).
     """
-    fitted = _detector.fit(
+    fitted = anomaly.fit(
         kind, reference.embeddings, quantile=quantile, holdout=holdout, components=components, k=k, seed=seed,
         encoder=encoder, groups=groups,
     )  # fmt: skip
     side = fitted.side
-    fitted = _detector.Fitted(
+    fitted = anomaly.Fitted(
         fitted.tensors, type(side)(**{**side.__dict__, "training": {**side.training, "reference": reference.source}})
     )
-    path = _detector.save(fitted, out)
+    path = anomaly.save(fitted, out)
     log.info(
         "detector %s (%s, %d reference rows, threshold %.4g at quantile %s of %d held-out rows) for %s",
         path, kind, side.reference_rows, side.threshold, quantile, side.holdout_rows, encoder.get("name"),

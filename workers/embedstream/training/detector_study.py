@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from embedstream.encoders import _detector
+from embedstream import anomaly
 
 # scikit-image's bundled images that are not photographs of everyday scenes: textures, microscopy,
 # retina scans, drawings and test charts.
@@ -201,13 +201,13 @@ def evaluate(
     fit: np.ndarray,
     normal: np.ndarray,
     ood: np.ndarray,
-    kind: _detector.Kind,
+    kind: anomaly.Kind,
     groups: Sequence[int] | None = None,
     **params: Any,
 ) -> Result:
     from embedstream.training.detector import precision_recall, roc_auc
 
-    fitted = _detector.fit(kind, fit, groups=groups, **params)
+    fitted = anomaly.fit(kind, fit, groups=groups, **params)
     s_normal, s_ood = fitted.score(normal), fitted.score(ood)
     t = fitted.side.threshold
     precision, recall = precision_recall(s_normal > t, s_ood > t)
@@ -252,7 +252,7 @@ def run_study(
     split = image_split(seed=seed) if name == "image" else text_split(name.split("-", 1)[1])
     fit, normal, ood = (embed(enc, v) for v in (split.fit, split.normal, split.ood))
     results = []
-    for kind in _detector.KINDS:
+    for kind in anomaly.KINDS:
         results.append(
             evaluate(name, fit, normal, ood, kind, split.fit_groups, components=components, k=k, seed=seed,
                      quantile=quantile)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embedstream.encoders._sidecar import Sidecar, sidecar_path
+from embedstream.encoders import Sidecar, sidecar_path
 from embedstream.encoders.autoencoder import WindowAutoencoder
 from embedstream.encoders.lstm import LSTMEncoder
 from embedstream.errors import ConfigError

@@ -296,7 +296,7 @@ def stage_broker(stage: Path) -> str:
 
 
 def stage_text_model(stage: Path) -> None:
-    from embedstream.encoders._names import packaged_model_dir
+    from embedstream.encoders import packaged_model_dir
 
     src = packaged_model_dir()
     if src is None:

@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from embedstream.encoders._sidecar import read_json_sidecar
+from embedstream.encoders import TensorSpec, read_json_sidecar
 from embedstream.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
-    from embedstream.encoders._spec import EncoderSpec
+    from embedstream.encoders import EncoderSpec
 
 FORMAT = "embedstream.detector/1"
 Kind = Literal["mahalanobis", "knn"]
@@ -337,8 +337,6 @@ def wrap(module: torch.nn.Module, fitted: Fitted) -> torch.nn.Module:
 
 def with_detector_spec(spec: EncoderSpec, fitted: Fitted) -> EncoderSpec:
     """``spec`` with the detector's two outputs after the encoder's, and its summary in ``extra``."""
-    from embedstream.encoders._spec import TensorSpec
-
     if fitted.side.dim != spec.embedding_dim:
         raise ConfigError(
             f"the detector was fitted on {fitted.side.dim}-d embeddings, {spec.name} embeds in {spec.embedding_dim}"

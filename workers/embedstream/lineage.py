@@ -11,7 +11,8 @@ someone chose. The fingerprints are computed from what is served instead:
   the tokenizer file's content and the max length; the window, channels and normalisation.
 
 Both are the first :data:`CHARS` hex characters. The exporter writes them into the spec; the worker
-reads them from the served spec (no torch needed here except for :func:`weights_fingerprint`).
+reads them from the served spec and holds them against its pins (:func:`pin_problems`). Torch is
+imported only inside the functions that take tensors, so the worker side can import this module.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import orjson
 if TYPE_CHECKING:
     import torch
 
-    from embedstream.encoders._spec import EncoderSpec
+    from embedstream.encoders import EncoderSpec
 
 CHARS = 16
 # What outputs and logs say for a model exported before fingerprints existed.
