@@ -21,14 +21,14 @@ up: $(STAMP)
 	$(BIN)/embedstream up
 
 test: $(STAMP)
-	$(BIN)/ruff check workers tests examples
+	$(BIN)/ruff check workers tests examples deploy/gpu
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -v --durations=15
 
 lint: $(STAMP)
-	$(BIN)/ruff check workers tests examples
+	$(BIN)/ruff check workers tests examples deploy/gpu
 	$(BIN)/mypy
-	$(BIN)/ruff format --check workers tests examples
+	$(BIN)/ruff format --check workers tests examples deploy/gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info workers/*.egg-info

@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
-PYTHONPATH="$PWD/workers" $PY workers/embedstream/local/bench/gpu_bundle.py pack \
+PYTHONPATH="$PWD/workers" $PY deploy/gpu/bundle.py pack \
     --python "${1:-3.12}" --out "${2:-.gpu-bundle}" --repo . ${WHEELS:+--wheels "$WHEELS"}

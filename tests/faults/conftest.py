@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from embedstream.config import Settings, load_settings
-from embedstream.local.broker import LocalBroker
-from embedstream.local.stack import LocalStack
-from embedstream.local.storage import LocalStorage
+from embedstream.local.stack.broker import LocalBroker
+from embedstream.local.stack.stack import LocalStack
+from embedstream.local.stack.storage import LocalStorage
 
 from ..integration.helpers import private_topics
 

@@ -9,7 +9,7 @@ import zlib
 import orjson
 
 from embedstream.config import ImageLimits
-from embedstream.local.samples import corrupt, encode, render, samples
+from embedstream.local.samples.generated import corrupt, encode, render, samples
 
 
 def _png_header(width: int, height: int) -> bytes:

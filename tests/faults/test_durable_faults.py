@@ -16,10 +16,10 @@ import time
 import pytest
 
 from embedstream.kafka_io import make_admin
-from embedstream.local.broker import LocalBroker
 from embedstream.local.readback import TopicReader
-from embedstream.local.storage import S3Location, StorageError
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.stack.broker import LocalBroker
+from embedstream.local.stack.storage import S3Location, StorageError
+from embedstream.local.stack.worker_process import WorkerProcess
 
 from ..integration.helpers import wait_for_rows
 from .test_faults import N, _finish, _stream, exactly_once_with_a_killed_worker

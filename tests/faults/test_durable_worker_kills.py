@@ -22,10 +22,10 @@ from kafka import KafkaProducer
 
 from embedstream.config import Settings, load_settings
 from embedstream.local import pipelines
-from embedstream.local.demo_data import text_traffic
 from embedstream.local.readback import TopicReader
-from embedstream.local.stack import LocalStack
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.samples.traffic import text_traffic
+from embedstream.local.stack.stack import LocalStack
+from embedstream.local.stack.worker_process import WorkerProcess
 from embedstream.training import synthetic
 from embedstream.training.fit import TrainConfig, train_from_file
 

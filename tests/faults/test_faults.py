@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from embedstream.local.samples import samples
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.samples.generated import samples
+from embedstream.local.stack.worker_process import WorkerProcess
 
 from ..integration.helpers import accounting, produce, read_until_complete, wait_for_rows
 from .poison import poison_messages

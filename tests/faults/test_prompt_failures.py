@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from embedstream.local.process import is_zombie
-from embedstream.local.samples import samples
-from embedstream.local.triton import LocalTriton
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.samples.generated import samples
+from embedstream.local.stack.process import is_zombie
+from embedstream.local.stack.triton import LocalTriton
+from embedstream.local.stack.worker_process import WorkerProcess
 
 from ..integration.helpers import produce, wait_for_rows
 

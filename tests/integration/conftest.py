@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from embedstream.config import Settings, load_settings
 from embedstream.encoders import get_family
-from embedstream.local.stack import LocalStack
+from embedstream.local.stack.stack import LocalStack
 
 from .helpers import private_topics
 

@@ -28,8 +28,10 @@ import yaml
 from embedstream import anomaly as detector
 from embedstream.cli import main as cli_main
 from embedstream.config import load_settings
-from embedstream.local.stack import LocalStack
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.detector_study import image_split
+from embedstream.local.samples.ood import NEAR_OOD
+from embedstream.local.stack.stack import LocalStack
+from embedstream.local.stack.worker_process import WorkerProcess
 from embedstream.sinks.arrow_codec import embeddings_matrix
 from embedstream.training.detector import (
     InProcessEncoder,
@@ -39,7 +41,6 @@ from embedstream.training.detector import (
     reference_from_topic,
     roc_auc,
 )
-from embedstream.training.detector_study import NEAR_OOD, image_split
 
 from .helpers import private_topics, produce, read_all
 
@@ -236,8 +237,8 @@ def _scrape(port: int) -> dict[str, dict[tuple, float]]:
 def test_drift_gauges_stay_low_on_normal_photos_and_the_alert_rules_fire_after_the_switch_to_ood(
     anomaly_stack, fitted, tmp_path
 ):
-    from embedstream.local.photos import augment, encode, natural_photos
-    from embedstream.training.detector_study import ood_images, unseen_photos
+    from embedstream.local.samples.ood import ood_images, unseen_photos
+    from embedstream.local.samples.photos import augment, encode, natural_photos
 
     rules = {r["alert"]: r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
     assert set(MAX_OOD_ROWS_TO_ALERT) <= set(rules)

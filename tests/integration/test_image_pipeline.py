@@ -15,9 +15,9 @@ from embedstream.encoders import EncoderSpec
 from embedstream.errors import ModelMismatchError
 from embedstream.kafka_io import make_reader, partitions_of
 from embedstream.lineage import weights_fingerprint
-from embedstream.local.samples import corrupt, samples
-from embedstream.local.stack import LocalStack
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.samples.generated import corrupt, samples
+from embedstream.local.stack.stack import LocalStack
+from embedstream.local.stack.worker_process import WorkerProcess
 from embedstream.modalities.image import DecodedImage, decode_image
 from embedstream.records import SourceMessage
 from embedstream.service import create_worker, encoder_spec

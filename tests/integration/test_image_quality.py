@@ -31,9 +31,9 @@ from PIL import Image
 
 from embedstream.config import Settings, load_settings
 from embedstream.encoders import _packaged_images, get_family
-from embedstream.local.photos import Photo, imagenet_photos, natural_photos, photo_stream
-from embedstream.local.stack import LocalStack
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.samples.photos import Photo, imagenet_photos, natural_photos, photo_stream
+from embedstream.local.stack.stack import LocalStack
+from embedstream.local.stack.worker_process import WorkerProcess
 from embedstream.modalities.image import DecodedImage, decode_image
 from embedstream.records import SourceMessage
 from embedstream.service import encoder_spec

@@ -22,10 +22,10 @@ import pytest
 from embedstream.config import Settings, dump_toml
 from embedstream.errors import RuntimeStartError
 from embedstream.kafka_io import KafkaSecurityError, check_connection, ensure_topics, make_writer
-from embedstream.local.broker import LocalBroker
-from embedstream.local.samples import samples
-from embedstream.local.secure_front import BrokerSecurity
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.samples.generated import samples
+from embedstream.local.stack.broker import LocalBroker
+from embedstream.local.stack.secure_front import BrokerSecurity
+from embedstream.local.stack.worker_process import WorkerProcess
 from tests.unit.test_ops import run_ops
 
 from .helpers import accounting, read_until_complete

@@ -9,8 +9,8 @@ from kafka.structs import TopicPartition
 
 from embedstream.config import KafkaSettings
 from embedstream.kafka_io import ensure_topics, make_reader, make_writer, partitions_of
-from embedstream.local.samples import samples
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.samples.generated import samples
+from embedstream.local.stack.worker_process import WorkerProcess
 from embedstream.ops.replay import REPLAY_SOURCE
 from embedstream.sinks import deadletter as dl
 from tests.integration.helpers import produce, read_until_complete

@@ -26,8 +26,8 @@ import pytest
 
 from embedstream.config import KafkaSettings
 from embedstream.kafka_io import ensure_topics, make_admin, make_reader, make_writer
-from embedstream.local.broker import LocalBroker
-from embedstream.local.process import ChildProcess, free_port
+from embedstream.local.stack.broker import LocalBroker
+from embedstream.local.stack.process import ChildProcess, free_port
 from embedstream.stores.sample_rows import SampleMessage, sample_messages
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -353,7 +353,7 @@ RECALL_FLOOR = 0.9  # measured 0.984 (125 copies of 25 photos, exact search); ch
 def served_stack(tmp_path_factory):
     from embedstream.config import load_settings
     from embedstream.local import pipelines
-    from embedstream.local.stack import LocalStack
+    from embedstream.local.stack.stack import LocalStack
 
     base = load_settings()
     pipes = [pipelines.image_settings(base), pipelines.text_settings(base)]
@@ -363,7 +363,7 @@ def served_stack(tmp_path_factory):
 
 def _embed_into_lancedb(stack, workdir: Path, streams: list[list[tuple[bytes, bytes]]]) -> list[str]:
     """Each pipeline's worker embeds its stream; one `sink lancedb` stores every output topic. Returns the topics."""
-    from embedstream.local.worker_process import WorkerProcess
+    from embedstream.local.stack.worker_process import WorkerProcess
 
     from .helpers import private_topics, produce, read_all
 
@@ -407,8 +407,8 @@ def _cli_search(workdir: Path, stack, table: str, *query: str) -> list[str]:
 
 @pytest.mark.timeout(600)
 def test_search_by_a_new_photo_and_sentence_and_recall_at_5_of_photo_copies(served_stack, tmp_path):
-    from embedstream.local.paraphrases import PARAPHRASES
-    from embedstream.local.photos import natural_photos, photo_stream
+    from embedstream.local.samples.paraphrases import PARAPHRASES
+    from embedstream.local.samples.photos import natural_photos, photo_stream
     from embedstream.ops.search import nearest, search_new, table_model, vector_of
     from embedstream.stores.lance_store import LanceStore, table_name
 

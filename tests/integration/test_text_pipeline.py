@@ -21,8 +21,8 @@ from embedstream.encoders.transformer import packaged_model_dir
 from embedstream.export import local_cpu_target
 from embedstream.inference.triton import TritonBackend
 from embedstream.lineage import file_sha256, preprocessing_fingerprint
-from embedstream.local.stack import LocalStack
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.stack.stack import LocalStack
+from embedstream.local.stack.worker_process import WorkerProcess
 from embedstream.modalities import modality_for
 from embedstream.records import SourceMessage
 from embedstream.service import encoder_spec

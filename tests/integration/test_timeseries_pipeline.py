@@ -19,9 +19,9 @@ from kafka import KafkaProducer
 from embedstream.config import KafkaSettings, load_settings
 from embedstream.encoders import get_family
 from embedstream.kafka_io import ensure_topics
-from embedstream.local.broker import LocalBroker
-from embedstream.local.stack import LocalStack
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.stack.broker import LocalBroker
+from embedstream.local.stack.stack import LocalStack
+from embedstream.local.stack.worker_process import WorkerProcess
 from embedstream.training import synthetic
 
 from .helpers import read_all

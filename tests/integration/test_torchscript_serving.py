@@ -20,9 +20,9 @@ from embedstream.config import load_settings
 from embedstream.encoders import _packaged_images
 from embedstream.encoders.transformer import packaged_model_dir
 from embedstream.export import local_cpu_target
-from embedstream.local.photos import imagenet_photos
-from embedstream.local.stack import LocalStack
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.samples.photos import imagenet_photos
+from embedstream.local.stack.stack import LocalStack
+from embedstream.local.stack.worker_process import WorkerProcess
 from embedstream.sinks.arrow_codec import embeddings_matrix
 
 from .helpers import private_topics, produce, read_all

@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 
 from embedstream.config import load_settings
-from embedstream.local.demo_data import BAD_TEXTS, image_traffic, sentence_order, text_traffic
-from embedstream.local.paraphrases import PARAPHRASES
 from embedstream.local.quality import retrieval
+from embedstream.local.samples.paraphrases import PARAPHRASES
+from embedstream.local.samples.traffic import BAD_TEXTS, image_traffic, sentence_order, text_traffic
 
 
 @pytest.fixture(scope="module")

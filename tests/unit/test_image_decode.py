@@ -9,7 +9,7 @@ from PIL import Image
 
 from embedstream.config import ImageLimits
 from embedstream.encoders import ImagePreprocessing
-from embedstream.local.samples import corrupt, encode, render
+from embedstream.local.samples.generated import corrupt, encode, render
 from embedstream.modalities.image import DecodedImage, decode_image
 from embedstream.records import BadRecord, SourceMessage
 

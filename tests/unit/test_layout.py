@@ -157,3 +157,24 @@ def test_kafka_clients_are_built_in_one_module():
     constructor = re.compile(r"\b(KafkaConsumer|KafkaProducer|KafkaAdminClient)\(")
     homes = sorted(_module_name(p) for p in PACKAGE.rglob("*.py") if constructor.search(p.read_text()))
     assert homes == ["embedstream.kafka_io"]
+
+
+def _all_imports(path: Path) -> set[str]:
+    """Every module a file imports, inside functions too: a lazy import is still a dependency."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+    return found
+
+
+@pytest.mark.parametrize("room", ["training", "stores"])
+def test_the_model_and_store_side_never_import_the_local_tools(room):
+    # local builds on training (fitting the demo's detector) and stores (the demo's sinks), not the other way
+    offenders = {
+        _module_name(p): sorted(m for m in _all_imports(p) if m.startswith("embedstream.local"))
+        for p in (PACKAGE / room).rglob("*.py")
+    }
+    assert {m: i for m, i in offenders.items() if i} == {}

@@ -12,7 +12,7 @@ from PIL import Image
 
 from embedstream.config import EncoderSettings, ImageLimits
 from embedstream.encoders import get_family
-from embedstream.local import photos
+from embedstream.local.samples import photos
 from embedstream.modalities.image import DecodedImage, decode_image
 from embedstream.records import BadRecord, SourceMessage
 

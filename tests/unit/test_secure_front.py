@@ -9,7 +9,7 @@ from kafka.protocol.sasl import SaslAuthenticateRequest, SaslAuthenticateRespons
 
 from embedstream.config import KafkaSettings
 from embedstream.kafka_io import KafkaSecurityError, check_connection, client_kwargs
-from embedstream.local.secure_front import (
+from embedstream.local.stack.secure_front import (
     AuthFailed,
     BrokerSecurity,
     Credentials,

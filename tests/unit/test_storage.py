@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from embedstream.local.process import free_port
-from embedstream.local.storage import LocalStorage, S3Location, StorageError, storage_binary
+from embedstream.local.stack.process import free_port
+from embedstream.local.stack.storage import LocalStorage, S3Location, StorageError, storage_binary
 
 
 def test_tansu_gets_the_endpoint_http_permission_and_credentials():

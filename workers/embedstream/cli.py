@@ -257,7 +257,7 @@ _PRODUCE_DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 def cmd_produce(args: argparse.Namespace) -> int:
     from embedstream.config import KafkaSettings, load_settings
     from embedstream.local.demo import produce
-    from embedstream.local.samples import samples
+    from embedstream.local.samples.generated import samples
 
     kafka = KafkaSettings(bootstrap_servers=args.bootstrap)
     if args.config:

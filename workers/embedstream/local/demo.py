@@ -13,18 +13,18 @@ import numpy as np
 
 from embedstream.config import KafkaSettings, Settings
 from embedstream.kafka_io import make_writer
-from embedstream.local.demo_data import (
+from embedstream.local.pipelines import MODALITIES
+from embedstream.local.quality import Retrieval, keyed_retrieval
+from embedstream.local.readback import Readback, TopicReader
+from embedstream.local.samples.traffic import (
     DemoTraffic,
     fit_image_detector,
     image_traffic,
     text_traffic,
     timeseries_traffic,
 )
-from embedstream.local.pipelines import MODALITIES
-from embedstream.local.quality import Retrieval, keyed_retrieval
-from embedstream.local.readback import Readback, TopicReader
-from embedstream.local.stack import LocalStack
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.stack.stack import LocalStack
+from embedstream.local.stack.worker_process import WorkerProcess
 
 if TYPE_CHECKING:
     # rich comes with the optional ``tools`` extra: imported where the demo draws.
@@ -181,8 +181,8 @@ def _sink_step(
     workdir: Path,
     console: Console,
 ) -> list[DemoSummary]:
-    """The image and text embeddings into LanceDB and Feast (``stores.demo_sink``), where installed."""
-    from embedstream.stores.demo_sink import SinkLane, sink_demo, sinks_installed
+    """The image and text embeddings into LanceDB and Feast (``local.demo_sink``), where installed."""
+    from embedstream.local.demo_sink import SinkLane, sink_demo, sinks_installed
 
     if not sinks_installed():
         console.print("stores skipped: LanceDB and Feast come with the sinks extra (pip install 'embedstream[sinks]')")

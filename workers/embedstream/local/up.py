@@ -19,8 +19,8 @@ from pathlib import Path
 
 from embedstream.config import Settings
 from embedstream.local import pipelines
-from embedstream.local.stack import LocalStack
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.stack.stack import LocalStack
+from embedstream.local.stack.worker_process import WorkerProcess
 
 log = logging.getLogger("embedstream")
 Out = Callable[[str], None]

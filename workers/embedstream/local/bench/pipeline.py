@@ -14,9 +14,9 @@ from embedstream.local.bench import stages
 from embedstream.local.bench.report import StageResult
 from embedstream.local.bench.stages import Clocks, Follower, Progress
 from embedstream.local.bench.workload import POINT_SERIES, Workload, rekey
-from embedstream.local.demo_data import Message
-from embedstream.local.stack import LocalStack
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.samples.traffic import Message
+from embedstream.local.stack.stack import LocalStack
+from embedstream.local.stack.worker_process import WorkerProcess
 
 WAIT_TIMEOUT_S = 600.0
 

@@ -19,7 +19,7 @@ from embedstream.local.bench.report import ModalityBench, StageResult, report_js
 from embedstream.local.bench.stages import Clocks
 from embedstream.local.bench.table import STAGE_TABLE, BenchOptions, Stage, open_context, prepare
 from embedstream.local.bench.workload import Workload, build_workload
-from embedstream.local.stack import LocalStack
+from embedstream.local.stack.stack import LocalStack
 
 if TYPE_CHECKING:
     # rich comes with the optional ``tools`` extra: imported where the live table is drawn.

@@ -25,9 +25,9 @@ from embedstream.inference.local import TorchBackend
 from embedstream.inference.triton import TritonBackend
 from embedstream.kafka_io import make_producer, make_reader, make_writer, partitions_of
 from embedstream.local.bench.report import StageResult
-from embedstream.local.demo_data import Message
 from embedstream.local.readback import TopicReader
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.samples.traffic import Message
+from embedstream.local.stack.worker_process import WorkerProcess
 from embedstream.service import encoder_spec
 
 Clock = Callable[[], float]

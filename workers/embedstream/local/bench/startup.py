@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embedstream.config import Settings, load_settings
-from embedstream.local.stack import LocalStack
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.stack.stack import LocalStack
+from embedstream.local.stack.worker_process import WorkerProcess
 
 PIPELINES = {
     "text": {"encoder": {"family": "transformer", "arch": "all-MiniLM-L6-v2"}},

@@ -22,10 +22,10 @@ from embedstream.local.bench import peer, perf_analyzer, pipeline, served, stage
 from embedstream.local.bench.report import ModalityBench, StageResult, ratio
 from embedstream.local.bench.stages import Clocks, Follower, ModelFactory, Progress
 from embedstream.local.bench.workload import Workload, preprocessed_batches, rekey
-from embedstream.local.demo_data import Message
 from embedstream.local.readback import TopicReader
-from embedstream.local.stack import LocalStack
-from embedstream.local.worker_process import WorkerProcess
+from embedstream.local.samples.traffic import Message
+from embedstream.local.stack.stack import LocalStack
+from embedstream.local.stack.worker_process import WorkerProcess
 from embedstream.service import encoder_spec
 
 HALF_LOAD = 0.5

@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 
 from embedstream.config import Settings, load_settings
-from embedstream.local.demo_data import Message, image_traffic, text_traffic, timeseries_traffic
+from embedstream.local.samples.traffic import Message, image_traffic, text_traffic, timeseries_traffic
 from embedstream.records import BadRecord, Deferred, SourceMessage
 from embedstream.service import encoder_spec
 

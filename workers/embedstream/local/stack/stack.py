@@ -17,9 +17,9 @@ from embedstream.config import EncoderSettings, Settings, load_settings
 from embedstream.encoders import EncoderSpec
 from embedstream.export import ExportTarget, export_model, local_cpu_target
 from embedstream.kafka_io import ensure_topics
-from embedstream.local.broker import LocalBroker
-from embedstream.local.storage import LocalStorage
-from embedstream.local.triton import LocalTriton
+from embedstream.local.stack.broker import LocalBroker
+from embedstream.local.stack.storage import LocalStorage
+from embedstream.local.stack.triton import LocalTriton
 
 log = logging.getLogger(__name__)
 

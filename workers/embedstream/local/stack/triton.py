@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from embedstream.errors import RuntimeStartError
-from embedstream.local.process import ChildProcess, command_lines, free_port, is_zombie, reap_stale
+from embedstream.local.stack.process import ChildProcess, command_lines, free_port, is_zombie, reap_stale
 
 log = logging.getLogger(__name__)
 

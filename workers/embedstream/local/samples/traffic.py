@@ -12,8 +12,8 @@ from pathlib import Path
 
 from embedstream.config import Settings
 from embedstream.local import pipelines
-from embedstream.local.paraphrases import PARAPHRASES
-from embedstream.local.photos import photo_stream
+from embedstream.local.samples.paraphrases import PARAPHRASES
+from embedstream.local.samples.photos import photo_stream
 
 Message = tuple[bytes, bytes]
 
@@ -36,7 +36,7 @@ class DemoTraffic:
 
 
 def image_traffic(base: Settings, count: int, bad_every: int, seed: int = 0, unusual: int = 0) -> DemoTraffic:
-    """Augmented copies of real photos (``local.photos``), every ``bad_every``-th one broken; then
+    """Augmented copies of real photos (``local.samples.photos``), every ``bad_every``-th one broken; then
     ``unusual`` images that are no photographs (textures, drawings, flat, noise and stripe images), labelled
     as anomalies for the detector's line."""
     traffic = DemoTraffic("image", pipelines.image_settings(base), [])
@@ -50,7 +50,7 @@ def image_traffic(base: Settings, count: int, bad_every: int, seed: int = 0, unu
     if unusual:
         import numpy as np
 
-        from embedstream.training.detector_study import ood_images
+        from embedstream.local.samples.ood import ood_images
 
         images, _ = ood_images(np.random.default_rng(seed + 7), copies=max(1, -(-unusual // 17)))
         for i, value in enumerate(images[:unusual]):

@@ -16,6 +16,9 @@ encoders run with ``encoder.weights = "random"``: throughput does not depend on 
 the weights rule allows random weights when they are named. ``report.json`` is rewritten after every
 stage, so a run cut short still leaves what it measured. ``--device cpu`` runs the same on a CPU
 (the local rehearsal of the hand-off).
+
+A deployment script, not part of the installed package: ``deploy/gpu/run.sh`` runs it as
+``python deploy/gpu/measure.py`` with ``workers/`` and the unpacked bundle on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ if TYPE_CHECKING:
     from embedstream.config import EncoderSettings, Settings
     from embedstream.encoders import EncoderSpec
     from embedstream.export import ExportTarget
-    from embedstream.local.stack import LocalStack
+    from embedstream.local.stack.stack import LocalStack
 
 WEIGHTS_NOTE = (
     "encoder.weights = 'random' for both encoders: throughput does not depend on weight values "
@@ -386,13 +389,13 @@ def messages_for(modality: str, settings: Settings, opts: GpuOptions) -> list[tu
 
     count = opts.counts[modality]
     if modality == "image":
-        from embedstream.local.photos import IMAGENET_LICENSE, Photo, photo_stream
+        from embedstream.local.samples.photos import IMAGENET_LICENSE, Photo, photo_stream
 
         files = sorted((opts.bundle / "photos").glob("*.jpg"))
         photos = [Photo(f.stem, f, IMAGENET_LICENSE) for f in files]
         pool = [(m.key, m.value) for m in photo_stream(min(count, opts.photo_pool), photos=photos, prefix="pool")]
     else:
-        from embedstream.local.demo_data import text_traffic
+        from embedstream.local.samples.traffic import text_traffic
 
         pool = text_traffic(settings, count, bad_every=0).messages
     return rekey(at_least(pool, count), "gpu")
@@ -569,7 +572,7 @@ def pipeline_backlog(
     """N workers in one group draining a backlog produced first (not timed)."""
     from embedstream.local.bench import stages
     from embedstream.local.readback import TopicReader
-    from embedstream.local.worker_process import WorkerProcess
+    from embedstream.local.stack.worker_process import WorkerProcess
 
     local = stack.local_settings(settings)
     k = local.kafka
@@ -689,7 +692,7 @@ def run(opts: GpuOptions, checks: Sequence[Check]) -> dict[str, Any]:
     from embedstream.export import ExportTarget
     from embedstream.export.triton_config import Artifact, Kind
     from embedstream.local.bench.workload import preprocessed_batches
-    from embedstream.local.stack import LocalStack
+    from embedstream.local.stack.stack import LocalStack
     from embedstream.service import encoder_spec
 
     artifact: Artifact = "onnx" if choose_artifact(opts.artifact, opts.device) == "onnx" else "torchscript"
@@ -798,7 +801,7 @@ def _stage(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> GpuOptions:
-    p = argparse.ArgumentParser(prog="python -m embedstream.local.bench.gpu", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python deploy/gpu/measure.py", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (the GPU run) or cpu (the local rehearsal)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu-out"))
     p.add_argument("--bundle", type=Path, default=Path(".embedstream/gpu-run"), help="the unpacked bundle")

@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from embedstream.errors import RuntimeStartError
-from embedstream.local.process import ChildProcess, free_port, port_open
+from embedstream.local.stack.process import ChildProcess, free_port, port_open
 
 log = logging.getLogger(__name__)
 

@@ -130,7 +130,7 @@ def count_stored(lanes: list[SinkLane], root: Path) -> dict[str, dict[str, int]]
 
 
 def _print_search(lane: SinkLane, root: Path, console: Console) -> None:
-    from embedstream.local.photos import photo_stream
+    from embedstream.local.samples.photos import photo_stream
     from embedstream.ops.search import search_new
     from embedstream.stores.lance_store import LanceStore, table_name
 
