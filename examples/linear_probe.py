@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from embedstream.config import KafkaSettings
-from embedstream.kafka_io import make_reader, partitions_of
-from embedstream.ops.kafka import clamp_spans, read_spans, watermarks
+from embedstream.kafka_io import make_reader
 from embedstream.sinks.arrow_codec import decode_embeddings, embeddings_matrix
+from embedstream.topic_reader import offset_spans, read_spans
 
 
 @dataclass
@@ -56,9 +56,7 @@ def read_rows(
     )
     rows = Rows()
     try:
-        parts = partitions_of(consumer, topic)
-        low, high = watermarks(consumer, topic, parts)
-        for rec in read_spans(consumer, topic, clamp_spans(parts, low, high, {}, {}), idle_timeout_s=timeout_s):
+        for rec in read_spans(consumer, topic, offset_spans(consumer, topic), idle_timeout_s=timeout_s):
             try:
                 table = decode_embeddings(rec.value)
             except Exception:  # any bytes can be on a topic; count them instead of giving up on the rest

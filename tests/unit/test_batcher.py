@@ -1,4 +1,4 @@
-from embedstream.consume.batcher import MicroBatcher
+from embedstream.batcher import MicroBatcher
 
 
 class Clock:

@@ -361,7 +361,7 @@ def test_startup_variants_name_a_code_tree_and_an_interpreter():
 
 
 def test_the_bench_and_the_startup_bench_measure_the_default_image_encoder_with_its_packaged_weights(tmp_path):
-    from embedstream.cli import local_settings
+    from embedstream.cli_support import local_settings
     from embedstream.encoders import has_packaged_weights
     from embedstream.local.bench import startup
     from embedstream.local.bench.workload import build_workload

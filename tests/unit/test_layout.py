@@ -13,7 +13,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "workers" / "embedstream"
 # What a worker process runs: nothing here may import the model side when the module loads.
 WORKER_SIDE = (
     "embedstream.worker",
-    "embedstream.consume",
+    "embedstream.rebalance",
+    "embedstream.dispatch",
+    "embedstream.delivery",
     "embedstream.sinks",
     "embedstream.modalities",
     "embedstream.inference.triton",
@@ -23,9 +25,12 @@ WORKER_SIDE = (
     "embedstream.service",
     "embedstream.config",
     "embedstream.errors",
+    "embedstream.offsets",
+    "embedstream.batcher",
     "embedstream.metrics",
     "embedstream.health",
     "embedstream.records",
+    "embedstream.outage",
     "embedstream.lineage",
     "embedstream.anomaly",
     "embedstream.encoders._spec",

@@ -12,24 +12,25 @@ import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
 
-from embedstream import cli
+from embedstream import cli, cli_support
 from embedstream.config import load_settings
 from embedstream.errors import ConfigError, EmbedstreamError
 from embedstream.ops import cli as ops_cli
 from embedstream.ops.configcheck import MASK, render_masked
 from embedstream.ops.dlq import DeadLetterRow, original_headers, plan_redrive, reason_counts, redrive_message
-from embedstream.ops.kafka import Span, clamp_spans, parse_time_ms
+from embedstream.ops.kafka import parse_time_ms
 from embedstream.ops.replay import REPLAY_SOURCE, replay_message
 from embedstream.ops.tail import Sample, format_row, pca_2d, plot_pca, table_lines, tail
 from embedstream.sinks import deadletter as dl
 from embedstream.sinks.arrow_codec import RowMeta, encode_batch, output_schema
+from embedstream.topic_reader import Span, clamp_spans
 
 
 def run_ops(argv: list[str]) -> int:
     """The ops subcommands through argparse as `embedstream` wires them, with main()'s error handling."""
     parser = argparse.ArgumentParser(prog="embedstream")
     sub = parser.add_subparsers(dest="command", required=True)
-    handlers = ops_cli.register(sub, cli._flag)
+    handlers = ops_cli.register(sub)
     args = parser.parse_args(argv)
     try:
         return handlers[args.command](args)
@@ -221,8 +222,8 @@ def test_require_tools_names_the_extra(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ConfigError, match=r"--plot needs matplotlib.*pip install 'embedstream\[tools\]'"):
-        cli.require_tools("--plot", "json", "matplotlib")
-    cli.require_tools("--plot", "json")
+        cli_support.require_tools("--plot", "json", "matplotlib")
+    cli_support.require_tools("--plot", "json")
 
 
 def test_tail_plot_without_matplotlib_fails_before_reading(monkeypatch, capsys):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from embedstream import cli
+from embedstream import cli, cli_support
 from embedstream.config import EncoderSettings
 from embedstream.encoders import has_packaged_weights
 from embedstream.errors import ConfigError
@@ -33,14 +33,14 @@ def test_which_encoders_have_packaged_weights(family, arch, packaged):
 
 def test_the_local_stack_serves_the_packaged_text_model_not_a_random_one(caplog):
     with caplog.at_level(logging.WARNING, logger="embedstream"):
-        settings = cli.local_settings(str(CONFIGS / "worker.text.toml"))
+        settings = cli_support.local_settings(str(CONFIGS / "worker.text.toml"))
     assert settings.encoder.family == "transformer" and settings.encoder.weights is None
     assert "random" not in caplog.text
 
 
 def test_the_default_image_encoder_serves_packaged_imagenet_weights(caplog):
     with caplog.at_level(logging.WARNING, logger="embedstream"):
-        settings = cli.local_settings(None)
+        settings = cli_support.local_settings(None)
     assert (settings.encoder.arch, settings.encoder.weights) == ("tf_efficientnet_lite0", None)
     assert has_packaged_weights(settings.encoder)
     assert "random" not in caplog.text
@@ -54,7 +54,7 @@ def test_unset_weights_without_packaged_ones_refuse_to_start_naming_the_choices(
     config = tmp_path / "worker.toml"
     config.write_text(f'[encoder]\nfamily = "{family}"\narch = "{arch}"\n')
     with pytest.raises(ConfigError) as err:
-        cli.local_settings(str(config))
+        cli_support.local_settings(str(config))
     message = str(err.value)
     assert "checkpoint path" in message and "'random'" in message
     assert ("'pretrained'" in message) is hub
@@ -63,7 +63,7 @@ def test_unset_weights_without_packaged_ones_refuse_to_start_naming_the_choices(
 def test_random_weights_only_when_named(tmp_path):
     config = tmp_path / "worker.toml"
     config.write_text('[encoder]\narch = "mobilenetv3_small_100"\nweights = "random"\n')
-    assert cli.local_settings(str(config)).encoder.weights == "random"
+    assert cli_support.local_settings(str(config)).encoder.weights == "random"
 
 
 def test_the_cli_exits_with_the_error_before_starting_anything(tmp_path, caplog):
@@ -78,7 +78,7 @@ def test_the_cli_exits_with_the_error_before_starting_anything(tmp_path, caplog)
 def test_up_serves_the_configs_pipeline_as_it_is_and_the_packaged_defaults_beside_it(tmp_path):
     from embedstream.local.pipelines import modality_settings
 
-    base = cli.local_settings(str(CONFIGS / "worker.text.toml"))
+    base = cli_support.local_settings(str(CONFIGS / "worker.text.toml"))
     image, text = modality_settings(base, ["image", "text"], tmp_path)
     assert text == base
     assert (text.kafka.input_topic, text.kafka.output_topic, text.kafka.group_id) == (
@@ -96,7 +96,7 @@ def test_up_serves_the_configs_pipeline_as_it_is_and_the_packaged_defaults_besid
 def test_a_time_series_configs_batching_stays_with_the_time_series_pipeline(tmp_path):
     from embedstream.local.pipelines import modality_settings
 
-    base = cli.local_settings(str(CONFIGS / "worker.timeseries.toml"))
+    base = cli_support.local_settings(str(CONFIGS / "worker.timeseries.toml"))
     image, text, series = modality_settings(base, ["image", "text", "timeseries"], tmp_path)
     assert series == base  # it names its weights, so nothing is trained
     assert series.batch.max_size == 256
@@ -112,7 +112,7 @@ def test_two_pipelines_on_one_input_topic_refuse(tmp_path):
     config = tmp_path / "worker.toml"
     config.write_text('[kafka]\ninput_topic = "text"\n')
     with pytest.raises(ConfigError, match="same input topic"):
-        modality_settings(cli.local_settings(str(config)), ["image", "text"], tmp_path)
+        modality_settings(cli_support.local_settings(str(config)), ["image", "text"], tmp_path)
 
 
 @pytest.mark.parametrize("modalities", ["image,audio", "", "text,text"])

@@ -6,12 +6,12 @@ import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-from kafka.structs import TopicPartition
 
 from embedstream.config import KafkaSettings
-from embedstream.kafka_io import make_reader, partitions_of
+from embedstream.kafka_io import make_reader
 from embedstream.sinks.arrow_codec import decode_embeddings
 from embedstream.sinks.deadletter import REASON
+from embedstream.topic_reader import assign_all
 
 
 @dataclass
@@ -48,9 +48,7 @@ class TopicReader:
         self._consumer = make_reader(
             k, auto_offset_reset="earliest", read_committed=read_committed, settings_fetch_sizes=False
         )
-        parts = [TopicPartition(t, p) for t in (self._out, self._dlq) for p in partitions_of(self._consumer, t)]
-        self._consumer.assign(parts)
-        self._consumer.seek_to_beginning(*parts)
+        assign_all(self._consumer, (self._out, self._dlq))
         self.result = Readback()
 
     def poll(self, timeout_s: float = 0.5) -> int:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from embedstream.cli_support import Commands, flag, require_tools, settings_from_args
 from embedstream.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -17,11 +18,8 @@ if TYPE_CHECKING:
     from embedstream.config import KafkaSettings
     from embedstream.ops.replay import ReplayRange
 
-Handler = Callable[[argparse.Namespace], int]
-Flag = Callable[..., None]
 
-
-def _connection(p: argparse.ArgumentParser, flag: Flag) -> None:
+def _connection(p: argparse.ArgumentParser) -> None:
     flag(p, "--config", "CONFIG", "TOML config file (brokers, SASL/TLS); optional")
     flag(p, "--bootstrap", "KAFKA__BOOTSTRAP_SERVERS", "Kafka bootstrap servers (overrides the config file)")
 
@@ -33,10 +31,10 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     c.add_argument("file", help="TOML config file (EMBEDSTREAM_* environment variables apply on top)")
 
 
-def _add_tail(sub: argparse._SubParsersAction, flag: Flag) -> None:
+def _add_tail(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tail", help="print embeddings from an output topic; optionally plot a 2-D PCA")
     p.add_argument("topic", help="output topic (Arrow IPC messages)")
-    _connection(p, flag)
+    _connection(p)
     flag(p, "--from", "TAIL_FROM", "where to start", default="latest", choices=["beginning", "latest"], dest="start")
     p.add_argument("--follow", action="store_true", help="keep reading after the end (always so with --from latest)")
     flag(p, "--max", "TAIL_MAX", "stop after this many rows", type=int, dest="max_rows")
@@ -46,9 +44,9 @@ def _add_tail(sub: argparse._SubParsersAction, flag: Flag) -> None:
     flag(p, "--plot-sample", "TAIL_PLOT_SAMPLE", "rows kept for the plot", default="5000", type=int)
 
 
-def _add_replay(sub: argparse._SubParsersAction, flag: Flag) -> None:
+def _add_replay(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("replay", help="copy a range of a topic (records as they were) into a replay topic")
-    _connection(p, flag)
+    _connection(p)
     flag(p, "--from-topic", "REPLAY_FROM_TOPIC", "topic to read, usually a worker input topic")
     flag(p, "--to-topic", "REPLAY_TO_TOPIC", "topic to write; created like the source if missing")
     flag(p, "--partition", "REPLAY_PARTITIONS", "comma-separated partitions (default: all)")
@@ -59,36 +57,27 @@ def _add_replay(sub: argparse._SubParsersAction, flag: Flag) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the offset ranges and copy nothing")
 
 
-def _add_dlq(sub: argparse._SubParsersAction, flag: Flag) -> None:
+def _add_dlq(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dlq", help="dead-letter topic tools")
     dlq_sub = p.add_subparsers(dest="dlq_command", required=True)
     d = dlq_sub.add_parser("list", help="reasons summary and one line per dead letter (no payloads)")
     d.add_argument("topic", help="dead-letter topic")
-    _connection(d, flag)
+    _connection(d)
     flag(d, "--max", "DLQ_MAX", "lines to print (the summary counts all)", default="100", type=int, dest="max_rows")
     d = dlq_sub.add_parser("redrive", help="re-produce dead letters' original key, bytes and headers to a topic")
     d.add_argument("topic", help="dead-letter topic")
-    _connection(d, flag)
+    _connection(d)
     flag(d, "--to", "DLQ_REDRIVE_TO", "input topic to send them to", dest="to_topic")
     flag(d, "--reason", "DLQ_REDRIVE_REASON", "only dead letters with this reason")
     d.add_argument("--dry-run", action="store_true", help="count what would be sent and send nothing")
 
 
-def register(sub: argparse._SubParsersAction, flag: Flag) -> dict[str, Handler]:
+def register(sub: argparse._SubParsersAction) -> Commands:
     _add_config(sub)
-    _add_tail(sub, flag)
-    _add_replay(sub, flag)
-    _add_dlq(sub, flag)
+    _add_tail(sub)
+    _add_replay(sub)
+    _add_dlq(sub)
     return {"config": cmd_config, "tail": cmd_tail, "replay": cmd_replay, "dlq": cmd_dlq}
-
-
-def _settings(args: argparse.Namespace) -> Any:
-    from embedstream.config import load_settings
-
-    overrides: dict[str, Any] = {}
-    if getattr(args, "bootstrap", None):
-        overrides["kafka"] = {"bootstrap_servers": args.bootstrap}
-    return load_settings(args.config, **overrides)
 
 
 def _err(text: str) -> None:
@@ -126,11 +115,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
     from embedstream.ops.tail import Sample, plot_pca, tail
 
     if args.plot:
-        from embedstream.cli import require_tools
-
         # Before reading, not after: the rows read would be lost to a missing plotting library.
         require_tools("--plot", "matplotlib")
-    settings = _settings(args)
+    settings = settings_from_args(args)
     sample = Sample(args.plot_sample) if args.plot else None
     consumer = _reader(settings.kafka)
     try:
@@ -227,7 +214,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from embedstream.ops.replay import plan, replay
 
     r = _replay_range(args)
-    k = _settings(args).kafka
+    k = settings_from_args(args).kafka
     consumer = _reader(k)
     try:
         try:
@@ -260,18 +247,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _read_dead_letters(consumer: Any, topic: str) -> list[Any]:
-    from embedstream.kafka_io import partitions_of
-    from embedstream.ops.kafka import clamp_spans, read_spans, watermarks
+    from embedstream.topic_reader import offset_spans, read_spans
 
-    parts = partitions_of(consumer, topic)
-    low, high = watermarks(consumer, topic, parts)
     # Up to the end as of now: dead letters that arrive meanwhile wait for the next run.
-    spans = clamp_spans(parts, low, high, {}, {})
-    return list(read_spans(consumer, topic, spans))
+    return list(read_spans(consumer, topic, offset_spans(consumer, topic)))
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_from_args(args)
     consumer = _reader(settings.kafka)
     try:
         records = _read_dead_letters(consumer, args.topic)

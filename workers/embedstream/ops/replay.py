@@ -14,7 +14,8 @@ from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 
 from embedstream.kafka_io import partitions_of
-from embedstream.ops.kafka import AckedSender, Span, clamp_spans, offsets_at, read_spans, watermarks
+from embedstream.ops.kafka import AckedSender
+from embedstream.topic_reader import Span, clamp_spans, offsets_at, read_spans, watermarks
 
 # Provenance of a replayed record: "<topic>/<partition>/<offset>" of the original.
 REPLAY_SOURCE = "embedstream.replay.source"

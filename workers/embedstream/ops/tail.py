@@ -14,8 +14,8 @@ from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
 
-from embedstream.kafka_io import partitions_of
 from embedstream.sinks.arrow_codec import decode_embeddings, embeddings_matrix
+from embedstream.topic_reader import assign_all
 
 
 def format_row(row: dict[str, Any], vector: np.ndarray, dims: int) -> str:
@@ -135,12 +135,7 @@ class _Printer:
 def _assign_all(
     consumer: KafkaConsumer, topic: str, from_beginning: bool
 ) -> tuple[list[TopicPartition], dict[TopicPartition, int]]:
-    tps = [TopicPartition(topic, p) for p in partitions_of(consumer, topic)]
-    consumer.assign(tps)
-    if from_beginning:
-        consumer.seek_to_beginning(*tps)
-    else:
-        consumer.seek_to_end(*tps)
+    tps = assign_all(consumer, [topic], from_beginning=from_beginning)
     return tps, consumer.end_offsets(tps)
 
 

@@ -14,10 +14,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedstream.errors import StoreUnavailable as StoreUnavailable  # stores raise it from here
+from embedstream.errors import EmbedstreamError
 
 KEY_COLUMNS: tuple[str, ...] = ("id", "model_name", "model_version")
 """The idempotency key: one stored row per input row and model."""
+
+
+class StoreUnavailable(EmbedstreamError):
+    """The store did not acknowledge a write; nothing of it counts as stored."""
 
 
 @dataclass(frozen=True)

@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from embedstream.cli_support import Commands, flag, settings_from_args, stop_on_signals
 from embedstream.errors import ConfigError
 
 log = logging.getLogger("embedstream")
 
-Handler = Callable[[argparse.Namespace], int]
-Flag = Callable[..., None]
 
-
-def _common(p: argparse.ArgumentParser, flag: Flag) -> None:
+def _common(p: argparse.ArgumentParser) -> None:
     flag(p, "--config", "CONFIG", "TOML config file ([kafka] brokers and security, [sink]); optional")
     flag(p, "--bootstrap", "KAFKA__BOOTSTRAP_SERVERS", "Kafka bootstrap servers (overrides the config file)")
     flag(p, "--lancedb-uri", "SINK__LANCEDB_URI", "LanceDB directory or URI (overrides [sink] lancedb_uri)")
 
 
-def register(sub: argparse._SubParsersAction, flag: Flag) -> dict[str, Handler]:
+def register(sub: argparse._SubParsersAction) -> Commands:
     p = sub.add_parser("sink", help="write output-topic rows into a store (Feast online store, LanceDB table)")
     stores = p.add_subparsers(dest="store", required=True)
     for name, help_text in (
@@ -35,13 +32,13 @@ def register(sub: argparse._SubParsersAction, flag: Flag) -> dict[str, Handler]:
             s.add_argument("dir", nargs="?", help="with init: the repository directory to write")
             s.add_argument("--no-apply", action="store_true", help="with init: write the files, do not register them")
             flag(s, "--feast-repo", "SINK__FEAST_REPO", "Feast repository (overrides [sink] feast_repo)")
-        _common(s, flag)
+        _common(s)
         flag(s, "--topics", "SINK_TOPICS", "comma-separated output topics (overrides [sink] topics)")
         flag(s, "--group-id", "SINK__GROUP_ID", "consumer group (default embedstream-sink-<store>)")
         flag(s, "--health-port", "HEALTH_PORT", "health/metrics port (0: any free port)", type=int)
 
     p = sub.add_parser("search", help="k nearest rows of a LanceDB table to a stored row or a new image/sentence")
-    _common(p, flag)
+    _common(p)
     p.add_argument("--table", help="table (<model>-v<version>); default: the only one")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--id", dest="row_id", help="a stored row's id")
@@ -58,11 +55,7 @@ def register(sub: argparse._SubParsersAction, flag: Flag) -> dict[str, Handler]:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from embedstream.config import load_settings
-
     overrides: dict[str, Any] = {}
-    if getattr(args, "bootstrap", None):
-        overrides["kafka"] = {"bootstrap_servers": args.bootstrap}
     if getattr(args, "triton_url", None):
         overrides["triton"] = {"url": args.triton_url}
     sink: dict[str, Any] = {}
@@ -78,7 +71,7 @@ def _settings(args: argparse.Namespace) -> Any:
         overrides["sink"] = sink
     if getattr(args, "health_port", None) is not None:
         overrides["health_port"] = args.health_port
-    return load_settings(args.config, **overrides)
+    return settings_from_args(args, **overrides)
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
@@ -94,10 +87,9 @@ def cmd_sink(args: argparse.Namespace) -> int:
             f"embeddings_text, embeddings_timeseries; run the sink with --feast-repo {args.dir}"
         )
         return 0
-    from embedstream.cli import _stop_on_signals
     from embedstream.stores.service import run_sink
 
-    stats = run_sink(args.store, _settings(args), _stop_on_signals())
+    stats = run_sink(args.store, _settings(args), stop_on_signals())
     log.info("sink stopped: %s", stats)
     return 0
 

@@ -10,18 +10,17 @@ then take.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from embedstream.cli_support import Commands, flag, settings_from_args
 
 if TYPE_CHECKING:
-    from embedstream.config import Settings
     from embedstream.training.fit import TrainConfig
 
-Handler = Callable[[argparse.Namespace], int]
 
-
-def register(sub: Any, flag: Callable[..., None]) -> dict[str, Handler]:
+def register(sub: argparse._SubParsersAction) -> Commands:
     p = sub.add_parser(
         "train",
         help="fit the lstm/autoencoder time-series encoders on normal data (Parquet/CSV); "
@@ -124,21 +123,13 @@ def _train_from_topic(args: argparse.Namespace, families: Sequence[str], cfg: Tr
     from embedstream.training.fit import train
     from embedstream.training.topic_series import series_from_topic
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     read = series_from_topic(
         settings, args.topic, args.start_offset, args.end_offset, _partitions(args), progress=not args.no_progress
     )
     points = sum(len(s) for s in read.series)
     print(f"read {read.source['messages']} messages of {args.topic}: {len(read.series)} series, {points} points")
     return train(read.series, Path(args.out), families, cfg, read.channels, progress=not args.no_progress)
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    """The --config file's settings, its brokers replaced by --bootstrap when given."""
-    from embedstream.config import load_settings
-
-    overrides: dict[str, Any] = {"kafka": {"bootstrap_servers": args.bootstrap}} if args.bootstrap else {}
-    return load_settings(args.config, **overrides)
 
 
 def _partitions(args: argparse.Namespace) -> list[int] | None:
@@ -156,7 +147,7 @@ def cmd_train_detector(args: argparse.Namespace) -> int:
 
     if bool(args.data) == bool(args.topic):
         raise ConfigError("give --data (a folder of images or a text file of sentences) or --topic, one of them")
-    settings = _settings(args)
+    settings = settings_from_args(args)
     progress = not args.no_progress
     if args.topic:
         reference, encoder = detector.reference_from_topic(

@@ -211,15 +211,14 @@ def topic_range(
     client: str,
 ) -> Iterator[tuple[list[int], Iterator[Any]]]:
     """(partitions read, the records in ``[start_offset, end_offset)`` of each), with a bar of records read."""
-    from embedstream.kafka_io import make_reader, partitions_of
-    from embedstream.ops.kafka import clamp_spans, read_spans, watermarks
+    from embedstream.kafka_io import make_reader
+    from embedstream.topic_reader import offset_spans, read_spans
 
     k = settings.kafka
     consumer = make_reader(k, client_id=f"{k.client_id}-{client}")
     try:
-        parts = list(partitions) if partitions else partitions_of(consumer, topic)
-        low, high = watermarks(consumer, topic, parts)
-        spans = clamp_spans(parts, low, high, dict.fromkeys(parts, start_offset), dict.fromkeys(parts, end_offset))
+        spans = offset_spans(consumer, topic, start_offset, end_offset, partitions)
+        parts = [s.partition for s in spans]
         with progress_bar(progress, "read", sum(s.size for s in spans)) as advance:
 
             def records() -> Iterator[Any]:

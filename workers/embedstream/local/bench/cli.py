@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-Handler = Callable[[argparse.Namespace], int]
+from embedstream.cli_support import Commands, flag, local_settings, require_tools
+
 log = logging.getLogger(__name__)
 
 
-def register(sub: Any, flag: Callable[..., None]) -> dict[str, Handler]:
+def register(sub: argparse._SubParsersAction) -> Commands:
     p = sub.add_parser(
         "bench",
         help="measure bare model, Triton alone, the pipeline (saturation, 50%% load) and its plumbing, per modality",
@@ -49,12 +48,9 @@ def register(sub: Any, flag: Callable[..., None]) -> dict[str, Handler]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from embedstream.cli import require_tools
-
     require_tools("embedstream bench", "rich", "matplotlib")
     from rich.console import Console
 
-    from embedstream.cli import local_settings
     from embedstream.local.bench.report import summary_table
     from embedstream.local.bench.run import BenchOptions, run_bench
     from embedstream.local.bench.workload import DEFAULT_COUNTS, MODALITIES

@@ -17,18 +17,18 @@ from typing import Protocol
 import numpy as np
 import torch
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.structs import TopicPartition
 
 from embedstream.config import KafkaSettings, Settings
 from embedstream.encoders import get_family
 from embedstream.inference.local import TorchBackend
 from embedstream.inference.triton import TritonBackend
-from embedstream.kafka_io import make_producer, make_reader, make_writer, partitions_of
+from embedstream.kafka_io import make_producer, make_reader, make_writer
 from embedstream.local.bench.report import StageResult
 from embedstream.local.readback import TopicReader
 from embedstream.local.samples.traffic import Message
 from embedstream.local.stack.worker_process import WorkerProcess
 from embedstream.service import encoder_spec
+from embedstream.topic_reader import assign_all
 
 Clock = Callable[[], float]
 Progress = Callable[[int], None]
@@ -432,9 +432,7 @@ def _read_from_start(settings: Settings, topic: str) -> KafkaConsumer:
     """A consumer outside any group on every partition of ``topic`` from offset 0, fetching as the worker does."""
     consumer = make_reader(settings.kafka, auto_offset_reset="earliest")
     try:
-        parts = [TopicPartition(topic, p) for p in partitions_of(consumer, topic)]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
+        assign_all(consumer, [topic])
     except BaseException:
         consumer.close()
         raise
