@@ -57,8 +57,10 @@ WEIGHTS_NOTE = (
     "encoder.weights = 'random' for both encoders: throughput does not depend on weight values "
     "(embedstream's weights rule allows random weights when they are named)"
 )
+# The pretrained modalities (ModalityDefaults.pretrained), named here rather than read from the registry:
+# the arguments are parsed before preflight has checked that embedstream imports, and each one's
+# backlog comes from its own part of the bundle (photos, MiniLM's tokenizer).
 MODALITIES = ("image", "text")
-UNITS = {"image": "images/s", "text": "sentences/s"}
 STAGES = ("bare_eager_fp32", "bare_eager_fp16", "bare_served", "pipeline")
 
 
@@ -657,7 +659,8 @@ def load_report(path: Path) -> dict[str, Any]:
 def table_lines(report: dict[str, Any]) -> list[str]:
     """The report as a fixed-width table: one row per stage, one column per modality (rate, GPU util)."""
     mods = list(report["modalities"])
-    head = f"{'stage':<22}" + "".join(f"{m + ' (' + UNITS.get(m, 'msg/s') + ')':>34}" for m in mods)
+    units = {m: report["modalities"][m].get("unit", "msg/s") for m in mods}
+    head = f"{'stage':<22}" + "".join(f"{m + ' (' + units[m] + ')':>34}" for m in mods)
     lines = [head, "-" * len(head)]
     for stage in STAGES:
         cells = []
@@ -689,6 +692,7 @@ def _write(report: dict[str, Any], out: Path) -> Path:
 
 
 def run(opts: GpuOptions, checks: Sequence[Check]) -> dict[str, Any]:
+    from embedstream import modalities
     from embedstream.export import ExportTarget
     from embedstream.export.triton_config import Artifact, Kind
     from embedstream.local.bench.workload import preprocessed_batches
@@ -750,7 +754,8 @@ def run(opts: GpuOptions, checks: Sequence[Check]) -> dict[str, Any]:
         try:
             for m, s in settings.items():
                 spec = encoder_spec(stack.local_settings(s))
-                entry: dict[str, Any] = {"model": spec.name, "unit": UNITS[m], "stages": {}, "ratios": {}}
+                unit = f"{modalities.defaults(m).unit}/s"
+                entry: dict[str, Any] = {"model": spec.name, "unit": unit, "stages": {}, "ratios": {}}
                 report["modalities"][m] = entry
                 messages = messages_for(m, s, opts)
                 entry["messages"] = len(messages)

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedstream.config import Settings
+from embedstream.modalities import defaults, registered
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -33,7 +34,9 @@ if TYPE_CHECKING:
     from embedstream.local.readback import Readback
 
 STORES = ("lancedb", "feast")
-MODALITIES = ("image", "text")
+# The pretrained encoders' embeddings, whose neighbours mean something; the demo reads time series for
+# their anomaly flags instead.
+MODALITIES = tuple(m for m in registered() if defaults(m).pretrained)
 QUERY_SEED = 4242  # the query photo: a copy the stream never carried
 
 

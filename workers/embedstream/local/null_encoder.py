@@ -26,6 +26,7 @@ from embedstream.encoders import (
     null_model_name,
     register_family,
 )
+from embedstream.modalities import defaults
 
 if TYPE_CHECKING:
     from embedstream.config import EncoderSettings
@@ -66,13 +67,10 @@ def build(settings: EncoderSettings) -> torch.nn.Module:
     return NullEncoder(describe(settings).embedding_dim).eval()
 
 
-# One real family per modality whose example inputs depend only on the spec's inputs and extra,
-# which the null spec keeps.
-_EXAMPLES_FROM = {"image": "cnn", "text": "transformer", "timeseries": "autoencoder"}
-
-
 def example_inputs(spec: EncoderSpec, batch: int) -> tuple[torch.Tensor, ...]:
-    return get_family(_EXAMPLES_FROM[spec.modality]).example_inputs(spec, batch)
+    # The modality's first family's example inputs depend only on the spec's inputs and extra, which
+    # the null spec keeps.
+    return get_family(defaults(spec.modality).families[0]).example_inputs(spec, batch)
 
 
 FAMILY = register_family(EncoderFamily(name=NAME, describe=describe, build=build, example_inputs=example_inputs))

@@ -1,11 +1,12 @@
 """One pipeline per modality on the embedded stack: its encoder and its topics, from one base config.
 
-The demo, ``embedstream up`` and the bench run the same three pipelines. The base config is the
-pipeline of its own encoder's modality, as it is (its topics, batching and limits included); every
-other modality gets its defaults: images the packaged EfficientNet-Lite0, text the packaged
-all-MiniLM-L6-v2, time series an autoencoder trained on the bundled normal data. Those take only the
-base's connection settings (broker security, delivery, Triton protocol and timeouts), so e.g. a
-time-series config's batch of 256 does not become the image pipeline's batch.
+The demo, ``embedstream up`` and the bench run one pipeline per registered modality. The base config
+is the pipeline of its own encoder's modality, as it is (its topics, batching and limits included);
+every other modality gets the defaults it declares (``ModalityDefaults``): images the packaged
+EfficientNet-Lite0, text the packaged all-MiniLM-L6-v2, time series an autoencoder trained on the
+bundled normal data. Those take only the base's connection settings (broker security, delivery,
+Triton protocol and timeouts), so e.g. a time-series config's batch of 256 does not become the image
+pipeline's batch.
 """
 
 from __future__ import annotations
@@ -14,44 +15,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from embedstream.config import (
-    BatchSettings,
-    EncoderSettings,
-    ImageLimits,
-    Settings,
-    TextLimits,
-    TimeSeriesSettings,
-    load_settings,
-)
+from embedstream.config import Settings, load_settings
 from embedstream.errors import ConfigError
+from embedstream.modalities import defaults, registered
 
-MODALITIES = ("image", "text", "timeseries")
-FAMILIES: dict[str, tuple[str, ...]] = {
-    "image": ("cnn",),
-    "text": ("transformer",),
-    "timeseries": ("autoencoder", "lstm"),
-}
-# (input, output, dead-letter, consumer group) of a modality that is not the base config's. The image
-# names are KafkaSettings' defaults (and produce-samples' topic), so the image pipeline has the same
-# topics whether or not a config is given.
-TOPICS: dict[str, tuple[str, str, str, str]] = {
-    "image": ("images", "embeddings.image", "deadletter.image", "embedstream-image"),
-    "text": ("text", "embeddings.text", "deadletter.text", "embedstream-text"),
-    "timeseries": ("timeseries", "embeddings.timeseries", "deadletter.timeseries", "embedstream-timeseries"),
-}
-# Sections that belong to one pipeline: a modality derived from the base starts from their defaults.
-_OWN_SECTIONS: dict[str, type[Any]] = {
-    "encoder": EncoderSettings,
-    "batch": BatchSettings,
-    "limits": ImageLimits,
-    "text": TextLimits,
-    "timeseries": TimeSeriesSettings,
-}
-
-# A window costs the autoencoder microseconds, so a batch of 16 or 32 is mostly per-request cost
-# (the RPC, Arrow, a produce): 256 drained a backlog about 3x faster than 16 (1,900 -> 5,700 windows/s).
-TIMESERIES_BATCH = 256
-TIMESERIES_WINDOW = 32
+MODALITIES: tuple[str, ...] = registered()
+# Sections that belong to one pipeline besides each modality's own: a derived pipeline starts from their defaults.
+_PIPELINE_SECTIONS = ("encoder", "batch")
 
 
 def modality_of(settings: Settings) -> str | None:
@@ -61,22 +31,26 @@ def modality_of(settings: Settings) -> str | None:
     """
     enc = settings.encoder
     family = enc.arch.split("/", 1)[0] if enc.family == "null" else enc.family
-    return next((m for m, families in FAMILIES.items() if family in families), None)
+    return next((m for m in MODALITIES if family in defaults(m).families), None)
+
+
+def _own_sections() -> tuple[str, ...]:
+    return (*_PIPELINE_SECTIONS, *(s for m in MODALITIES for s in defaults(m).sections))
 
 
 def with_modality(base: Settings, modality: str, encoder: dict[str, Any], **extra: dict[str, Any]) -> Settings:
     """A pipeline of ``modality`` beside ``base``: the defaults with ``encoder`` over the encoder's, the
     modality's own topics and consumer group, and ``base``'s broker and Triton connection settings."""
     data = base.model_dump(mode="json")
-    for section, cls in _OWN_SECTIONS.items():
-        data[section] = cls().model_dump(mode="json")
+    for section in _own_sections():
+        data[section] = Settings.model_fields[section].default.model_dump(mode="json")
     data["encoder"].update(encoder)
-    input_topic, output_topic, dead_letter_topic, group_id = TOPICS[modality]
+    topics = defaults(modality).topics
     data["kafka"].update(
-        input_topic=input_topic,
-        output_topic=output_topic,
-        dead_letter_topic=dead_letter_topic,
-        group_id=group_id,
+        input_topic=topics.input,
+        output_topic=topics.output,
+        dead_letter_topic=topics.dead_letter,
+        group_id=topics.group_id,
         # Shared with the base pipeline, one transactional id would fence the other's producer.
         transactional_id=None,
     )
@@ -85,17 +59,28 @@ def with_modality(base: Settings, modality: str, encoder: dict[str, Any], **extr
     return load_settings(**data)
 
 
-def image_settings(base: Settings) -> Settings:
-    """The base config as it is when its encoder is an image one; otherwise the default image encoder."""
-    if modality_of(base) == "image":
+def default_pipeline(base: Settings, modality: str, **encoder: Any) -> Settings:
+    """``modality``'s pipeline beside ``base`` as the modality declares it, ``encoder`` over its encoder."""
+    d = defaults(modality)
+    enc: dict[str, Any] = {**d.encoder, **encoder}
+    if d.batch_size is None:
+        return with_modality(base, modality, enc)
+    return with_modality(base, modality, {**enc, "max_batch_size": d.batch_size}, batch={"max_size": d.batch_size})
+
+
+def derived_settings(base: Settings, modality: str) -> Settings:
+    """The base config as it is when its encoder serves ``modality``; otherwise the modality's defaults."""
+    if modality_of(base) == modality:
         return base
-    return with_modality(base, "image", {})
+    return default_pipeline(base, modality)
+
+
+def image_settings(base: Settings) -> Settings:
+    return derived_settings(base, "image")
 
 
 def text_settings(base: Settings) -> Settings:
-    if modality_of(base) == "text":
-        return base
-    return with_modality(base, "text", {"family": "transformer", "arch": "all-MiniLM-L6-v2"})
+    return derived_settings(base, "text")
 
 
 def trains_timeseries(base: Settings) -> bool:
@@ -111,13 +96,8 @@ def timeseries_settings(base: Settings, workdir: Path) -> Settings:
         # A time-series config without weights: its own pipeline, with the family it names trained here.
         weights = train_normal(Path(workdir) / "timeseries", base.encoder.family)
         return base.model_copy(update={"encoder": base.encoder.model_copy(update={"weights": str(weights)})})
-    weights = train_normal(Path(workdir) / "timeseries", "autoencoder")
-    return with_modality(
-        base,
-        "timeseries",
-        {"family": "autoencoder", "arch": "autoencoder", "weights": str(weights), "max_batch_size": TIMESERIES_BATCH},
-        batch={"max_size": TIMESERIES_BATCH},
-    )
+    weights = train_normal(Path(workdir) / "timeseries", defaults("timeseries").families[0])
+    return default_pipeline(base, "timeseries", weights=str(weights))
 
 
 def train_normal(root: Path, family: str = "autoencoder") -> Path:
@@ -129,7 +109,9 @@ def train_normal(root: Path, family: str = "autoencoder") -> Path:
 
     root.mkdir(parents=True, exist_ok=True)
     pcsv.write_csv(synthetic.normal_table(16, 600, seed=0), str(root / "normal.csv"))
-    weights = train_from_file(root / "normal.csv", root / "weights", (family,), TrainConfig(window=TIMESERIES_WINDOW))
+    window = defaults("timeseries").window
+    assert window is not None  # the time-series modality declares the window its encoders are fitted on
+    weights = train_from_file(root / "normal.csv", root / "weights", (family,), TrainConfig(window=window))
     return weights[family]
 
 
@@ -142,17 +124,20 @@ def parse_modalities(raw: str) -> list[str]:
     return named
 
 
+def _maker(base: Settings, modality: str, workdir: Path) -> Callable[[], Settings]:
+    if not defaults(modality).pretrained:
+        # Fitted here on generated data, which only the time-series generator provides.
+        return lambda: timeseries_settings(base, workdir)
+    return lambda: derived_settings(base, modality)
+
+
 def modality_settings(base: Settings, modalities: Sequence[str], workdir: Path) -> list[Settings]:
     """Settings of each named modality's pipeline, in the order given.
 
     ConfigError when two pipelines would share an input topic or a consumer group (a base config
     whose topics are another modality's defaults): their workers would take each other's messages.
     """
-    makers: dict[str, Callable[[], Settings]] = {
-        "image": lambda: image_settings(base),
-        "text": lambda: text_settings(base),
-        "timeseries": lambda: timeseries_settings(base, workdir),
-    }
+    makers: dict[str, Callable[[], Settings]] = {m: _maker(base, m, workdir) for m in MODALITIES}
     unknown = [m for m in modalities if m not in makers]
     if unknown or not modalities:
         raise ConfigError(f"modalities must be a comma-separated subset of {', '.join(MODALITIES)}, not {unknown}")

@@ -3,7 +3,10 @@
 A modality module owns its decoding (bytes -> its record type, or a BadRecord value), its record
 type, the Arrow columns it adds to the output (``FIELDS``) and the values of those columns by name.
 It registers itself under its name, which is its module's name: every public module of this package
-is a modality (``MODALITIES``), so adding one is adding its module. A modality whose preprocessing
+is a modality (``MODALITIES``), so adding one is adding its module. With it, it declares its
+:class:`ModalityDefaults` (its pipeline's topics, encoder families, settings sections and batching
+on the local stack, its models' extra columns), which the tools around the worker read through
+:func:`registered` and :func:`defaults` instead of naming modalities. A modality whose preprocessing
 depends on files beside the worker (the text tokenizer) also registers a check of those against the
 served spec (:func:`served_problems`), which the Triton backend runs when it verifies the served model.
 """
@@ -20,6 +23,7 @@ import pyarrow as pa
 from kafka.structs import TopicPartition
 
 from embedstream.errors import ConfigError
+from embedstream.modalities._defaults import ModalityDefaults, ModalityTopics
 
 if TYPE_CHECKING:
     from embedstream.config import EncoderSettings, Settings
@@ -68,16 +72,38 @@ ServedCheck = Callable[["EncoderSpec", "EncoderSettings"], list[str]]
 _FACTORIES: dict[str, ModalityFactory] = {}
 _FIELDS: dict[str, tuple[pa.Field, ...]] = {}
 _SERVED_CHECKS: dict[str, ServedCheck] = {}
+_DEFAULTS: dict[str, ModalityDefaults] = {}
 MODALITIES: dict[str, str] = {
     info.name: f"{__name__}.{info.name}" for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")
 }
 
 
+__all__ = [
+    "MODALITIES",
+    "Modality",
+    "ModalityDefaults",
+    "ModalityTopics",
+    "OneRowPerMessage",
+    "defaults",
+    "modality_fields",
+    "modality_for",
+    "register_modality",
+    "registered",
+    "served_problems",
+]
+
+
 def register_modality(
-    name: str, factory: ModalityFactory, fields: tuple[pa.Field, ...], served_check: ServedCheck | None = None
+    name: str,
+    factory: ModalityFactory,
+    fields: tuple[pa.Field, ...],
+    served_check: ServedCheck | None = None,
+    *,
+    defaults: ModalityDefaults,
 ) -> None:
     _FACTORIES[name] = factory
     _FIELDS[name] = fields
+    _DEFAULTS[name] = defaults
     if served_check is not None:
         _SERVED_CHECKS[name] = served_check
 
@@ -113,6 +139,19 @@ def modality_fields(name: str) -> tuple[pa.Field, ...]:
     """The Arrow columns a modality adds to its output rows."""
     _load(name)
     return _FIELDS[name]
+
+
+def registered() -> tuple[str, ...]:
+    """Every modality's name, in name order (each module loaded, so each has registered)."""
+    for name in MODALITIES:
+        _load(name)
+    return tuple(sorted(_DEFAULTS))
+
+
+def defaults(name: str) -> ModalityDefaults:
+    """What ``name`` declared about its pipeline and columns; ConfigError for a modality no module provides."""
+    _load(name)
+    return _DEFAULTS[name]
 
 
 class _OwnRow(Protocol):

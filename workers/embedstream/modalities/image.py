@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from embedstream.config import ImageLimits, Settings
 from embedstream.encoders import EncoderSpec, ImagePreprocessing
 from embedstream.errors import ConfigError
-from embedstream.modalities import OneRowPerMessage, register_modality
+from embedstream.modalities import ModalityDefaults, ModalityTopics, OneRowPerMessage, register_modality
 from embedstream.modalities._envelope import default_id, is_envelope, unwrap
 from embedstream.records import BadRecord, Reason, RowMeta, SourceMessage
 
@@ -152,4 +152,13 @@ class ImageModality(OneRowPerMessage):
         return RowMeta.of(item.source, item.id, item.event_time_ms, extra)
 
 
-register_modality("image", ImageModality, FIELDS)
+DEFAULTS = ModalityDefaults(
+    # KafkaSettings' defaults (and produce-samples' topic), so the image pipeline has the same topics
+    # whether or not a config is given.
+    topics=ModalityTopics.named("image", input_topic="images"),
+    families=("cnn",),
+    sections=("limits",),
+    unit="images",
+)
+
+register_modality("image", ImageModality, FIELDS, defaults=DEFAULTS)

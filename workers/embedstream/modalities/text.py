@@ -25,7 +25,7 @@ from embedstream.config import EncoderSettings, Settings, TextLimits
 from embedstream.encoders import EncoderSpec
 from embedstream.errors import ConfigError
 from embedstream.lineage import CHARS, file_sha256
-from embedstream.modalities import OneRowPerMessage, register_modality
+from embedstream.modalities import ModalityDefaults, ModalityTopics, OneRowPerMessage, register_modality
 from embedstream.modalities._envelope import default_id, is_envelope, parse_object, read_meta
 from embedstream.modalities._tokenizer import TextTokenizer, local_location, tokenizer_file
 from embedstream.records import BadRecord, RowMeta, SourceMessage
@@ -211,4 +211,12 @@ def served_problems(spec: EncoderSpec, encoder: EncoderSettings) -> list[str]:
     return [f"tokenizer {path} has sha256 {have[:CHARS]}, the model was exported with {str(want)[:CHARS]}"]
 
 
-register_modality("text", TextModality, FIELDS, served_problems)
+DEFAULTS = ModalityDefaults(
+    topics=ModalityTopics.named("text"),
+    families=("transformer",),
+    sections=("text",),
+    encoder={"family": "transformer", "arch": "all-MiniLM-L6-v2"},
+    unit="sentences",
+)
+
+register_modality("text", TextModality, FIELDS, served_problems, defaults=DEFAULTS)

@@ -3,8 +3,9 @@
 One feature view per modality, ``embeddings_<modality>``, whose entity key is the sink's idempotency
 key (row id, model name, model version): the online store keeps one value per row and model, so a
 re-written row replaces itself and two model versions never overwrite each other. The features are
-the embedding, the row's lineage (source topic/partition/offset), the modality's columns and, for
-time series, the autoencoder's score and flag. ``event_time`` is the feature timestamp.
+the embedding, the row's lineage (source topic/partition/offset), the modality's columns and the
+columns its models may add (``ModalityDefaults.model_columns``: for time series, the autoencoder's
+score and flag). ``event_time`` is the feature timestamp.
 
 The repository stands alone (``features.py`` imports Feast only), so ``feast apply``, ``feast ui`` and
 a training job's ``get_historical_features`` work on it without embedstream installed.
@@ -18,19 +19,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from embedstream.modalities import modality_fields
+from embedstream.modalities import defaults, modality_fields, registered
 
-MODALITIES: tuple[str, ...] = ("image", "text", "timeseries")
 ENTITY_COLUMNS: tuple[str, ...] = ("id", "model_name", "model_version")
 LINEAGE_FEATURES: tuple[tuple[str, str], ...] = (
     ("source_topic", "String"),
     ("source_partition", "Int32"),
     ("source_offset", "Int64"),
 )
-# The autoencoder's extra outputs (export: model outputs with a column); other time-series models leave them null.
-MODEL_FEATURES: dict[str, tuple[tuple[str, str], ...]] = {
-    "timeseries": (("reconstruction_error", "Float32"), ("anomaly", "Bool")),
-}
 
 _FEAST_TYPES = {
     pa.string(): "String",
@@ -53,8 +49,8 @@ def _feast_type(field: pa.Field) -> str:
 
 def features_of(modality: str) -> list[tuple[str, str]]:
     """(column, Feast type) of the view's features, the embedding last."""
-    own = [(f.name, _feast_type(f)) for f in modality_fields(modality)]
-    return [*LINEAGE_FEATURES, *own, *MODEL_FEATURES.get(modality, ()), ("embedding", "Array(Float32)")]
+    columns = (*modality_fields(modality), *defaults(modality).model_columns)
+    return [*LINEAGE_FEATURES, *((f.name, _feast_type(f)) for f in columns), ("embedding", "Array(Float32)")]
 
 
 FEATURE_STORE_YAML = """\
@@ -84,7 +80,7 @@ entity_key_serialization_version: 2
 
 
 def features_py() -> str:
-    used = sorted({t for m in MODALITIES for _, dtype in features_of(m) for t in dtype.replace(")", "").split("(")})
+    used = sorted({t for m in registered() for _, dtype in features_of(m) for t in dtype.replace(")", "").split("(")})
     lines = [
         '"""Feature views of embedstream output rows (written by `embedstream sink feast init`)."""',
         "",
@@ -98,7 +94,7 @@ def features_py() -> str:
         'model = Entity(name="model", join_keys=["model_name"], value_type=ValueType.STRING)',
         'model_version = Entity(name="model_version", join_keys=["model_version"], value_type=ValueType.STRING)',
     ]
-    for modality in MODALITIES:
+    for modality in registered():
         name = view_name(modality)
         lines += [
             "",

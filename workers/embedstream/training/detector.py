@@ -48,13 +48,14 @@ class InProcessEncoder:
 
         from embedstream.encoders import describe, get_family
         from embedstream.lineage import module_fingerprint
-        from embedstream.modalities import modality_for
+        from embedstream.modalities import defaults, modality_for, registered
 
         self.settings = settings
         self.spec: EncoderSpec = describe(settings)
-        if self.spec.modality not in ("image", "text"):
+        if not defaults(self.spec.modality).pretrained:
+            pretrained = " or ".join(m for m in registered() if defaults(m).pretrained)
             raise ConfigError(
-                f"a detector is fitted for image or text encoders; {self.spec.name} is {self.spec.modality} "
+                f"a detector is fitted for {pretrained} encoders; {self.spec.name} is {self.spec.modality} "
                 "(the time-series autoencoder scores its windows itself)"
             )
         self.module: torch.nn.Module = get_family(settings.encoder.family).build(settings.encoder).eval()

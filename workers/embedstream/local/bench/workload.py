@@ -16,10 +16,11 @@ import orjson
 
 from embedstream.config import Settings, load_settings
 from embedstream.local.samples.traffic import Message, image_traffic, text_traffic, timeseries_traffic
+from embedstream.modalities import registered
 from embedstream.records import BadRecord, Deferred, SourceMessage
 from embedstream.service import encoder_spec
 
-MODALITIES = ("image", "text", "timeseries")
+MODALITIES = registered()
 # Sized so that each model-bound stage runs 10 s or more on 2 cores: the packaged EfficientNet-Lite0
 # ran 33-47 images/s in process and ~43/s served (400 images took 8.6 s bare, 9.4 s through Triton),
 # so 512 (16 full batches of 32); the image stages then take about 3 minutes together.
