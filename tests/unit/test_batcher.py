@@ -1,4 +1,4 @@
-from embedstream.batcher import MicroBatcher
+from embedstream.consume.batcher import MicroBatcher
 
 
 class Clock:

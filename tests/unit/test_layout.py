@@ -13,9 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "workers" / "embedstream"
 # What a worker process runs: nothing here may import the model side when the module loads.
 WORKER_SIDE = (
     "embedstream.worker",
-    "embedstream.rebalance",
-    "embedstream.dispatch",
-    "embedstream.delivery",
+    "embedstream.consume",
     "embedstream.sinks",
     "embedstream.modalities",
     "embedstream.inference.triton",
@@ -25,12 +23,9 @@ WORKER_SIDE = (
     "embedstream.service",
     "embedstream.config",
     "embedstream.errors",
-    "embedstream.offsets",
-    "embedstream.batcher",
     "embedstream.metrics",
     "embedstream.health",
     "embedstream.records",
-    "embedstream.outage",
     "embedstream.lineage",
     "embedstream.anomaly",
     "embedstream.encoders._spec",

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from tritonclient.grpc import model_config_pb2
 
 from embedstream.config import EncoderSettings, load_settings
+from embedstream.consume.offsets import OffsetTracker
 from embedstream.encoders import EncoderSpec, Sidecar, get_family, packaged_model_dir
 from embedstream.encoders.autoencoder import WindowAutoencoder
 from embedstream.export import export_model
@@ -23,7 +24,6 @@ from embedstream.lineage import (
     weights_fingerprint,
 )
 from embedstream.modalities.image import ImageModality
-from embedstream.offsets import OffsetTracker
 from embedstream.records import SourceMessage
 from embedstream.sinks.kafka import KafkaSink
 from embedstream.testing import FakeProducer

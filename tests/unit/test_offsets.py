@@ -1,6 +1,6 @@
 from kafka.structs import TopicPartition
 
-from embedstream.offsets import OffsetTracker
+from embedstream.consume.offsets import OffsetTracker
 
 TP = TopicPartition("images", 0)
 TP1 = TopicPartition("images", 1)

@@ -5,8 +5,8 @@ import time
 from kafka.structs import TopicPartition
 
 from embedstream.config import load_settings
+from embedstream.consume.outage import OutageGate
 from embedstream.modalities.image import ImageModality
-from embedstream.outage import OutageGate
 from embedstream.testing import FakeBackend, FakeConsumer, FakeProducer
 from embedstream.worker import Worker
 

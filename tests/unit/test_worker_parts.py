@@ -8,16 +8,17 @@ import pytest
 from kafka.structs import TopicPartition
 
 from embedstream.config import load_settings
-from embedstream.delivery import AtLeastOnce, ExactlyOnce, delivery_for
-from embedstream.dispatch import Dispatcher
+from embedstream.consume.delivery import AtLeastOnce, ExactlyOnce, delivery_for
+from embedstream.consume.dispatch import Dispatcher
+from embedstream.consume.offsets import OffsetTracker
 from embedstream.errors import DeliveryError
 from embedstream.modalities.image import ImageModality
-from embedstream.offsets import OffsetTracker
 from embedstream.records import BadRecord, SourceMessage
 from embedstream.sinks.arrow_codec import decode_embeddings
 from embedstream.sinks.deadletter import REASON, VALUE_DROPPED
 from embedstream.sinks.kafka import KafkaSink
 from embedstream.testing import FakeBackend, FakeProducer
+from embedstream.worker import EmbedStage
 
 from .test_worker_loop import SPEC, png
 
@@ -48,8 +49,7 @@ class Clock:
 def dispatcher(backend, max_in_flight=2, clock=None, events=None):
     events = [] if events is None else events
     return Dispatcher(
-        backend,
-        Values(),
+        EmbedStage(Values(), backend, sink=None),  # the dispatcher never publishes
         max_in_flight,
         clock or Clock(),
         lambda: events.append("down"),
@@ -267,7 +267,7 @@ def test_rebalance_steps_run_off_the_consumer_io_thread_and_their_errors_reach_t
 
     from kafka.structs import TopicPartition
 
-    from embedstream.rebalance import RebalanceListener
+    from embedstream.consume.rebalance import RebalanceListener
     from embedstream.testing import call_listener
 
     seen = []

@@ -5,6 +5,7 @@
     ├── ModelMismatchError       fatal at start-up: the served model is not what the worker expects
     ├── RuntimeStartError        fatal: a local broker/Triton process could not be started
     ├── BackendError             inference failed; ``retriable`` says whether to try again
+    ├── StoreUnavailable         a store did not acknowledge a write; the sink holds and retries
     └── DeliveryError            the broker did not acknowledge an output; nothing is committed
 
 Bad input is not an exception that travels up the stack: decoders return a
@@ -37,6 +38,10 @@ class BackendError(EmbedstreamError):
     def __init__(self, message: str, *, retriable: bool) -> None:
         super().__init__(message)
         self.retriable = retriable
+
+
+class StoreUnavailable(EmbedstreamError):
+    """A store did not acknowledge a write; nothing of it counts as stored. Always worth a retry."""
 
 
 class DeliveryError(EmbedstreamError):

@@ -1,4 +1,4 @@
-"""Prometheus metrics of a worker, served on the health port at ``/metrics``.
+"""Prometheus metrics of a worker or a store sink, served on the health port at ``/metrics``.
 
 One process runs one worker, so the default registry is enough; labels carry the modality and
 model so several workers scraped together stay apart.
@@ -6,7 +6,8 @@ model so several workers scraped together stay apart.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
@@ -49,6 +50,49 @@ DRIFT_ANOMALY_RATE_EXPECTED = Gauge(
     "embedstream_drift_anomaly_rate_expected", "Share of normal rows the threshold flags (1 - its quantile)", ["model"]
 )
 DRIFT_WINDOW_ROWS = Gauge("embedstream_drift_window_rows", "Rows in the drift window", ["model"])
+
+# The store sinks (stores.sink), one store per process.
+SINK_CONSUMED = Counter("embedstream_sink_messages_consumed", "Output messages the sink consumed", ["store"])
+ROWS_STORED = Counter("embedstream_sink_rows", "Rows the store acknowledged (re-written rows count again)", ["store"])
+SINK_DEAD_LETTERS = Counter(
+    "embedstream_sink_dead_letters", "Output messages dead-lettered by the sink", ["store", "reason"]
+)
+STORE_OUTAGES = Counter(
+    "embedstream_sink_store_outages", "Times the sink held its partitions for a failed store", ["store"]
+)
+STORE_DEGRADED = Gauge("embedstream_sink_degraded", "1 while the store does not acknowledge writes", ["store"])
+SINK_IN_FLIGHT = Gauge("embedstream_sink_in_flight_messages", "Consumed output messages not yet stored", ["store"])
+
+
+@dataclass(frozen=True)
+class LoopMetrics:
+    """The consume loop's metrics, labelled for what it runs (consume.loop)."""
+
+    consumed: Any
+    in_flight: Any
+    outages: Any
+    degraded: Any
+    dead_letters: Callable[[str], Any]
+
+    @classmethod
+    def for_worker(cls, modality: str, model: str) -> LoopMetrics:
+        return cls(
+            CONSUMED.labels(modality),
+            IN_FLIGHT.labels(modality),
+            OUTAGES.labels(model),
+            DEGRADED.labels(model),
+            lambda reason: DEAD_LETTERS.labels(modality, reason),
+        )
+
+    @classmethod
+    def for_sink(cls, store: str) -> LoopMetrics:
+        return cls(
+            SINK_CONSUMED.labels(store),
+            SINK_IN_FLIGHT.labels(store),
+            STORE_OUTAGES.labels(store),
+            STORE_DEGRADED.labels(store),
+            lambda reason: SINK_DEAD_LETTERS.labels(store, reason),
+        )
 
 
 def exposition() -> tuple[bytes, str]:

@@ -1,9 +1,9 @@
-"""The worker loop: consume -> decode -> micro-batch -> infer -> publish Arrow / dead letters -> commit.
+"""The embedding worker: the consume loop (consume.loop) with inference and Arrow publishing plugged in.
 
-The loop consumes, decodes and batches; ``dispatch`` runs inference, ``sinks.kafka`` publishes rows
-and dead letters and turns the broker's acks into finished offsets, ``delivery`` commits those
-(at-least-once or exactly-once). An input offset is committed only after its embedding row or
-its dead letter was acknowledged by the broker, per partition, in offset order.
+``EmbedStage`` is what the worker adds to the loop: the modality decodes, a batch is prepared
+(the text tokenizer runs here, off the loop's thread) and inferred on the backend, a batch the
+backend refuses for good is halved until the refused record is alone, and the rows go out as Arrow
+messages through ``sinks.kafka.KafkaSink``, whose broker acks finish the input offsets.
 """
 
 from __future__ import annotations
@@ -11,43 +11,124 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
 from embedstream import metrics
-from embedstream.batcher import MicroBatcher
 from embedstream.config import Settings
-from embedstream.delivery import delivery_for
-from embedstream.dispatch import Dispatcher, Inferred
+from embedstream.consume.loop import ConsumeLoop, LoopConfig, LoopStats
+from embedstream.consume.offsets import OffsetTracker
+from embedstream.consume.outbox import Covers, Outbox
+from embedstream.consume.stage import Processed
 from embedstream.drift import DriftMonitor
 from embedstream.encoders import EncoderSpec
+from embedstream.errors import BackendError
 from embedstream.health import BackendWatch
 from embedstream.inference import InferenceBackend
-from embedstream.intake import sort_decoded, source_message, wrong_model
 from embedstream.modalities import Modality
-from embedstream.offsets import OffsetTracker
-from embedstream.rebalance import RebalanceListener
 from embedstream.records import BadRecord, SourceMessage
 from embedstream.sinks.kafka import KafkaSink
 
 log = logging.getLogger(__name__)
 
+MODEL_HEADER = "embedstream.model"
 
-@dataclass
-class WorkerStats:
-    consumed: int = 0
-    embedded: int = 0
-    dead_lettered: int = 0
-    batches: int = 0
-    output_messages: int = 0
-    commits: int = 0
-    outages: int = 0
-    dead_letter_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+WorkerStats = LoopStats
+
+
+def wrong_model(msg: SourceMessage, spec: EncoderSpec) -> BadRecord | None:
+    """A producer may pin the encoder with a ``embedstream.model`` header ("name" or "name:version")."""
+    wanted = msg.header(MODEL_HEADER)
+    if wanted is None:
+        return None
+    name, _, version = wanted.decode("utf-8", "replace").partition(":")
+    if name == spec.name and version in ("", spec.version):
+        return None
+    served = f"{spec.name}:{spec.version}"
+    return BadRecord(msg, "unknown_model", f"message asks for model {wanted!r}; this worker serves {served}")
+
+
+class EmbedStage:
+    """Decode with the modality, infer on the backend, publish Arrow rows."""
+
+    def __init__(
+        self, modality: Modality, backend: InferenceBackend, sink: KafkaSink, drift: DriftMonitor | None = None
+    ) -> None:
+        self.name = modality.name
+        self._modality = modality
+        self._backend = backend
+        self._sink = sink  # the loop's outbox too: its acks finish the offsets the rows cover
+        self._drift = drift
+        self._inference_seconds = metrics.INFERENCE_SECONDS.labels(modality.name, backend.spec.name)
+
+    def decode_many(self, msgs: Sequence[SourceMessage]) -> Sequence[Any]:
+        pinned: list[Any] = []
+        to_decode: list[SourceMessage] = []
+        for msg in msgs:
+            elsewhere = wrong_model(msg, self._backend.spec)
+            if elsewhere is None:
+                to_decode.append(msg)
+            else:
+                pinned.append(elsewhere)
+        return [*pinned, *self._modality.decode_many(to_decode)] if to_decode else pinned
+
+    def batch_weight(self, item: Any) -> int:
+        return 1
+
+    def connect(self) -> None:
+        self._backend.connect()
+
+    def ready(self) -> bool:
+        return self._backend.ready()
+
+    def process(self, batch: list[Any]) -> Processed:
+        """A batch the backend refuses for good is halved until the refused record is alone."""
+        out = Processed()
+        ready = []
+        for item in self._modality.prepare(batch):
+            if isinstance(item, BadRecord):
+                out.unprepared.append(item)
+            else:
+                ready.append(item)
+        parts = [ready] if ready else []
+        while parts:
+            part = parts.pop()
+            try:
+                started = time.perf_counter()
+                outputs = self._backend.infer(self._modality.stack(part))
+                self._inference_seconds.observe(time.perf_counter() - started)
+                out.ok.append((part, outputs))
+            except BackendError as exc:
+                if exc.retriable:
+                    raise
+                if len(part) == 1:
+                    out.rejected.append((part[0], str(exc)))
+                else:
+                    mid = len(part) // 2
+                    parts += [part[mid:], part[:mid]]
+        return out
+
+    def publish(self, outbox: Outbox, part: list[Any], outputs: dict[str, np.ndarray]) -> int:
+        sent = self._sink.publish(part, outputs)
+        if self._drift is not None:
+            self._drift.observe(outputs)
+        return sent
+
+    def rejected(self, item: Any, why: str) -> BadRecord:
+        return BadRecord(item.source, "inference_rejected", why, "BackendError")
+
+    def covers(self, item: Any) -> Covers:
+        return self._modality.covers(item)
+
+    def forget(self, partitions: Sequence[TopicPartition]) -> None:
+        self._modality.forget(partitions)
+
+    def close(self) -> None:
+        self._backend.close()
 
 
 class Worker:
@@ -61,30 +142,36 @@ class Worker:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
-        self.stats = WorkerStats()
-        self.assigned: list[TopicPartition] | None = None  # None until the group assigned us
         self._modality = modality
         self._backend = backend
-        self._consumer = consumer
-        self._producer = producer
-        self._clock = clock
-        batch = settings.batch
-        self._batcher: MicroBatcher[Any] = MicroBatcher(batch.max_size, batch.max_wait_ms / 1000, clock)
-        self._tracker = OffsetTracker()
-        self._sink = KafkaSink(settings, modality, backend.spec, producer, self._tracker)
+        self._sink = KafkaSink(settings, modality, backend.spec, producer, OffsetTracker())
         # Where the served model carries an anomaly detector: its drift gauges (drift.py).
-        self._drift = DriftMonitor.for_worker(backend.spec, settings)
-        self._dispatcher = Dispatcher(
-            backend, modality, batch.max_in_flight, clock, self._pause_for_outage, self._resume_after_outage
+        stage = EmbedStage(modality, backend, self._sink, DriftMonitor.for_worker(backend.spec, settings))
+        batch = settings.batch
+        config = LoopConfig(
+            topics=(settings.kafka.input_topic,),
+            max_size=batch.max_size,
+            max_wait_s=batch.max_wait_ms / 1000,
+            max_in_flight=batch.max_in_flight,
+            dispatch_when_free=batch.dispatch_when_free,
+            commit_interval_s=settings.commit_interval_ms / 1000,
+            thread_name="infer",
         )
-        self._delivery = delivery_for(settings.kafka, consumer, producer, self._sink)
-        self._early_dispatch = batch.dispatch_when_free
-        self._commit_interval_s = settings.commit_interval_ms / 1000
-        self._last_commit = clock()
-        self._consumed = metrics.CONSUMED.labels(modality.name)
+        self.loop = ConsumeLoop(
+            stage, config, settings.kafka, consumer, producer, self._sink,
+            metrics.LoopMetrics.for_worker(modality.name, backend.spec.name), clock,
+        )  # fmt: skip
         # Says degraded as soon as the backend stops answering; started by run(), not by step-driven tests.
         t = settings.triton
         self._watch = BackendWatch(backend.ready, t.health_probe_interval_s, t.health_probe_timeout_s, clock)
+
+    @property
+    def stats(self) -> WorkerStats:
+        return self.loop.stats
+
+    @property
+    def assigned(self) -> list[TopicPartition] | None:
+        return self.loop.assigned
 
     @property
     def spec(self) -> EncoderSpec:
@@ -98,176 +185,40 @@ class Worker:
     @property
     def in_flight_batches(self) -> int:
         """Batches at the inference backend now."""
-        return self._dispatcher.in_flight_batches
+        return self.loop.in_flight_batches
 
     @property
     def queued(self) -> int:
         """Decoded items waiting in the open micro-batch."""
-        return len(self._batcher)
-
-    # -- main loop ----------------------------------------------------------------------------------
+        return self.loop.queued
 
     def run(self, stop: threading.Event) -> WorkerStats:
-        k = self.settings.kafka
-        self._delivery.begin()
-        self._warm_up()
         self._watch.start()
-        self._consumer.subscribe([k.input_topic], listener=RebalanceListener(self, self._consumer))
-        log.info("worker %s consuming %s as group %s", self.settings.worker_id, k.input_topic, k.group_id)
         try:
-            while not stop.is_set():
-                self.step()
-            self.drain()
+            return self.loop.run(stop, warm_up=self._sink.warm_up, step=lambda: self.step())
         finally:
             self._watch.stop()
-            self._consumer.close(autocommit=False)
-        return self.stats
-
-    def _warm_up(self) -> None:
-        """Pay one-off costs before joining the group, not on the first batches of a partition.
-
-        Best effort: a failure here shows up again, and is handled, on the first batch.
-        """
-        try:
-            self._dispatcher.warm_up()
-            self._sink.warm_up()
-        except Exception as exc:
-            log.warning("warm-up before joining the group failed (%s); the first batch will pay for it", exc)
 
     def step(self) -> None:
-        self._complete(self._dispatcher.probe())
-        polled = self._consumer.poll(timeout_ms=self._poll_timeout_ms(), max_records=self._batcher.room)
-        if polled:
-            self._accept([source_message(rec) for records in polled.values() for rec in records])
-        while self._batcher.due() or (self._early_dispatch and len(self._batcher) and self._dispatcher.slot_free):
-            self._submit(self._batcher.take())
-        if self._clock() - self._last_commit >= self._commit_interval_s:
-            self._commit()  # publishes what inference finished and collects acks first
-        else:
-            self._settle(block=False)
+        self.loop.step()
 
     def drain(self) -> None:
-        """Finish what was consumed, wait for the broker's acks, commit: nothing half-done is left.
-
-        During a backend outage the held messages cannot be finished: they stay uncommitted, and
-        whoever owns their partitions next re-reads them.
-        """
-        while len(self._batcher):
-            self._submit(self._batcher.take())
-        self._settle(block=True)
-        if self._dispatcher.degraded:
-            log.warning(
-                "leaving %d messages unembedded (backend down); they will be re-read", self._dispatcher.held_messages
-            )
-        self._commit()
-
-    def _poll_timeout_ms(self) -> int:
-        if self._dispatcher.in_flight_batches:
-            timeout_s = 0.005  # come back soon to publish what the inference threads finish
-        elif len(self._batcher):
-            timeout_s = self._batcher.wait_left()
-        else:
-            timeout_s = 0.2
-        return max(1, int(timeout_s * 1000))
-
-    # -- steps --------------------------------------------------------------------------------------
-
-    def _accept(self, msgs: list[SourceMessage]) -> None:
-        """Track, decode (all of one poll at once, so a modality can batch or parallelise it) and route."""
-        self.stats.consumed += len(msgs)
-        self._consumed.inc(len(msgs))
-        to_decode: list[SourceMessage] = []
-        for msg in msgs:
-            self._tracker.track(TopicPartition(msg.topic, msg.partition), msg.offset)
-            pinned_elsewhere = wrong_model(msg, self._backend.spec)
-            if pinned_elsewhere is not None:
-                self._dead_letter(pinned_elsewhere)
-            else:
-                to_decode.append(msg)
-        items, bad = sort_decoded(self._modality.decode_many(to_decode) if to_decode else ())
-        for record in bad:
-            self._dead_letter(record)
-        for item in items:
-            self._batcher.add(item)
-
-    def _submit(self, batch: Sequence[Any]) -> None:
-        self._complete(self._dispatcher.submit(batch))
-
-    def _settle(self, block: bool) -> None:
-        """Publish what inference finished (in submission order), then collect the broker's acks."""
-        self._complete(self._dispatcher.reap(block))
-        self._sink.collect_acks(block)
-
-    def _complete(self, results: list[Inferred]) -> None:
-        for result in results:
-            for part, outputs in result.ok:
-                self.stats.output_messages += self._sink.publish(part, outputs)
-                if self._drift is not None:
-                    self._drift.observe(outputs)
-                self.stats.batches += 1
-                self.stats.embedded += len(part)
-            for item, why in result.rejected:
-                bad = BadRecord(item.source, "inference_rejected", why, "BackendError")
-                self._dead_letter(bad, self._modality.covers(item))
-            for bad in result.unprepared:
-                self._dead_letter(bad)
-
-    def _dead_letter(self, bad: BadRecord, covers: list[tuple[TopicPartition, int]] | None = None) -> None:
-        self._sink.dead_letter(bad, covers)
-        self.stats.dead_lettered += 1
-        self.stats.dead_letter_reasons[bad.reason] += 1
-
-    def _commit(self) -> None:
-        self._update_gauges()
-        if self._delivery.commit(self._settle):
-            self.stats.commits += 1
-        self._last_commit = self._clock()
-
-    def _update_gauges(self) -> None:
-        metrics.IN_FLIGHT.labels(self._modality.name).set(self._tracker.in_flight())
-        metrics.observe_lag(self._consumer, self.assigned or [])
-
-    def _pause_for_outage(self) -> None:
-        self.stats.outages += 1
-        self._consumer.pause(*self._consumer.assignment())  # still in the group, still heartbeating
-
-    def _resume_after_outage(self) -> None:
-        self._consumer.resume(*self._consumer.paused())
-
-    # -- lifecycle ----------------------------------------------------------------------------------
+        self.loop.drain()
 
     def close(self) -> None:
         self._watch.stop()
-        self._dispatcher.close()
-        self._producer.close(timeout=10)
-        self._backend.close()
+        self.loop.close()
 
     def status(self) -> dict[str, Any]:
-        unanswered = self._watch.failing
-        degraded = self._dispatcher.degraded or unanswered is not None
         return {
             "worker_id": self.settings.worker_id,
-            "ready": self.assigned is not None and not degraded,
-            "degraded": degraded,
-            "degraded_reason": self._dispatcher.degraded_reason or unanswered or "",
-            "outages": self.stats.outages,
-            "assigned": sorted(f"{tp.topic}/{tp.partition}" for tp in self.assigned or []),
-            "consumed": self.stats.consumed,
-            "embedded": self.stats.embedded,
+            **self.loop.status(self._watch.failing),
+            "embedded": self.stats.processed,
             "batches": self.stats.batches,
-            "dead_lettered": self.stats.dead_lettered,
-            "in_flight": self._tracker.in_flight(),
         }
 
     def on_revoked(self, partitions: list[TopicPartition]) -> None:
-        self.drain()
-        dropped = self._dispatcher.drop_held(partitions)
-        if dropped:
-            log.warning("dropped %d held messages of revoked partitions; their new owner re-reads them", dropped)
-        self._modality.forget(list(partitions))  # e.g. open windows: the new owner rebuilds them from the log
-        self._tracker.forget(list(partitions))
+        self.loop.on_revoked(partitions)
 
     def on_assigned(self, partitions: list[TopicPartition]) -> None:
-        self.assigned = list(partitions)
-        if self._dispatcher.degraded and partitions:
-            self._consumer.pause(*partitions)  # still no backend: take the partitions, do not read them yet
+        self.loop.on_assigned(partitions)

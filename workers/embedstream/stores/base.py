@@ -14,14 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedstream.errors import EmbedstreamError
+from embedstream.errors import StoreUnavailable as StoreUnavailable  # stores raise it from here
 
 KEY_COLUMNS: tuple[str, ...] = ("id", "model_name", "model_version")
 """The idempotency key: one stored row per input row and model."""
-
-
-class StoreUnavailable(EmbedstreamError):
-    """The store did not acknowledge a write; nothing of it counts as stored."""
 
 
 @dataclass(frozen=True)

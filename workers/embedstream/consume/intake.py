@@ -1,4 +1,4 @@
-"""What enters the loop: a consumed Kafka record as a SourceMessage, the producer's model pin, decode results sorted."""
+"""What enters the loop: a consumed Kafka record as a SourceMessage; a stage's decode results sorted."""
 
 from __future__ import annotations
 
@@ -6,10 +6,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from embedstream.encoders import EncoderSpec
 from embedstream.records import BadRecord, Deferred, SourceMessage
-
-MODEL_HEADER = "embedstream.model"
 
 
 def source_message(rec: Any) -> SourceMessage:
@@ -23,18 +20,6 @@ def source_message(rec: Any) -> SourceMessage:
         timestamp_ms=rec.timestamp if rec.timestamp and rec.timestamp > 0 else int(time.time() * 1000),
         headers=tuple((k, v or b"") for k, v in rec.headers) if rec.headers else (),
     )
-
-
-def wrong_model(msg: SourceMessage, spec: EncoderSpec) -> BadRecord | None:
-    """A producer may pin the encoder with a ``embedstream.model`` header ("name" or "name:version")."""
-    wanted = msg.header(MODEL_HEADER)
-    if wanted is None:
-        return None
-    name, _, version = wanted.decode("utf-8", "replace").partition(":")
-    if name == spec.name and version in ("", spec.version):
-        return None
-    served = f"{spec.name}:{spec.version}"
-    return BadRecord(msg, "unknown_model", f"message asks for model {wanted!r}; this worker serves {served}")
 
 
 def sort_decoded(decoded: Iterable[Any]) -> tuple[list[Any], list[BadRecord]]:

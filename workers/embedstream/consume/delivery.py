@@ -9,17 +9,17 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from embedstream.config import KafkaSettings
-from embedstream.offsets import OffsetTracker
-from embedstream.sinks.kafka import KafkaSink
+from embedstream.consume.offsets import OffsetTracker
+from embedstream.consume.outbox import Outbox
 
 Settle = Callable[[bool], None]
-"""Publish what inference finished, then collect the broker's acks; ``True``: wait for all of them."""
+"""Publish what the stage finished, then collect the broker's acks; ``True``: wait for all of them."""
 
 
 class Delivery(Protocol):
-    """Commits the offsets the sink finished. A commit runs, in order:
+    """Commits the offsets the outbox finished. A commit runs, in order:
 
-    1. publish what inference finished,
+    1. publish what the stage finished,
     2. flush the producer and wait for acks (acknowledged outputs finish their input offsets),
     3. commit offsets (consumer commit | send_offsets_to_transaction + commit_transaction, then
        begin the next).
@@ -66,9 +66,9 @@ class ExactlyOnce:
     Work held during an outage stays out of it: its offsets are not finished.
     """
 
-    def __init__(self, producer: KafkaProducer, sink: KafkaSink, group_id: str) -> None:
+    def __init__(self, producer: KafkaProducer, outbox: Outbox, group_id: str) -> None:
         self._producer = producer
-        self._sink = sink
+        self._outbox = outbox
         self._group_id = group_id
         self._acked_at_commit = 0
 
@@ -79,19 +79,19 @@ class ExactlyOnce:
 
     def commit(self, settle: Settle) -> bool:
         settle(True)
-        offsets = self._sink.tracker.committable()
-        if not offsets and self._sink.acked == self._acked_at_commit:
+        offsets = self._outbox.tracker.committable()
+        if not offsets and self._outbox.acked == self._acked_at_commit:
             return False
         if offsets:
             self._producer.send_offsets_to_transaction(_offsets(offsets), self._group_id)
         self._producer.commit_transaction()
-        self._sink.tracker.mark_committed(offsets)
-        self._acked_at_commit = self._sink.acked
+        self._outbox.tracker.mark_committed(offsets)
+        self._acked_at_commit = self._outbox.acked
         self._producer.begin_transaction()
         return True
 
 
-def delivery_for(kafka: KafkaSettings, consumer: KafkaConsumer, producer: KafkaProducer, sink: KafkaSink) -> Delivery:
+def delivery_for(kafka: KafkaSettings, consumer: KafkaConsumer, producer: KafkaProducer, outbox: Outbox) -> Delivery:
     if kafka.delivery == "exactly_once":
-        return ExactlyOnce(producer, sink, kafka.group_id)
-    return AtLeastOnce(consumer, sink.tracker)
+        return ExactlyOnce(producer, outbox, kafka.group_id)
+    return AtLeastOnce(consumer, outbox.tracker)
