@@ -144,7 +144,7 @@ DRIFT_NORMAL_ROWS = 240  # over the rules' 200-row minimum window
 # expression holds (no clock here: a scrape per batch stands for Prometheus' evaluations over the duration).
 FOR_SCRAPES = 2
 # OOD rows after the switch by which each rule fires (measured: docs/anomaly.md, Drift); a 240-row normal
-# window, batches of up to 32 rows: the first batch boundary past the crossing.
+# window, full batches of 16 rows (the test sets them): the second batch boundary past the crossing.
 MAX_OOD_ROWS_TO_ALERT = {"EmbeddingMeanDrift": 170, "EmbeddingAnomalyRateHigh": 170}
 
 
@@ -251,6 +251,10 @@ def test_drift_gauges_stay_low_on_normal_photos_and_the_alert_rules_fire_after_t
     ood, _ = ood_images(rng, copies=10)
     ood = [ood[i] for i in rng.permutation(len(ood))]  # mixed kinds, as broken traffic would come
     lane = private_topics(anomaly_stack.settings, "drift", partitions=1)  # one partition: the switch is one offset
+    # Full batches of 16, one at a time: a scrape sees every batch, and where the rules fire does not
+    # depend on how busy the machine is (batches that fill while they wait would cover more rows).
+    batch = {"max_size": 16, "max_wait_ms": 2_000, "max_in_flight": 1, "dispatch_when_free": False}
+    lane = lane.model_copy(update={"batch": lane.batch.model_copy(update=batch)})
     messages = [(f"normal-{i:03d}".encode(), v) for i, v in enumerate(normal)]
     messages += [(f"ood-{i:03d}".encode(), v) for i, v in enumerate(ood)]
     produce(lane.kafka.bootstrap_servers, lane.kafka.input_topic, messages)
@@ -264,7 +268,7 @@ def test_drift_gauges_stay_low_on_normal_photos_and_the_alert_rules_fire_after_t
                 scrapes.append(_scrape(port))
             except OSError:
                 pass  # not listening yet
-            stop.wait(0.1)
+            stop.wait(0.02)
 
     worker = WorkerProcess(lane, tmp_path, "worker").start()
     thread = threading.Thread(target=scraper, args=(worker.health_port,), daemon=True)

@@ -11,6 +11,7 @@ pipeline's batch.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,36 @@ def timeseries_settings(base: Settings, workdir: Path) -> Settings:
 
 
 def train_normal(root: Path, family: str = "autoencoder") -> Path:
-    """Fit a time-series encoder on the bundled generator's normal data; returns its weights file."""
+    """Fit a time-series encoder on the bundled generator's normal data; returns its weights file.
+
+    With ``EMBEDSTREAM_EXPORT_CACHE`` set, a fit of the same code, family and window is copied from
+    there (file times kept, so its export is a cache hit too): the fit is seeded, so it would be the same.
+    """
+    import shutil
+
+    from embedstream.export.cache import cache_dir, source_digest
+
+    window = defaults("timeseries").window
+    if window is None:
+        raise ConfigError("the time-series modality declares no window to fit its encoders on")
+    cached = cache_dir()
+    if cached is None:
+        return _fit_normal(root, family, window)
+    entry = cached / f"fit-{family}-w{window}-{source_digest().hex()[:16]}"
+    if not entry.is_dir():
+        staging = cached / f".{entry.name}.{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        fitted = _fit_normal(staging, family, window)
+        (staging / "weights.name").write_text(str(fitted.relative_to(staging)))
+        try:
+            staging.rename(entry)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(entry, root, dirs_exist_ok=True)
+    return root / (entry / "weights.name").read_text()
+
+
+def _fit_normal(root: Path, family: str, window: int) -> Path:
     import pyarrow.csv as pcsv
 
     from embedstream.training import synthetic
@@ -109,8 +139,6 @@ def train_normal(root: Path, family: str = "autoencoder") -> Path:
 
     root.mkdir(parents=True, exist_ok=True)
     pcsv.write_csv(synthetic.normal_table(16, 600, seed=0), str(root / "normal.csv"))
-    window = defaults("timeseries").window
-    assert window is not None  # the time-series modality declares the window its encoders are fitted on
     weights = train_from_file(root / "normal.csv", root / "weights", (family,), TrainConfig(window=window))
     return weights[family]
 

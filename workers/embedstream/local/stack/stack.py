@@ -16,12 +16,22 @@ from types import TracebackType
 from embedstream.config import EncoderSettings, Settings, load_settings
 from embedstream.encoders import EncoderSpec
 from embedstream.export import ExportTarget, export_model, local_cpu_target
+from embedstream.export.cache import cache_dir, export_cached
 from embedstream.kafka_io import ensure_topics
 from embedstream.local.stack.broker import LocalBroker
 from embedstream.local.stack.storage import LocalStorage
 from embedstream.local.stack.triton import LocalTriton
 
 log = logging.getLogger(__name__)
+
+
+def _default_exporter() -> Callable[[EncoderSettings, Path, ExportTarget], EncoderSpec]:
+    """``export_model``, through the export cache when ``EMBEDSTREAM_EXPORT_CACHE`` names one."""
+    root = cache_dir()
+    if root is None:
+        return export_model
+    root.mkdir(parents=True, exist_ok=True)
+    return lambda settings, repo, target: export_cached(settings, repo, target, root, export_model)
 
 
 class LocalStack:
@@ -56,7 +66,7 @@ class LocalStack:
         self._triton_ports = triton_ports
         self.specs: list[EncoderSpec] = []
         self.export_target = export_target or local_cpu_target()
-        self._export = exporter or export_model
+        self._export = exporter or _default_exporter()
 
     def start(self) -> LocalStack:
         try:
