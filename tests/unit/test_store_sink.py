@@ -131,3 +131,24 @@ def test_a_failing_store_holds_the_batch_pauses_and_commits_nothing_past_it_unti
     assert not sink.status()["degraded"] and consumer.paused() == set()
     assert len(store.rows) == 40 and sink.stats.outages == 1
     assert not producer.sent.get("deadletter.sink.memory")
+
+
+def test_a_registered_store_is_a_sink_subcommand_and_opens_from_the_settings(monkeypatch, capsys):
+    import pytest
+
+    from embedstream.cli import main
+    from embedstream.errors import ConfigError
+    from embedstream.stores import registry
+
+    assert [k.name for k in registry.store_kinds()] == ["feast", "lancedb"]  # found by their modules
+    monkeypatch.setattr(registry, "_STORES", dict(registry._STORES))
+    kind = registry.register_store(registry.StoreKind("memory", "rows in a dict, for tests", lambda s: MemoryStore()))
+    assert isinstance(registry.store_kind("memory").open(load_settings()), MemoryStore)
+    with pytest.raises(SystemExit) as exited:
+        main(["sink", "--help"])
+    assert exited.value.code == 0 and "rows in a dict, for tests" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="registered twice"):
+        registry.register_store(registry.StoreKind("memory", "another", lambda s: MemoryStore()))
+    assert registry.register_store(kind) is kind  # a module imported again registers the same kind
+    with pytest.raises(ConfigError, match="unknown store 'nosuch'"):
+        registry.store_kind("nosuch")

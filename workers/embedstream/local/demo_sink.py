@@ -72,7 +72,7 @@ def _run_sinks(lanes: list[SinkLane], root: Path, timeout_s: float) -> dict[str,
 
     expected = sum(lane.readback.rows for lane in lanes)
     topics = [lane.settings.kafka.output_topic for lane in lanes]
-    sinks = [create_sink(store, _sink_settings(lanes[0].settings, topics, root, store)) for store in STORES]  # type: ignore[arg-type]
+    sinks = [create_sink(store, _sink_settings(lanes[0].settings, topics, root, store)) for store in STORES]
     stop = threading.Event()
     errors: list[BaseException] = []
 

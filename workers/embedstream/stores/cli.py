@@ -1,4 +1,4 @@
-"""Subcommands ``sink lancedb``, ``sink feast [init DIR]`` and ``search`` (registered by embedstream.cli)."""
+"""Subcommands ``sink <store>`` (one per registered store: ``stores/registry.py``) and ``search``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from embedstream.cli_support import Commands, flag, settings_from_args, stop_on_signals
-from embedstream.errors import ConfigError
+from embedstream.stores.registry import store_kind, store_kinds
 
 log = logging.getLogger("embedstream")
 
@@ -22,16 +22,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> Commands:
     p = sub.add_parser("sink", help="write output-topic rows into a store (Feast online store, LanceDB table)")
     stores = p.add_subparsers(dest="store", required=True)
-    for name, help_text in (
-        ("lancedb", "merge rows into a LanceDB table per model version; ANN index once large enough"),
-        ("feast", "write rows into a Feast online store; `sink feast init DIR` writes the repository"),
-    ):
-        s = stores.add_parser(name, help=help_text)
-        if name == "feast":
-            s.add_argument("action", nargs="?", choices=["init"], help="init: write and apply a Feast repository")
-            s.add_argument("dir", nargs="?", help="with init: the repository directory to write")
-            s.add_argument("--no-apply", action="store_true", help="with init: write the files, do not register them")
-            flag(s, "--feast-repo", "SINK__FEAST_REPO", "Feast repository (overrides [sink] feast_repo)")
+    for kind in store_kinds():
+        s = stores.add_parser(kind.name, help=kind.help)
+        kind.add_flags(s)
         _common(s)
         flag(s, "--topics", "SINK_TOPICS", "comma-separated output topics (overrides [sink] topics)")
         flag(s, "--group-id", "SINK__GROUP_ID", "consumer group (default embedstream-sink-<store>)")
@@ -75,18 +68,9 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
-    if args.store == "feast" and args.action == "init":
-        from embedstream.stores.feast_repo import write_repo
-
-        if not args.dir:
-            raise ConfigError("sink feast init needs the repository directory: embedstream sink feast init DIR")
-        for path in write_repo(Path(args.dir), apply=not args.no_apply):
-            print(f"wrote {path}")
-        print(
-            f"{'registered' if not args.no_apply else 'not registered'}: feature views embeddings_image, "
-            f"embeddings_text, embeddings_timeseries; run the sink with --feast-repo {args.dir}"
-        )
-        return 0
+    own = store_kind(args.store).command(args)
+    if own is not None:
+        return own
     from embedstream.stores.service import run_sink
 
     stats = run_sink(args.store, _settings(args), stop_on_signals())

@@ -8,15 +8,20 @@ idempotent. Training data comes from the output topic or the offline store a bat
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from embedstream.errors import ConfigError
 from embedstream.stores.base import KEY_COLUMNS, Refusal, StoreUnavailable, check_rows, latest_per_key, modality_of
 from embedstream.stores.feast_repo import view_name
+from embedstream.stores.registry import StoreKind, register_store
+
+if TYPE_CHECKING:
+    from embedstream.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +98,44 @@ class FeastStore:
             else:
                 self._views[name] = [f.name for f in view.features]
         return self._views[name]
+
+
+def _open(settings: Settings) -> FeastStore:
+    return FeastStore(Path(settings.sink.feast_repo))
+
+
+def _flags(s: argparse.ArgumentParser) -> None:
+    from embedstream.cli_support import flag
+
+    s.add_argument("action", nargs="?", choices=["init"], help="init: write and apply a Feast repository")
+    s.add_argument("dir", nargs="?", help="with init: the repository directory to write")
+    s.add_argument("--no-apply", action="store_true", help="with init: write the files, do not register them")
+    flag(s, "--feast-repo", "SINK__FEAST_REPO", "Feast repository (overrides [sink] feast_repo)")
+
+
+def _init(args: argparse.Namespace) -> int | None:
+    """``sink feast init DIR``: write (and register) the repository instead of running the sink."""
+    if args.action != "init":
+        return None
+    from embedstream.stores.feast_repo import write_repo
+
+    if not args.dir:
+        raise ConfigError("sink feast init needs the repository directory: embedstream sink feast init DIR")
+    for path in write_repo(Path(args.dir), apply=not args.no_apply):
+        print(f"wrote {path}")
+    print(
+        f"{'registered' if not args.no_apply else 'not registered'}: feature views embeddings_image, "
+        f"embeddings_text, embeddings_timeseries; run the sink with --feast-repo {args.dir}"
+    )
+    return 0
+
+
+register_store(
+    StoreKind(
+        "feast",
+        "write rows into a Feast online store; `sink feast init DIR` writes the repository",
+        _open,
+        _flags,
+        _init,
+    )
+)

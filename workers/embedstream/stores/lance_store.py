@@ -11,11 +11,15 @@ import logging
 import re
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from embedstream.stores.base import KEY_COLUMNS, Refusal, StoreUnavailable, check_rows, latest_per_key, model_of
+from embedstream.stores.registry import StoreKind, register_store
+
+if TYPE_CHECKING:
+    from embedstream.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -184,3 +188,13 @@ class LanceStore:
 def model_of_rows(table: pa.Table) -> tuple[str, str]:
     """(model name, version) from the columns: admitted rows carry no schema metadata."""
     return str(table.column("model_name")[0]), str(table.column("model_version")[0])
+
+
+def _open(settings: Settings) -> LanceStore:
+    return LanceStore(settings.sink.lancedb_uri, settings.sink.index_min_rows)
+
+
+# ``--lancedb-uri`` is shared with ``search``, so the CLI adds it to both.
+register_store(
+    StoreKind("lancedb", "merge rows into a LanceDB table per model version; ANN index once large enough", _open)
+)

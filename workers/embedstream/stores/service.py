@@ -4,31 +4,22 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
-from typing import Literal
 
 from embedstream.config import Settings
 from embedstream.health import HealthServer
 from embedstream.kafka_io import ensure_topics, make_consumer, make_producer
 from embedstream.stores.base import Store
+from embedstream.stores.registry import store_kind
 from embedstream.stores.sink import SinkStats, StoreSink, sink_kafka
 
 log = logging.getLogger(__name__)
 
-StoreKind = Literal["lancedb", "feast"]
+
+def open_store(kind: str, settings: Settings) -> Store:
+    return store_kind(kind).open(settings)
 
 
-def open_store(kind: StoreKind, settings: Settings) -> Store:
-    if kind == "lancedb":
-        from embedstream.stores.lance_store import LanceStore
-
-        return LanceStore(settings.sink.lancedb_uri, settings.sink.index_min_rows)
-    from embedstream.stores.feast_store import FeastStore
-
-    return FeastStore(Path(settings.sink.feast_repo))
-
-
-def create_sink(kind: StoreKind, settings: Settings) -> StoreSink:
+def create_sink(kind: str, settings: Settings) -> StoreSink:
     store = open_store(kind, settings)
     k = sink_kafka(settings, kind)
     try:
@@ -42,7 +33,7 @@ def create_sink(kind: StoreKind, settings: Settings) -> StoreSink:
     return StoreSink(settings, store, make_consumer(k, client_id), make_producer(plain, client_id))
 
 
-def run_sink(kind: StoreKind, settings: Settings, stop: threading.Event) -> SinkStats:
+def run_sink(kind: str, settings: Settings, stop: threading.Event) -> SinkStats:
     sink = create_sink(kind, settings)
     health = None
     if settings.health_port is not None:
