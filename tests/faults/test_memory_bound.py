@@ -19,9 +19,9 @@ import orjson
 import pytest
 
 from embedstream.config import Settings, load_settings
+from embedstream.consume.deadletter import REASON
 from embedstream.local.stack.stack import LocalStack
 from embedstream.local.stack.worker_process import WorkerProcess
-from embedstream.sinks.deadletter import REASON
 
 from ..integration.helpers import produce
 

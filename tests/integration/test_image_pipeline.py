@@ -11,6 +11,7 @@ import torch
 from kafka.structs import TopicPartition
 
 from embedstream.config import Settings
+from embedstream.consume.deadletter import REASON, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, WORKER_ID
 from embedstream.encoders import EncoderSpec
 from embedstream.errors import ModelMismatchError
 from embedstream.kafka_io import make_reader, partitions_of
@@ -22,7 +23,6 @@ from embedstream.modalities.image import DecodedImage, decode_image
 from embedstream.records import SourceMessage
 from embedstream.service import create_worker, encoder_spec
 from embedstream.sinks.arrow_codec import decode_embeddings
-from embedstream.sinks.deadletter import REASON, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC, WORKER_ID
 
 from .helpers import accounting, produce, read_all, read_until_complete, wait_for_rows
 

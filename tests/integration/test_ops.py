@@ -8,11 +8,11 @@ import pytest
 from kafka.structs import TopicPartition
 
 from embedstream.config import KafkaSettings
+from embedstream.consume import deadletter as dl
 from embedstream.kafka_io import ensure_topics, make_reader, make_writer, partitions_of
 from embedstream.local.samples.generated import samples
 from embedstream.local.stack.worker_process import WorkerProcess
 from embedstream.ops.replay import REPLAY_SOURCE
-from embedstream.sinks import deadletter as dl
 from tests.integration.helpers import produce, read_until_complete
 from tests.unit.test_ops import arrow_message, run_ops
 

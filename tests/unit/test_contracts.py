@@ -11,10 +11,10 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from embedstream import decode_embeddings
+from embedstream.consume import deadletter
 from embedstream.modalities import MODALITIES
 from embedstream.modalities import _envelope as envelope
 from embedstream.records import REASONS, BadRecord, SourceMessage
-from embedstream.sinks import deadletter
 from embedstream.sinks.arrow_codec import (
     CONTENT_TYPE,
     SCHEMA_VERSION,

@@ -173,3 +173,31 @@ def test_the_model_and_store_side_never_import_the_local_tools(room):
         for p in (PACKAGE / room).rglob("*.py")
     }
     assert {m: i for m, i in offenders.items() if i} == {}
+
+
+def _subpackage_edges() -> dict[str, set[str]]:
+    """Which subpackage imports which, counting every import, also those inside functions."""
+    edges: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        if len(rel.parts) < 2:
+            continue  # top-level modules are the rooms between subpackages, not one of them
+        src = rel.parts[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "embedstream" and len(parts) > 1 and parts[1] != src:
+                    edges.setdefault(src, set()).add(parts[1])
+    return edges
+
+
+def test_subpackages_import_each_other_one_way_even_inside_functions():
+    edges = _subpackage_edges()
+    both = sorted((a, b) for a, out in edges.items() for b in out if a < b and a in edges.get(b, set()))
+    assert both == []

@@ -14,6 +14,7 @@ from kafka.structs import TopicPartition
 
 from embedstream import cli, cli_support
 from embedstream.config import load_settings
+from embedstream.consume import deadletter as dl
 from embedstream.errors import ConfigError, EmbedstreamError
 from embedstream.ops import cli as ops_cli
 from embedstream.ops.configcheck import MASK, render_masked
@@ -21,7 +22,6 @@ from embedstream.ops.dlq import DeadLetterRow, original_headers, plan_redrive, r
 from embedstream.ops.kafka import parse_time_ms
 from embedstream.ops.replay import REPLAY_SOURCE, replay_message
 from embedstream.ops.tail import Sample, format_row, pca_2d, plot_pca, table_lines, tail
-from embedstream.sinks import deadletter as dl
 from embedstream.sinks.arrow_codec import RowMeta, encode_batch, output_schema
 from embedstream.topic_reader import Span, clamp_spans
 

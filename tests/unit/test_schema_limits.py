@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from embedstream.config import Settings
-from embedstream.sinks.deadletter import MAX_MESSAGE_CHARS
+from embedstream.consume.deadletter import MAX_MESSAGE_CHARS
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 UNITS = {"B": 1, "bytes": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}

@@ -9,8 +9,8 @@ import pyarrow as pa
 from kafka.structs import TopicPartition
 
 from embedstream.config import load_settings
+from embedstream.consume.deadletter import REASON
 from embedstream.errors import StoreUnavailable
-from embedstream.sinks.deadletter import REASON
 from embedstream.stores.base import KEY_COLUMNS, Refusal, check_rows
 from embedstream.stores.sample_rows import sample_messages
 from embedstream.stores.sink import StoreSink

@@ -10,6 +10,7 @@ import pytest
 from kafka.structs import TopicPartition
 
 from embedstream.config import load_settings
+from embedstream.consume.deadletter import REASON, SOURCE_OFFSET
 from embedstream.encoders import get_family
 from embedstream.errors import ConfigError
 from embedstream.inference.local import TorchBackend
@@ -23,7 +24,6 @@ from embedstream.modalities.timeseries import (
 )
 from embedstream.records import BadRecord, Deferred, SourceMessage
 from embedstream.sinks.arrow_codec import decode_embeddings
-from embedstream.sinks.deadletter import REASON, SOURCE_OFFSET
 from embedstream.testing import FakeBackend, FakeConsumer, FakeProducer
 from embedstream.worker import Worker
 

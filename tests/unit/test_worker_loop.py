@@ -10,10 +10,10 @@ from kafka.structs import TopicPartition
 from PIL import Image
 
 from embedstream.config import load_settings
+from embedstream.consume.deadletter import REASON, SOURCE_OFFSET, VALUE_DROPPED
 from embedstream.encoders import EncoderSpec, ImagePreprocessing, TensorSpec
 from embedstream.modalities.image import ImageModality
 from embedstream.sinks.arrow_codec import decode_embeddings
-from embedstream.sinks.deadletter import REASON, SOURCE_OFFSET, VALUE_DROPPED
 from embedstream.testing import FakeBackend, FakeConsumer, FakeProducer
 from embedstream.worker import Worker
 

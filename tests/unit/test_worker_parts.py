@@ -8,6 +8,7 @@ import pytest
 from kafka.structs import TopicPartition
 
 from embedstream.config import load_settings
+from embedstream.consume.deadletter import REASON, VALUE_DROPPED
 from embedstream.consume.delivery import AtLeastOnce, ExactlyOnce, delivery_for
 from embedstream.consume.dispatch import Dispatcher
 from embedstream.consume.offsets import OffsetTracker
@@ -15,7 +16,6 @@ from embedstream.errors import DeliveryError
 from embedstream.modalities.image import ImageModality
 from embedstream.records import BadRecord, SourceMessage
 from embedstream.sinks.arrow_codec import decode_embeddings
-from embedstream.sinks.deadletter import REASON, VALUE_DROPPED
 from embedstream.sinks.kafka import KafkaSink
 from embedstream.testing import FakeBackend, FakeProducer
 from embedstream.worker import EmbedStage

@@ -16,10 +16,10 @@ from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import TopicPartition
 
 from embedstream.config import KafkaSettings
+from embedstream.consume.deadletter import VALUE_DROPPED, dead_letter_headers
 from embedstream.consume.offsets import OffsetTracker
 from embedstream.errors import DeliveryError
 from embedstream.records import BadRecord
-from embedstream.sinks.deadletter import VALUE_DROPPED, dead_letter_headers
 
 log = logging.getLogger("embedstream.worker")
 

@@ -10,11 +10,13 @@ torch-free, so the rest of the package never reaches into ``encoders._*``.
 
 from embedstream.encoders._names import (
     NULL_FAMILY,
+    TOKENIZER_FILE,
     imitated,
     null_model_name,
     packaged_model_dir,
     resolve_source,
     served_model_name,
+    tokenizer_file,
 )
 from embedstream.encoders._packaged import has_packaged_weights, require_weights_choice
 from embedstream.encoders._registry import (
@@ -30,6 +32,7 @@ from embedstream.encoders._spec import EncoderSpec, ImagePreprocessing, TensorSp
 
 __all__ = [
     "NULL_FAMILY",
+    "TOKENIZER_FILE",
     "EncoderFamily",
     "EncoderSpec",
     "ImagePreprocessing",
@@ -49,4 +52,5 @@ __all__ = [
     "resolve_source",
     "served_model_name",
     "sidecar_path",
+    "tokenizer_file",
 ]

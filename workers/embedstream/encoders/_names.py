@@ -115,3 +115,27 @@ def served_model_name(settings: EncoderSettings) -> str:
     require_known(settings.family)
     log.info("encoder family %r has no torch-free naming rule: describing it to find its name", settings.family)
     return get_family(settings.family).describe(settings).name
+
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def tokenizer_file(location: str, local_files_only: bool = True) -> Path:
+    """``tokenizer.json`` of a model directory, or of a hub model (from the local cache unless allowed online)."""
+    path = Path(location).expanduser()
+    if path.is_dir():
+        found = path / TOKENIZER_FILE
+        if not found.is_file():
+            raise ConfigError(f"{location} has no {TOKENIZER_FILE} (a fast tokenizer); the text worker needs one")
+        return found
+    if path.is_file():
+        return path
+    if path.is_absolute() or location.startswith("."):
+        raise ConfigError(f"tokenizer directory not found: {location}")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(location, TOKENIZER_FILE, local_files_only=local_files_only))
+    except Exception as exc:  # not cached, no network, no such model, or a model without a fast tokenizer
+        hint = " (hub names need encoder.weights = 'pretrained' to download)" if local_files_only else ""
+        raise ConfigError(f"cannot load the tokenizer of {location!r}: {exc}{hint}") from exc

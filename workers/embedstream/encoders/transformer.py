@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from embedstream.encoders._names import DEFAULT_TEXT_ARCH, resolve_source, text_model_name
+from embedstream.encoders._names import DEFAULT_TEXT_ARCH, resolve_source, text_model_name, tokenizer_file
 from embedstream.encoders._names import packaged_model_dir as packaged_model_dir  # where callers look for it
 from embedstream.encoders._registry import EncoderFamily, register_family
 from embedstream.encoders._spec import EncoderSpec, TensorSpec
 from embedstream.encoders._weights import load_weights
 from embedstream.errors import ConfigError
 from embedstream.lineage import file_sha256
-from embedstream.modalities._tokenizer import tokenizer_file
 
 if TYPE_CHECKING:
     from embedstream.config import EncoderSettings

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from embedstream.config import KafkaSettings
+from embedstream.consume.deadletter import REASON
 from embedstream.kafka_io import make_reader
 from embedstream.sinks.arrow_codec import decode_embeddings
-from embedstream.sinks.deadletter import REASON
 from embedstream.topic_reader import assign_all
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embedstream.encoders import TOKENIZER_FILE, resolve_source, tokenizer_file
 from embedstream.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILE = "tokenizer.json"
 _PREFIX_MARGIN_TOKENS = 16
 
 
@@ -100,8 +100,6 @@ def local_location(location: str, arch: str) -> str:
     path = Path(location).expanduser()
     if path.exists() or not path.is_absolute():
         return location
-    from embedstream.encoders import resolve_source
-
     try:
         source, is_dir = resolve_source(arch)
     except ConfigError:
@@ -110,27 +108,6 @@ def local_location(location: str, arch: str) -> str:
         log.info("tokenizer %s (from the served spec) is not here; using %s (encoder.arch %r)", location, source, arch)
         return source
     return location
-
-
-def tokenizer_file(location: str, local_files_only: bool = True) -> Path:
-    """``tokenizer.json`` of a model directory, or of a hub model (from the local cache unless allowed online)."""
-    path = Path(location).expanduser()
-    if path.is_dir():
-        found = path / TOKENIZER_FILE
-        if not found.is_file():
-            raise ConfigError(f"{location} has no {TOKENIZER_FILE} (a fast tokenizer); the text worker needs one")
-        return found
-    if path.is_file():
-        return path
-    if path.is_absolute() or location.startswith("."):
-        raise ConfigError(f"tokenizer directory not found: {location}")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(location, TOKENIZER_FILE, local_files_only=local_files_only))
-    except Exception as exc:  # not cached, no network, no such model, or a model without a fast tokenizer
-        hint = " (hub names need encoder.weights = 'pretrained' to download)" if local_files_only else ""
-        raise ConfigError(f"cannot load the tokenizer of {location!r}: {exc}{hint}") from exc
 
 
 def _pad_token_id(tok: Tokenizer, directory: Path) -> int:

@@ -22,12 +22,12 @@ import numpy as np
 import pyarrow as pa
 
 from embedstream.config import EncoderSettings, Settings, TextLimits
-from embedstream.encoders import EncoderSpec
+from embedstream.encoders import EncoderSpec, tokenizer_file
 from embedstream.errors import ConfigError
 from embedstream.lineage import CHARS, file_sha256
 from embedstream.modalities import ModalityDefaults, ModalityTopics, OneRowPerMessage, register_modality
 from embedstream.modalities._envelope import default_id, is_envelope, parse_object, read_meta
-from embedstream.modalities._tokenizer import TextTokenizer, local_location, tokenizer_file
+from embedstream.modalities._tokenizer import TextTokenizer, local_location
 from embedstream.records import BadRecord, RowMeta, SourceMessage
 
 ALLOWED_KEYS = frozenset({"id", "text", "event_time_ms", "metadata"})

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from kafka.consumer.fetcher import ConsumerRecord
 
+from embedstream.consume import deadletter as dl
 from embedstream.ops.kafka import header_dict
-from embedstream.sinks import deadletter as dl
 
 
 @dataclass(frozen=True)
