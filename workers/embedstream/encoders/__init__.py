@@ -19,6 +19,7 @@ from embedstream.encoders._names import (
     tokenizer_file,
 )
 from embedstream.encoders._packaged import has_packaged_weights, require_weights_choice
+from embedstream.encoders._packaged_images import weights_file as packaged_image_weights
 from embedstream.encoders._registry import (
     EncoderFamily,
     describe,
@@ -44,6 +45,7 @@ __all__ = [
     "imitated",
     "list_families",
     "null_model_name",
+    "packaged_image_weights",
     "packaged_model_dir",
     "read_json_sidecar",
     "register_family",
