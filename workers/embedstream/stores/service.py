@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from embedstream.allocator import return_large_buffers
 from embedstream.config import Settings
 from embedstream.health import HealthServer
 from embedstream.kafka_io import ensure_topics, make_consumer, make_producer
@@ -34,6 +35,7 @@ def create_sink(kind: str, settings: Settings) -> StoreSink:
 
 
 def run_sink(kind: str, settings: Settings, stop: threading.Event) -> SinkStats:
+    return_large_buffers()  # before the first message: see allocator.py
     sink = create_sink(kind, settings)
     health = None
     if settings.health_port is not None:
