@@ -1,1 +1,1 @@
-"""Where results go: Arrow-encoded embeddings and dead letters."""
+"""Where the worker's rows go: the Arrow output contract and the Kafka publisher of embeddings."""
