@@ -23,7 +23,7 @@ up: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check workers tests examples deploy/gpu
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -v --durations=15
+	$(BIN)/python -m pytest -v --durations=15 -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check workers tests examples deploy/gpu
