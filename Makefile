@@ -23,7 +23,13 @@ up: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check workers tests examples deploy/gpu
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -v --durations=15 -n 2 --dist loadgroup
+	@# Two lanes on the two cores: the CPU-bound unit tier beside the real-stack tiers, which mostly
+	@# wait (group joins, restarts, timeouts); the unit lane's report follows the other's.
+	$(BIN)/python -m pytest -v --durations=15 -p no:cacheprovider tests/unit > .unit-tests.log 2>&1 & unit=$$!; \
+	$(BIN)/python -m pytest -v --durations=15 tests/integration tests/faults; rc=$$?; \
+	wait $$unit; unit_rc=$$?; cat .unit-tests.log; \
+	echo "unit tier exit $$unit_rc, integration and fault tiers exit $$rc"; \
+	test $$rc -eq 0 && test $$unit_rc -eq 0
 
 lint: $(STAMP)
 	$(BIN)/ruff check workers tests examples deploy/gpu

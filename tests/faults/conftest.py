@@ -8,6 +8,7 @@ duplicates / missing and recovery time; the table prints at the end of the run a
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,8 +88,14 @@ def report(request):
     return record
 
 
-def pytest_sessionfinish(session) -> None:
-    """Under pytest-xdist this runs in a worker: its rows go to the controller, which prints the table."""
-    workeroutput = getattr(session.config, "workeroutput", None)
-    if workeroutput is not None:
-        workeroutput["fault_report"] = json.dumps(REPORT)
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not REPORT:
+        return
+    cols = ["test", "produced", "embedded", "dead_lettered", "duplicates", "missing", "recovery_s"]
+    terminalreporter.section("fault suite")
+    terminalreporter.write_line(" | ".join(cols))
+    for row in REPORT:
+        terminalreporter.write_line(" | ".join(str(row.get(c, "")) for c in cols))
+    out = os.environ.get("EMBEDSTREAM_FAULT_REPORT")
+    if out:
+        Path(out).write_text(json.dumps(REPORT, indent=2))
