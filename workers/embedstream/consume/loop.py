@@ -247,7 +247,6 @@ class ConsumeLoop:
                 self._dead_letter(self.stage.rejected(item, why), self.stage.covers(item))
             for bad in result.unprepared:
                 self._dead_letter(bad)
-        self.stats.outages = self._dispatcher.outages
 
     def _dead_letter(self, bad: BadRecord, covers: Covers | None = None) -> None:
         self.outbox.dead_letter(bad, covers)

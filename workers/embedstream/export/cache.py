@@ -23,6 +23,7 @@ from embedstream.encoders import EncoderSpec
 from embedstream.export.triton_config import ExportTarget
 
 ENV = "EMBEDSTREAM_EXPORT_CACHE"
+_NAME_FILE = "entry.name"
 _PACKAGE = Path(__file__).resolve().parents[1]
 
 Exporter = Callable[[EncoderSettings, Path, ExportTarget], EncoderSpec]
@@ -75,21 +76,30 @@ def cache_key(settings: EncoderSettings, target: ExportTarget) -> str:
     return h.hexdigest()[:32]
 
 
+def cached_entry(entry: Path, build: Callable[[Path], str]) -> str:
+    """``entry`` made once: ``build(staging)`` fills a directory of this process's own and returns a
+    name worth keeping (the model's, the weights file's), which is stored beside what it built; then
+    the directory becomes ``entry`` in one rename. A concurrent builder of the same entry loses the
+    rename, harmlessly. Returns the stored name."""
+    if not (entry / _NAME_FILE).is_file():
+        staging = entry.parent / f".{entry.name}.{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / _NAME_FILE).parent.mkdir(parents=True, exist_ok=True)
+        name = build(staging)
+        (staging / _NAME_FILE).write_text(name)
+        try:
+            staging.rename(entry)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    return (entry / _NAME_FILE).read_text()
+
+
 def export_cached(
     settings: EncoderSettings, repo: Path, target: ExportTarget, root: Path, export: Exporter
 ) -> EncoderSpec:
     """``export`` into ``root`` once per key, then the cached model copied into ``repo``."""
     entry = root / cache_key(settings, target)
-    if not (entry / "spec.name").is_file():
-        staging = root / f".{entry.name}.{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        spec = export(settings, staging, target)
-        (staging / "spec.name").write_text(spec.name)
-        try:
-            staging.rename(entry)  # atomic: a concurrent exporter of the same key loses, harmlessly
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-    name = (entry / "spec.name").read_text()
+    name = cached_entry(entry, lambda staging: export(settings, staging, target).name)
     for version in (p for p in (entry / name).iterdir() if p.is_dir()):
         shutil.rmtree(Path(repo) / name / version.name, ignore_errors=True)  # as an export replaces its version
     shutil.copytree(entry / name, Path(repo) / name, dirs_exist_ok=True)

@@ -11,7 +11,6 @@ pipeline's batch.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -109,7 +108,7 @@ def train_normal(root: Path, family: str = "autoencoder") -> Path:
     """
     import shutil
 
-    from embedstream.export.cache import cache_dir, source_digest
+    from embedstream.export.cache import cache_dir, cached_entry, source_digest
 
     window = defaults("timeseries").window
     if window is None:
@@ -118,17 +117,9 @@ def train_normal(root: Path, family: str = "autoencoder") -> Path:
     if cached is None:
         return _fit_normal(root, family, window)
     entry = cached / f"fit-{family}-w{window}-{source_digest().hex()[:16]}"
-    if not entry.is_dir():
-        staging = cached / f".{entry.name}.{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        fitted = _fit_normal(staging, family, window)
-        (staging / "weights.name").write_text(str(fitted.relative_to(staging)))
-        try:
-            staging.rename(entry)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
+    weights = cached_entry(entry, lambda staging: str(_fit_normal(staging, family, window).relative_to(staging)))
     shutil.copytree(entry, root, dirs_exist_ok=True)
-    return root / (entry / "weights.name").read_text()
+    return root / weights
 
 
 def _fit_normal(root: Path, family: str, window: int) -> Path:
