@@ -110,11 +110,12 @@ class DriftMonitor:
         while self._rows - self._batches[0].rows >= self.window_rows:
             self._add(self._batches.popleft(), -1)
         self._rate.set(self.anomaly_rate)
-        self._rows_gauge.set(self._rows)
         shift = self.mean_shift
         if shift is not None:
             self._shift.set(shift)
             self._shift_expected.set(math.sqrt(max(self._score_mean, 0.0) / self._rows))
+        # Last: a scrape that sees this window's size sees this window's values (scrapes are not atomic).
+        self._rows_gauge.set(self._rows)
 
     def _add(self, batch: _Batch, sign: int) -> None:
         self._rows += sign * batch.rows
