@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Integration tests that start a stack of their own: they run in the unit tier's lane.
+OWN_STACK_TESTS := tests/integration/test_up.py tests/integration/test_demo.py \
+	tests/integration/test_bench_smoke.py tests/integration/test_anomaly.py tests/integration/test_image_quality.py
 
 .PHONY: install demo test lint up clean
 
@@ -23,13 +26,19 @@ up: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check workers tests examples deploy/gpu
 	$(BIN)/mypy
-	@# Two lanes on the two cores: the CPU-bound unit tier beside the real-stack tiers, which mostly
-	@# wait (group joins, restarts, timeouts); the unit lane's report follows the other's.
-	$(BIN)/python -m pytest -v --durations=15 -p no:cacheprovider tests/unit > .unit-tests.log 2>&1 & unit=$$!; \
-	$(BIN)/python -m pytest -v --durations=15 tests/integration tests/faults; rc=$$?; \
-	wait $$unit; unit_rc=$$?; cat .unit-tests.log; \
-	echo "unit tier exit $$unit_rc, integration and fault tiers exit $$rc"; \
-	test $$rc -eq 0 && test $$unit_rc -eq 0
+	@# Two lanes on the two cores. Lane 1: the CPU-bound unit tier, then the integration tests that
+	@# start a stack of their own (up, demo, bench, anomaly, image quality). Lane 2: the tests on the
+	@# shared integration stack, then the fault suite. Both mostly wait on real processes (group
+	@# joins, restarts, timeouts); lane 1's report is printed after lane 2's.
+	@# One export cache for both lanes, so an encoder is exported once per run (export/cache.py).
+	cache=$$(mktemp -d -t embedstream-export-cache-XXXX); export EMBEDSTREAM_EXPORT_CACHE=$$cache; \
+	( $(BIN)/python -m pytest -v --durations=10 -p no:cacheprovider tests/unit; unit_rc=$$?; \
+	  $(BIN)/python -m pytest -v --durations=10 -p no:cacheprovider $(OWN_STACK_TESTS); own_rc=$$?; \
+	  test $$unit_rc -eq 0 && test $$own_rc -eq 0 ) > .lane1-tests.log 2>&1 & lane1=$$!; \
+	$(BIN)/python -m pytest -v --durations=15 tests/integration tests/faults $(OWN_STACK_TESTS:%=--ignore=%); rc=$$?; \
+	wait $$lane1; lane1_rc=$$?; cat .lane1-tests.log; rm -rf $$cache; \
+	echo "lane 1 (unit tier, own-stack integration tests) exit $$lane1_rc, lane 2 (shared-stack integration and fault tiers) exit $$rc"; \
+	test $$rc -eq 0 && test $$lane1_rc -eq 0
 
 lint: $(STAMP)
 	$(BIN)/ruff check workers tests examples deploy/gpu
