@@ -12,7 +12,7 @@ from jsonschema import Draft202012Validator
 
 from embedstream import decode_embeddings
 from embedstream.consume import deadletter
-from embedstream.modalities import MODALITIES
+from embedstream.modalities import MODALITIES, modality_fields
 from embedstream.modalities import _envelope as envelope
 from embedstream.records import REASONS, BadRecord, SourceMessage
 from embedstream.sinks.arrow_codec import (
@@ -179,6 +179,43 @@ def test_output_schema_matches_the_contract(modality, dim):
         "embedstream.weights_sha256": "unknown",
         "embedstream.preprocessing_sha256": "unknown",
     }
+
+
+@pytest.mark.parametrize(
+    ("modality", "overrides", "names"),
+    [
+        ("image", {}, []),
+        ("image", {"fetch": {"enabled": True}}, ["source_uri"]),
+        ("text", {"fetch": {"enabled": True}}, []),
+        ("image", {"fetch": {"enabled": True}, "input": {"format": "avro", "registry": {"url": "mock://c"}}},
+         ["source_uri", "schema_id"]),
+        ("timeseries", {"input": {"format": "protobuf", "registry": {"url": "mock://c"}}}, ["schema_id"]),
+    ],
+)  # fmt: skip
+def test_input_columns_follow_the_contract_and_appear_only_for_such_input(modality, overrides, names):
+    from embedstream.config import load_settings
+    from embedstream.formats import input_fields
+
+    contract = {c["name"]: c for c in load("embedding.arrow.json")["input_fields"]["columns"]}
+    fields = input_fields(load_settings(**overrides), modality)
+    assert [f.name for f in fields] == names
+    assert [(f.name, str(f.type), f.nullable) for f in fields] == [
+        (n, contract[n]["type"], contract[n]["nullable"]) for n in names
+    ]
+    model = [pa.field("anomaly", pa.bool_(), nullable=False)]
+    schema = output_schema(modality, "m", "1", 4, model, input_fields=fields)
+    modality_names = [f.name for f in modality_fields(modality)]
+    order = [f.name for f in schema]
+    assert order[-2 - len(names) : -2] == names, "after the modality's columns, before the model's"
+    assert order[len(order) - 3 - len(names) - len(modality_names) + 1 :][: len(modality_names)] == modality_names
+    rows, emb = rows_and_embeddings(2, 4)
+    extra = {"source_width": 1, "source_height": 1, "truncated": False, "token_count": 1, "series_id": "s",
+             "window_start": 0, "window_end": 0, "points": 1, "messages_finished": 1}  # fmt: skip
+    extra["schema_id"] = 7
+    rows = [RowMeta(r.key, r.id, r.topic, r.partition, r.offset, r.timestamp_ms, extra) for r in rows]
+    table = decode_embeddings(encode_batch(schema, rows, emb, {"anomaly": np.zeros(2, bool)}))
+    for name in names:
+        assert table.column(name).to_pylist() == ([7, 7] if name == "schema_id" else [None, None])
 
 
 def test_output_schema_names_the_fingerprints_it_is_given():

@@ -167,6 +167,115 @@ class TimeSeriesSettings(_Frozen):
     max_state_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
 
 
+class RegistrySettings(_Frozen):
+    """A Confluent-compatible schema registry (``[input.registry]``); only ``url`` is needed without auth."""
+
+    url: str | None = None
+    # Basic auth (the registry's API key and secret) or a static bearer token, not both.
+    username: str | None = None
+    password: SecretStr | None = None
+    bearer_token: SecretStr | None = None
+    # Confluent Cloud names the logical cluster and identity pool a bearer token is for.
+    bearer_logical_cluster: str | None = None
+    bearer_identity_pool: str | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    # One request; a registry that does not answer in time is an outage (the worker holds and retries).
+    timeout_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_kind_of_auth(self) -> RegistrySettings:
+        if self.bearer_token is not None and (self.username or self.password):
+            raise ValueError("set either username/password or bearer_token, not both")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        return self
+
+
+class FieldMapping(_Frozen):
+    """Where a decoded record keeps what the modality reads: dotted paths into the record (``[input.fields]``).
+
+    Unset ``id`` and ``event_time``: the message key and the Kafka timestamp, as for raw input.
+    """
+
+    id: str | None = None
+    event_time: str | None = None
+    text: str = "text"
+    # bytes: the image itself; a string: a reference (s3://bucket/key, https://host/path) to fetch.
+    image: str = "image"
+    series_id: str = "series_id"
+    timestamp: str = "timestamp_ms"
+    # numbers: one observation; arrays of numbers: a whole window (with window_start/window_end).
+    values: str = "values"
+    window_start: str = "start_ms"
+    window_end: str = "end_ms"
+
+
+class InputSettings(_Frozen):
+    """What the input topic's producers write (``docs/inputs.md``).
+
+    ``raw``: the payload itself or the modality's own JSON envelope (as ever); ``envelope``: the same,
+    named; ``avro``, ``protobuf``, ``json_schema``: Confluent schema-registry records (magic byte, schema
+    id, payload), decoded through the registry and read through ``fields``.
+    """
+
+    format: Literal["raw", "envelope", "avro", "protobuf", "json_schema"] = "raw"
+    registry: RegistrySettings = RegistrySettings()
+    fields: FieldMapping = FieldMapping()
+
+    @property
+    def from_registry(self) -> bool:
+        return self.format in ("avro", "protobuf", "json_schema")
+
+    @model_validator(mode="after")
+    def _registry_named(self) -> InputSettings:
+        if self.from_registry and not self.registry.url:
+            raise ValueError(f"format {self.format!r} needs input.registry.url")
+        return self
+
+
+class FetchSettings(_Frozen):
+    """Images by reference (``s3://bucket/key``, ``https://host/path``): what may be fetched, and how much.
+
+    Off by default. Nothing is fetched from an address in a refused range (loopback, link-local with
+    the cloud metadata address, private, multicast, reserved), checked after DNS resolution and on
+    every redirect, unless ``allowed_networks`` names it.
+    """
+
+    enabled: bool = False
+    allowed_schemes: tuple[Literal["s3", "https", "http"], ...] = ("s3", "https")
+    # Host names (exact, or ".example.com" for its subdomains) for http(s); empty: none.
+    allowed_hosts: tuple[str, ...] = ()
+    # S3 buckets; empty: none.
+    allowed_buckets: tuple[str, ...] = ()
+    # Networks (CIDR) let through the refused ranges, e.g. a private object store's ["10.1.2.0/24"].
+    allowed_networks: tuple[str, ...] = ()
+    timeout_s: float = Field(default=10.0, gt=0)
+    max_object_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    concurrency: int = Field(default=16, ge=1, le=256)
+    max_bytes_in_flight: int = Field(default=64 * 1024 * 1024, ge=1)
+    # On timeouts, 5xx and 429 only: other answers are final.
+    retries: int = Field(default=2, ge=0, le=10)
+    retry_backoff_s: float = Field(default=0.2, gt=0)
+    max_redirects: int = Field(default=3, ge=0, le=10)
+    # The S3 API endpoint (unset: AWS's own for s3_region); credentials come from the usual AWS chain
+    # (environment, shared files, instance role), never from here, and are never logged.
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+
+    @model_validator(mode="after")
+    def _networks_parse(self) -> FetchSettings:
+        import ipaddress
+
+        for net in self.allowed_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"allowed_networks: {exc}") from None
+        return self
+
+
 class SinkSettings(_Frozen):
     """``embedstream sink``: output topics into a store (``docs/sinks.md``)."""
 
@@ -199,6 +308,8 @@ class Settings(BaseSettings):
     timeseries: TimeSeriesSettings = TimeSeriesSettings()
     text: TextLimits = TextLimits()
     sink: SinkSettings = SinkSettings()
+    input: InputSettings = InputSettings()
+    fetch: FetchSettings = FetchSettings()
     commit_interval_ms: int = Field(default=1000, ge=0)
     # Liveness/readiness HTTP endpoint; port 0 picks a free one, None disables it.
     health_host: str = "0.0.0.0"
@@ -256,21 +367,36 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def dump_toml(settings: Settings) -> str:
     """Render settings as a TOML config file that ``load_settings`` reads back to equal settings."""
     lines: list[str] = []
-    data = settings.model_dump(mode="json")
-    for name, value in data.items():
-        if not isinstance(value, dict) and value is not None:
-            lines.append(f"{name} = {_toml_value(value)}")
-    for name, value in data.items():
-        if isinstance(value, dict):
-            lines.append(f"\n[{name}]")
-            raw = getattr(settings, name)
-            for key, item in value.items():
-                secret = getattr(raw, key)
-                if isinstance(secret, SecretStr):
-                    item = secret.get_secret_value()
-                if item is not None:
-                    lines.append(f"{key} = {_toml_value(item)}")
-    return "\n".join(lines) + "\n"
+    _dump_section(settings, [], lines)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _dump_section(model: BaseModel, path: list[str], lines: list[str]) -> None:
+    """Scalars of one section, then each nested section as a ``[a.b]`` table of its own (secrets in clear)."""
+    if path:
+        lines.append(f"\n[{'.'.join(path)}]")
+    nested: list[tuple[str, BaseModel]] = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            nested.append((name, value))
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        plain = value if isinstance(value, (bool, int, float, str, type(None))) else _plain(value)
+        if plain is not None:
+            lines.append(f"{name} = {_toml_value(plain)}")
+    for name, section in nested:
+        _dump_section(section, [*path, name], lines)
+
+
+def _plain(value: Any) -> Any:
+    """A setting's value as JSON types (paths as strings, tuples as lists)."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def _toml_value(value: Any) -> str:

@@ -6,6 +6,7 @@
     ├── RuntimeStartError        fatal: a local broker/Triton process could not be started
     ├── BackendError             inference failed; ``retriable`` says whether to try again
     ├── StoreUnavailable         a store did not acknowledge a write; the sink holds and retries
+    ├── SourceUnavailable        a schema registry or object store did not answer; the worker holds and retries
     └── DeliveryError            the broker did not acknowledge an output; nothing is committed
 
 Bad input is not an exception that travels up the stack: decoders return a
@@ -42,6 +43,10 @@ class BackendError(EmbedstreamError):
 
 class StoreUnavailable(EmbedstreamError):
     """A store did not acknowledge a write; nothing of it counts as stored. Always worth a retry."""
+
+
+class SourceUnavailable(EmbedstreamError):
+    """A service the input needs (a schema registry, an object store) did not answer: a retry, not a dead letter."""
 
 
 class DeliveryError(EmbedstreamError):

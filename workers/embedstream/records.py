@@ -30,6 +30,19 @@ Reason = Literal[
     "oversize_headers",
     # embedstream sink: a store would not take the rows
     "store_rejected",
+    # schema-registry records (input.format avro | protobuf | json_schema; docs/inputs.md)
+    "not_registry_framed",
+    "unknown_schema",
+    "undecodable_record",
+    "missing_field",
+    "wrong_field_type",
+    # images by reference (s3://, https://; [fetch])
+    "fetch_not_found",
+    "fetch_forbidden",
+    "fetch_timeout",
+    "fetch_too_large",
+    "fetch_refused",
+    "fetch_failed",
 ]
 REASONS: tuple[str, ...] = Reason.__args__  # type: ignore[attr-defined]
 
@@ -45,6 +58,10 @@ class SourceMessage:
     value: bytes
     timestamp_ms: int
     headers: tuple[tuple[str, bytes], ...] = ()
+    # Set where a format layer rewrote the consumed message into what the modality reads (a decoded
+    # schema-registry record): the message as consumed, which dead letters carry, and its schema id.
+    origin: SourceMessage | None = field(default=None, repr=False, compare=False)
+    schema_id: int | None = None
 
     def header(self, name: str) -> bytes | None:
         for k, v in self.headers:
@@ -65,6 +82,19 @@ class BadRecord:
     reason: Reason
     message: str
     error_class: str = "ValueError"
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """A message that cannot be decoded now because a service it needs is away (a schema registry).
+
+    Not bad input: the loop holds it like a batch Triton could not take (partitions paused, probes
+    with backoff) and reads it again from the log once the service answers; nothing at or after it
+    in its partition is committed meanwhile.
+    """
+
+    source: SourceMessage
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -96,7 +126,7 @@ class RowMeta:
     partition: int
     offset: int
     timestamp_ms: int
-    extra: Mapping[str, int | float | str | bool] = field(default_factory=dict)
+    extra: Mapping[str, int | float | str | bool | None] = field(default_factory=dict)
 
     @classmethod
     def of(cls, source: SourceMessage, id: str, event_time_ms: int, extra: Mapping[str, Any] | None = None) -> RowMeta:

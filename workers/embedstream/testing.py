@@ -51,6 +51,7 @@ class FakeConsumer:
             for p, msgs in records.items()
         }
         self._ends = {p: len(msgs) for p, msgs in records.items()}
+        self._all = {p: list(queue) for p, queue in self._queues.items()}  # what seek() serves again
         self.committed: dict[TopicPartition, int] = {}
         self.commit_calls: list[dict[TopicPartition, int]] = []
         self.listener: Any = None
@@ -65,6 +66,10 @@ class FakeConsumer:
     def start_at(self, partition: int, offset: int) -> None:
         """Serve the partition from ``offset`` on, as after a restart from a committed offset."""
         self._queues[partition] = [rec for rec in self._queues[partition] if rec.offset >= offset]
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Serve the partition again from ``offset``, as the real consumer's next fetch does."""
+        self._queues[tp.partition] = [rec for rec in self._all[tp.partition] if rec.offset >= offset]
 
     def highwater(self, tp: TopicPartition) -> int | None:
         return self._ends.get(tp.partition)

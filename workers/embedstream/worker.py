@@ -27,6 +27,7 @@ from embedstream.consume.stage import Processed
 from embedstream.drift import DriftMonitor
 from embedstream.encoders import EncoderSpec
 from embedstream.errors import BackendError
+from embedstream.formats import sources_ready, with_input_format
 from embedstream.health import BackendWatch
 from embedstream.inference import InferenceBackend
 from embedstream.modalities import Modality
@@ -83,7 +84,9 @@ class EmbedStage:
         self._backend.connect()
 
     def ready(self) -> bool:
-        return self._backend.ready()
+        # The outage probe: a modality that reads from services of its own (a schema registry, an object
+        # store) is ready once they answer too.
+        return self._backend.ready() and sources_ready(self._modality)
 
     def process(self, batch: list[Any]) -> Processed:
         """A batch the backend refuses for good is halved until the refused record is alone."""
@@ -142,6 +145,7 @@ class Worker:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
+        modality = with_input_format(modality, settings)  # registry records, forced envelopes (formats/)
         self._modality = modality
         self._backend = backend
         self._sink = KafkaSink(settings, modality, backend.spec, producer, OffsetTracker())

@@ -18,7 +18,7 @@ from kafka.structs import TopicPartition
 
 from embedstream.consume.outage import OutageGate
 from embedstream.consume.stage import Processed, Stage
-from embedstream.errors import BackendError, StoreUnavailable
+from embedstream.errors import BackendError, SourceUnavailable, StoreUnavailable
 from embedstream.metrics import LoopMetrics
 
 log = logging.getLogger(__name__)
@@ -141,13 +141,18 @@ class Dispatcher:
                 raise
             self._enter_outage(str(exc), batch)
             return []
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, SourceUnavailable) as exc:
             self._enter_outage(str(exc), batch)
             return []
         self._outage.succeeded()
         return [result]
 
-    def _enter_outage(self, reason: str, batch: list[Any]) -> None:
+    def hold_intake(self, reason: str) -> None:
+        """An outage that began before any batch: messages a service they need could not decode (the loop
+        re-reads them); paused and probed like any other."""
+        self._enter_outage(reason, None)
+
+    def _enter_outage(self, reason: str, batch: list[Any] | None) -> None:
         was_active = self._outage.active
         if self._outage.enter(reason):
             self.outages += 1
@@ -158,4 +163,5 @@ class Dispatcher:
             if self._metrics is not None:
                 self._metrics.degraded.set(1)
             self._on_down()
-        self._outage.hold(batch)
+        if batch is not None:
+            self._outage.hold(batch)

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from embedstream.records import BadRecord, Deferred, SourceMessage
+from embedstream.records import BadRecord, Deferred, SourceMessage, Unavailable
 
 
 def source_message(rec: Any) -> SourceMessage:
@@ -22,15 +22,19 @@ def source_message(rec: Any) -> SourceMessage:
     )
 
 
-def sort_decoded(decoded: Iterable[Any]) -> tuple[list[Any], list[BadRecord]]:
-    """A modality's decode results -> (items for the model, dead letters), each in input order.
+def sort_decoded(decoded: Iterable[Any]) -> tuple[list[Any], list[BadRecord], list[Unavailable]]:
+    """A modality's decode results -> (items for the model, dead letters, messages to read again), in input order.
 
     A Deferred contributes the row it completed (if any) and the messages the modality gave up on;
     an absorbed message contributes nothing yet: the row or dead letter that covers it finishes it.
     """
     items: list[Any] = []
     bad: list[BadRecord] = []
+    again: list[Unavailable] = []
     for item in decoded:
+        if isinstance(item, Unavailable):
+            again.append(item)
+            continue
         if isinstance(item, Deferred):
             bad.extend(item.dead_letters)
             item = item.item
@@ -40,4 +44,4 @@ def sort_decoded(decoded: Iterable[Any]) -> tuple[list[Any], list[BadRecord]]:
             bad.append(item)
         else:
             items.append(item)
-    return items, bad
+    return items, bad, again

@@ -31,7 +31,7 @@ from embedstream.consume.outbox import Covers, Outbox
 from embedstream.consume.rebalance import RebalanceListener
 from embedstream.consume.stage import Processed, Stage
 from embedstream.metrics import LoopMetrics
-from embedstream.records import BadRecord, SourceMessage
+from embedstream.records import BadRecord, SourceMessage, Unavailable
 
 log = logging.getLogger("embedstream.worker")
 
@@ -223,11 +223,27 @@ class ConsumeLoop:
         self._metrics.consumed.inc(len(msgs))
         for msg in msgs:
             self._tracker.track(TopicPartition(msg.topic, msg.partition), msg.offset)
-        items, bad = sort_decoded(self.stage.decode_many(msgs))
+        items, bad, again = sort_decoded(self.stage.decode_many(msgs))
         for record in bad:
             self._dead_letter(record)
         for item in items:
             self._batcher.add(item)
+        if again:
+            self._read_again(again)
+
+    def _read_again(self, again: list[Unavailable]) -> None:
+        """Messages the stage could not decode while a service they need is away: hold, and re-read them.
+
+        The stage decoded nothing at or after the first of them in its partition, so seeking there
+        loses nothing; their offsets stay unfinished, so no commit passes them meanwhile.
+        """
+        first: dict[TopicPartition, int] = {}
+        for held in again:
+            tp = TopicPartition(held.source.topic, held.source.partition)
+            first[tp] = min(first.get(tp, held.source.offset), held.source.offset)
+        for tp, offset in first.items():
+            self._consumer.seek(tp, offset)
+        self._dispatcher.hold_intake(again[0].reason)
 
     def _submit(self, batch: Sequence[Any]) -> None:
         self._complete(self._dispatcher.submit(batch))

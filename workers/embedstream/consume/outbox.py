@@ -7,6 +7,7 @@ no send (rows a store acknowledged) finishes its offsets directly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -65,6 +66,8 @@ class Outbox:
 
     def dead_letter(self, bad: BadRecord, covers: Covers | None = None) -> None:
         """``covers``: the offsets this dead letter finishes, when the record stood for more than its message."""
+        if bad.source.origin is not None:  # rewritten by a format layer: the dead letter is the message as consumed
+            bad = dataclasses.replace(bad, source=bad.source.origin)
         src = bad.source
         log.info("dead letter %s: %s (%s)", src.coordinates, bad.reason, bad.message[:200])
         headers = dead_letter_headers(bad, self._worker_id)

@@ -62,8 +62,10 @@ def output_schema(
     *,
     weights_sha256: str = UNKNOWN,
     preprocessing_sha256: str = UNKNOWN,
+    input_fields: Sequence[pa.Field] = (),
 ) -> pa.Schema:
-    """Common columns, then the modality's own (it declares them), the model's extra outputs, the embedding.
+    """Common columns, then the modality's own (it declares them), the input's (``formats.input_fields``:
+    a reference, a schema id), the model's extra outputs, the embedding.
 
     The fingerprints name the weights and preprocessing the served model was exported with
     (``docs/lineage.md``); ``unknown`` for a model exported before them.
@@ -71,6 +73,7 @@ def output_schema(
     fields = [
         *COMMON_FIELDS,
         *modality_fields(modality),
+        *input_fields,
         *model_fields,
         pa.field("embedding", pa.list_(pa.field("item", pa.float32(), nullable=False), dim), nullable=False),
     ]
@@ -164,7 +167,7 @@ class BatchEncoder:
             if name in model_columns:
                 columns.append(pa.array(np.asarray(model_columns[name]).reshape(n), type_))
             else:
-                columns.append(pa.array([r.extra[name] for r in rows], type_))
+                columns.append(pa.array([r.extra.get(name) for r in rows], type_))
         columns.append(pa.FixedSizeListArray.from_arrays(pa.array(flat), dim))
         return pa.RecordBatch.from_arrays(columns, schema=self.schema)
 

@@ -19,6 +19,7 @@ from embedstream.config import Settings
 from embedstream.consume.offsets import OffsetTracker
 from embedstream.consume.outbox import Outbox
 from embedstream.encoders import EncoderSpec
+from embedstream.formats import input_fields
 from embedstream.lineage import served
 from embedstream.modalities import Modality
 from embedstream.sinks.arrow_codec import CONTENT_TYPE, SCHEMA_VERSION, BatchEncoder, model_field, output_schema
@@ -54,6 +55,7 @@ class KafkaSink(Outbox):
             [model_field(o.column, o.dtype) for o in spec.outputs[1:] if o.column],
             weights_sha256=served(spec.weights_sha256),
             preprocessing_sha256=served(spec.preprocessing_sha256),
+            input_fields=input_fields(settings, modality.name),
         )
         self._encoder = BatchEncoder(self.schema)
         # Built once: every message carries the same lineage, so a send only appends its row count.
