@@ -11,9 +11,11 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from embedstream import decode_embeddings
+from embedstream.config import ImageLimits
 from embedstream.consume import deadletter
 from embedstream.modalities import MODALITIES, modality_fields
 from embedstream.modalities import _envelope as envelope
+from embedstream.modalities.image import read_input
 from embedstream.records import REASONS, BadRecord, SourceMessage
 from embedstream.sinks.arrow_codec import (
     CONTENT_TYPE,
@@ -79,6 +81,12 @@ ENVELOPES = {
     "metadata_not_object": ({"image": IMG_B64, "metadata": [1, 2]}, False),
     "metadata_string": ({"image": IMG_B64, "metadata": "{}"}, False),
     "not_an_object": ([IMG_B64], False),
+    # images by reference (modalities/image.py reads "uri")
+    "valid_uri": ({"uri": "s3://bucket/key.jpg", "id": "ref-1"}, True),
+    "valid_https_uri": ({"uri": "https://images.example.com/a/b.png", "event_time_ms": 5}, True),
+    "uri_and_image": ({"uri": "s3://bucket/key.jpg", "image": IMG_B64}, False),
+    "uri_empty": ({"uri": ""}, False),
+    "uri_not_string": ({"uri": 7}, False),
 }
 
 
@@ -86,14 +94,14 @@ def test_envelope_schema_is_a_valid_json_schema(envelope_validator):
     assert envelope_validator.schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert envelope_validator.schema["additionalProperties"] is False
     assert set(envelope_validator.schema["properties"]) == set(envelope.ALLOWED_KEYS)
-    assert envelope_validator.schema["required"] == ["image"]
+    assert envelope_validator.schema["oneOf"] == [{"required": ["image"]}, {"required": ["uri"]}]
 
 
 @pytest.mark.parametrize("case", sorted(ENVELOPES))
 def test_envelope_schema_agrees_with_unwrap(envelope_validator, case):
     doc, accepted = ENVELOPES[case]
-    msg = source(orjson.dumps(doc))
-    result = envelope.unwrap(msg)
+    msg = source(orjson.dumps(doc), headers=[("content-type", b"application/json")])
+    result = read_input(msg, ImageLimits())
     schema_ok = envelope_validator.is_valid(doc)
     if accepted:
         assert not isinstance(result, BadRecord), result

@@ -16,7 +16,8 @@ import orjson
 from embedstream.records import BadRecord, SourceMessage
 
 JSON_CONTENT_TYPE = b"application/json"
-ALLOWED_KEYS = frozenset({"id", "image", "event_time_ms", "metadata"})
+# "uri": a reference to the image instead of its bytes (the image modality reads it, modalities/image.py).
+ALLOWED_KEYS = frozenset({"id", "image", "uri", "event_time_ms", "metadata"})
 MAX_INT64 = 2**63 - 1  # the Arrow timestamp column is int64
 
 
@@ -79,6 +80,11 @@ def unwrap(msg: SourceMessage, payload_field: str = "image") -> Unwrapped | BadR
     doc = parse_object(msg, msg.value, ALLOWED_KEYS)
     if isinstance(doc, BadRecord):
         return doc
+    return unwrap_object(msg, doc, payload_field)
+
+
+def unwrap_object(msg: SourceMessage, doc: dict[str, Any], payload_field: str = "image") -> Unwrapped | BadRecord:
+    """``unwrap`` of an envelope already parsed."""
     raw = doc.get(payload_field)
     if not isinstance(raw, str) or not raw:
         return _bad(msg, f"'{payload_field}' must be a non-empty base64 string")
