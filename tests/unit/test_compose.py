@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -19,6 +20,7 @@ from embedstream.stores.sink import sink_kafka
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+CPU_OVERRIDE = ROOT / "docker-compose.cpu.yml"
 WORKER_CONFIG_TARGET = "/etc/embedstream/worker.toml"
 WORKERS = {"worker-image": "cnn", "worker-text": "transformer", "worker-timeseries": "autoencoder"}
 PROMETHEUS_CONFIG = ROOT / "deploy/prometheus/prometheus.yml"
@@ -58,6 +60,13 @@ def _depends_on(service):
     return {name: {} for name in deps} if isinstance(deps, list) else deps
 
 
+def _health_test(service) -> str:
+    """The health check's command line: one shell string, so an override file replaces it whole."""
+    test = service["healthcheck"]["test"]
+    assert isinstance(test, str), f"health check written as a list: {test}"
+    return test
+
+
 def _config_mount(service):
     """The host path of the file mounted at the worker's config path (short volume syntax)."""
     for volume in service.get("volumes", []):
@@ -95,7 +104,7 @@ def test_kafka_is_apache_kafka_in_kraft_mode(services):
     assert "broker" in env["KAFKA_PROCESS_ROLES"].split(",")
     assert env["KAFKA_ADVERTISED_LISTENERS"] == "PLAINTEXT://kafka:9092"
     assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == 1
-    assert "kafka-broker-api-versions.sh" in " ".join(kafka["healthcheck"]["test"])
+    assert "kafka-broker-api-versions.sh" in _health_test(kafka)
 
 
 @pytest.mark.parametrize("worker", sorted(WORKERS))
@@ -145,7 +154,7 @@ def test_tritons_serve_the_models_volume_and_report_readiness(services, compose)
     for name, triton in _tritons(services).items():
         assert "models:/models:ro" in triton["volumes"], name
         assert "--model-repository=/models" in triton["command"], name
-        assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"]), name
+        assert "/v2/health/ready" in _health_test(triton), name
         exporters = _exporters(services, name)
         assert exporters, f"{name} does not wait for a model export"
         for exporter in exporters:
@@ -353,7 +362,7 @@ def test_a_sink_service_per_store_runs_its_store_with_the_sink_config(services, 
     assert deps["kafka"]["condition"] == "service_healthy"
     assert deps["kafka-init"]["condition"] == "service_completed_successfully"
     assert {"gpu", "cpu"} <= set(service["profiles"])
-    assert "/readyz" in " ".join(service["healthcheck"]["test"])
+    assert "/readyz" in _health_test(service)
     settings = _sink_settings(service)
     assert settings.health_port == 8080 and settings.health_host == "0.0.0.0"
     assert settings.kafka.bootstrap_servers == "kafka:9092"
@@ -584,21 +593,109 @@ def test_normal_csv_trains_an_autoencoder_the_timeseries_config_exports(services
     assert settings.batch.max_size <= settings.encoder.max_batch_size
 
 
-def _compose_plugin():
+def _compose_cli() -> list[str]:
+    """Docker Compose where its plugin is installed, else podman-compose (which needs podman on PATH)."""
     docker = shutil.which("docker")
-    if docker is None:
-        pytest.skip("docker is not on PATH")
-    probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, timeout=60)
-    if probe.returncode != 0:
-        pytest.skip(f"the docker compose plugin is not installed: {(probe.stderr or probe.stdout).strip()}")
-    return docker
+    if docker is not None:
+        probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, timeout=60)
+        if probe.returncode == 0:
+            return [docker, "compose"]
+    if shutil.which("podman") is None:
+        pytest.skip("neither the docker compose plugin nor podman is installed (make compose-test installs podman)")
+    try:
+        import podman_compose  # noqa: F401
+    except ImportError:
+        pytest.skip("the docker compose plugin is not installed and podman-compose is not (pip install podman-compose)")
+    return [sys.executable, "-m", "podman_compose"]
 
 
-@pytest.mark.parametrize("profile", [None, "gpu", "cpu"])
-def test_docker_compose_config_is_valid(profile):
-    docker = _compose_plugin()
-    args = [docker, "compose", "-f", str(COMPOSE_FILE)]
+COMPOSE_RUNS = [((), None), ((), "gpu"), ((), "cpu"), ((CPU_OVERRIDE,), "cpu")]
+
+
+@pytest.mark.parametrize(("overrides", "profile"), COMPOSE_RUNS, ids=["none", "gpu", "cpu", "cpu-override"])
+def test_compose_config_is_valid(overrides, profile):
+    args = [*_compose_cli(), "-f", str(COMPOSE_FILE), *(a for f in overrides for a in ("-f", str(f)))]
     if profile:
         args += ["--profile", profile]
-    result = subprocess.run([*args, "config", "-q"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    result = subprocess.run([*args, "config"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    want = {"kafka", "kafka-init"} | ({*WORKERS, "sink-lancedb", "sink-feast", "triton" if profile == "gpu" else
+                                       "triton-cpu"} if profile else set())  # fmt: skip
+    assert want <= set(services), sorted(want - set(services))
+    if overrides:
+        # The resolved override: every service on the host network, every health check replaced whole.
+        for name, service in services.items():
+            assert service.get("network_mode") == "host", name
+            assert "networks" not in service and not service.get("ports"), name
+            test = service.get("healthcheck", {}).get("test")
+            assert test is None or "127.0.0.1" in test, (name, test)
+
+
+# --- the CPU override (docker-compose.cpu.yml) --------------------------------------------------------------
+
+
+class _TaggedLoader(yaml.SafeLoader):
+    """Reads Compose's merge tags (!reset, !override) as what they hold."""
+
+
+_TaggedLoader.add_constructor("!reset", lambda loader, node: None)
+_TaggedLoader.add_constructor(
+    "!override",
+    lambda loader, node: (
+        loader.construct_sequence(node)
+        if isinstance(node, yaml.SequenceNode)
+        else loader.construct_mapping(node)
+        if isinstance(node, yaml.MappingNode)
+        else loader.construct_scalar(node)
+    ),
+)
+
+
+@pytest.fixture(scope="module")
+def cpu_override():
+    return yaml.load(CPU_OVERRIDE.read_text(), Loader=_TaggedLoader)  # a SafeLoader with two tags more
+
+
+def _env_ports(text: str) -> set[str]:
+    return set(re.findall(r"\$\{(EMBEDSTREAM_[A-Z0-9_]+_PORT)(?::-\d+)?\}", text))
+
+
+def test_cpu_override_puts_every_service_on_the_host_network_on_loopback(cpu_override, services):
+    for name, service in cpu_override["services"].items():
+        assert name in services or name == "s3", f"{name} is not in docker-compose.yml"
+        profiles = service.get("profiles") or services.get(name, {}).get("profiles") or ["cpu"]
+        if "cpu" in profiles:
+            assert service.get("network_mode") == "host", name
+    text = CPU_OVERRIDE.read_text()
+    assert "0.0.0.0" not in text
+    for name in (*WORKERS, "sink-lancedb", "sink-feast"):
+        env = cpu_override["services"][name]["environment"]
+        assert env["EMBEDSTREAM_HEALTH_HOST"] == "127.0.0.1", name
+
+
+def test_cpu_override_ports_are_the_ones_the_container_tests_set(cpu_override):
+    from tests.containers.compose import PORTS
+
+    want = {f"EMBEDSTREAM_{p}" for p in PORTS} | {"EMBEDSTREAM_S3_ADMIN_PORT", "EMBEDSTREAM_S3_ADMIN_GRPC_PORT"}
+    assert _env_ports(CPU_OVERRIDE.read_text()) == want
+
+
+def test_cpu_override_creates_the_same_topics_as_kafka_init(cpu_override, services):
+    base = re.findall(r"([\w.]+):(\d+):\d+", " ".join(services["kafka-init"]["command"]))
+    override = cpu_override["services"]["kafka-init"]["environment"]["TOPICS"].split()
+    assert sorted(override) == sorted(f"{topic}:{n}" for topic, n in base)
+
+
+def test_cpu_override_exports_for_the_python_backend_its_triton_image_has(cpu_override, services):
+    stages = _stages(_dockerfile(services).read_text())
+    for name, service in cpu_override["services"].items():
+        if name.startswith("model-export-"):
+            command = service["command"]
+            assert command[command.index("--backend") + 1] == "python", name
+            assert command[command.index("--artifact") + 1] == "onnx", name
+        build = service.get("build")
+        if build:
+            assert build["target"] in stages, name
+            assert service["image"] == f"embedstream-{build['target']}:0.1.0", name
+    assert cpu_override["services"]["triton-cpu"]["build"]["target"] == "triton-cpu"
