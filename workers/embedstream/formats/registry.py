@@ -13,6 +13,8 @@ Protobuf (after its message-index varints) or JSON payload. A schema is fetched 
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,7 +28,6 @@ log = logging.getLogger(__name__)
 
 MAGIC_BYTE = 0
 HEADER_BYTES = 5  # magic byte + schema id
-_SCHEMA_TYPE = {"avro": "AVRO", "protobuf": "PROTOBUF", "json_schema": "JSON"}
 
 
 @dataclass(frozen=True)
@@ -162,19 +163,26 @@ class RecordDecoder:
 
 def _unreachable(exc: BaseException) -> bool:
     """A transport failure (refused, reset, timed out, name not found): the registry is away, not the record bad."""
-    import httpx
     from confluent_kafka.schema_registry.error import SchemaRegistryError
 
     if isinstance(exc, SchemaRegistryError):
         status = exc.http_status_code
         return status in (401, 403, 429) or status >= 500 or status < 0
-    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError))
+    return isinstance(exc, _transport_errors())
+
+
+@functools.cache
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The registry client's HTTP library may be httpx or its successor httpx2, whichever is installed."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for name in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(name).TransportError)
+        except ImportError:
+            continue
+    return tuple(found)
 
 
 def _short(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 300 else text[:300] + "..."
-
-
-def schema_type_of(fmt: str) -> str:
-    return _SCHEMA_TYPE[fmt]

@@ -135,7 +135,9 @@ class LocalStorage:
         data_dir: Path | None = None,
         bucket: str = DEFAULT_BUCKET,
         s3_port: int | None = None,
+        s3_config: Path | None = None,
     ) -> None:
+        """``s3_config``: SeaweedFS's identities file (keys and per-bucket actions); unset, the server is open."""
         self.data_dir = Path(data_dir or Path(workdir) / "storage")
         self.bucket = bucket
         self.s3_port = s3_port or free_port()
@@ -166,6 +168,7 @@ class LocalStorage:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.telemetry=false",
+            *([f"-s3.config={s3_config}"] if s3_config is not None else []),
         ]
         # Credentials in its environment would make it require signed requests (and our checks are
         # anonymous); on loopback an open server is what a local stack wants.
