@@ -699,3 +699,70 @@ def test_cpu_override_exports_for_the_python_backend_its_triton_image_has(cpu_ov
             assert build["target"] in stages, name
             assert service["image"] == f"embedstream-{build['target']}:0.1.0", name
     assert cpu_override["services"]["triton-cpu"]["build"]["target"] == "triton-cpu"
+
+
+# --- Kubernetes runs what the compose stack runs ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["cpu", "gpu"])
+def k8s_overlay(request):
+    from tests.unit.test_k8s import K8S, render
+
+    return request.param, render(K8S / "overlays" / request.param)
+
+
+def _k8s_container(docs, deployment: str, name: str | None = None) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == deployment]
+    spec = doc["spec"]["template"]["spec"]
+    if name is None:  # the pod's main container
+        return spec["containers"][0]
+    return next(c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == name)
+
+
+@pytest.mark.parametrize(
+    ("service", "deployment"),
+    [
+        ("worker-image", "embedstream-worker-image"),
+        ("sink-lancedb", "embedstream-sink-lancedb"),
+        ("sink-feast", "embedstream-sink-feast"),
+    ],
+)
+def test_k8s_runs_the_image_and_command_the_compose_service_runs(services, k8s_overlay, service, deployment):
+    _, docs = k8s_overlay
+    container = _k8s_container(docs, deployment)
+    assert container["image"] == services[service]["image"], deployment
+    assert container["args"] == services[service]["command"], deployment
+    # Every EMBEDSTREAM_ variable the pod sets is a setting the program reads.
+    names = {e["name"] for e in container.get("env", []) if e["name"].startswith("EMBEDSTREAM_")}
+    from embedstream.config import Settings
+
+    fields = {f"EMBEDSTREAM_{name.upper()}" for name in Settings.model_fields}
+    nested = {
+        f"EMBEDSTREAM_{section.upper()}__{key.upper()}"
+        for section, info in Settings.model_fields.items()
+        if hasattr(info.annotation, "model_fields")
+        for key in info.annotation.model_fields
+    }
+    assert names <= fields | nested, sorted(names - fields - nested)
+
+
+def test_k8s_triton_exports_with_the_compose_exporter_image_for_the_same_kind(services, k8s_overlay):
+    kind, docs = k8s_overlay
+    export = _k8s_container(docs, "embedstream-triton", "model-export")
+    triton = _k8s_container(docs, "embedstream-triton", "triton")
+    stock = services["triton"]
+    assert export["image"] == services["model-export-image"]["image"]
+    assert triton["image"] == stock["image"]
+    config = next(
+        d["data"] for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("embedstream-triton")
+    )
+    compose_export = services["model-export-image" if kind == "gpu" else "model-export-image-cpu"]["command"]
+    assert export["args"] == compose_export[: len(export["args"])]
+    flags = dict(
+        zip(compose_export[len(export["args"]) :: 2], compose_export[len(export["args"]) + 1 :: 2], strict=True)
+    )
+    assert flags == {
+        "--repo": config["EMBEDSTREAM_MODEL_REPOSITORY"],
+        "--backend": config["EMBEDSTREAM_TRITON_BACKEND"],
+        "--kind": config["EMBEDSTREAM_TRITON_KIND"],
+    }
