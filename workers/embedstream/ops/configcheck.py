@@ -35,11 +35,16 @@ def _lines(model: Any, data: dict[str, Any]) -> list[str]:
 
 def render_masked(settings: Settings) -> str:
     """Settings as TOML (loadable again, but for the masked secrets), unset keys as comments."""
-    data = settings.model_dump(mode="json")
-    top = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    out = _lines(settings, top)
-    for section, values in data.items():
+    out: list[str] = []
+    _section(settings, settings.model_dump(mode="json"), [], out)
+    return "\n".join(out).lstrip("\n") + "\n"
+
+
+def _section(model: Any, data: dict[str, Any], path: list[str], out: list[str]) -> None:
+    """One section's keys, then its nested sections as ``[a.b]`` tables (``[input.registry]``)."""
+    if path:
+        out.append(f"\n[{'.'.join(path)}]")
+    out.extend(_lines(model, {k: v for k, v in data.items() if not isinstance(v, dict)}))
+    for key, values in data.items():
         if isinstance(values, dict):
-            out.append(f"\n[{section}]")
-            out.extend(_lines(getattr(settings, section), values))
-    return "\n".join(out) + "\n"
+            _section(getattr(model, key), values, [*path, key], out)
