@@ -33,6 +33,12 @@ def register(sub: argparse._SubParsersAction) -> Commands:
         default="3000",
         type=int,
     )
+    flag(
+        p,
+        "--stages",
+        "BENCH_STAGES",
+        "comma-separated stages to run, with the ones they read (default: all; e.g. pipeline,peer)",
+    )
     flag(p, "--out", "BENCH_OUT", "directory for bench.json and the PNG plots", default=".embedstream/bench")
     flag(p, "--workdir", "BENCH_WORKDIR", "stack logs and model repository", default=".embedstream/bench-stack")
     flag(p, "--partitions", "PARTITIONS", "partitions of the input/output topics", default="4", type=int)
@@ -67,8 +73,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"[red]--workers takes 1 to --partitions ({args.partitions}): a member without a partition idles[/]"
         )
         return 2
+    from embedstream.local.bench.table import STAGE_TABLE
+
+    known = [s.name for s in STAGE_TABLE]
+    stages = frozenset(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else None
+    if stages is not None and (not stages or stages - set(known)):
+        console.print(f"[red]--stages takes a comma-separated subset of {', '.join(known)}[/]")
+        return 2
     opts = BenchOptions(
-        modalities, counts, Path(args.out), Path(args.workdir), args.partitions, args.plumbing_count, args.workers
+        modalities,
+        counts,
+        Path(args.out),
+        Path(args.workdir),
+        args.partitions,
+        args.plumbing_count,
+        args.workers,
+        stages,
     )
     run = run_bench(settings, opts, console)
     console.print(summary_table(run.results))

@@ -17,7 +17,7 @@ from embedstream.kafka_io import ensure_topics
 from embedstream.local.bench.plots import latency_plot, throughput_plot
 from embedstream.local.bench.report import ModalityBench, StageResult, report_json
 from embedstream.local.bench.stages import Clocks
-from embedstream.local.bench.table import STAGE_TABLE, BenchOptions, Stage, open_context, prepare
+from embedstream.local.bench.table import STAGE_TABLE, BenchOptions, Stage, open_context, prepare, runs
 from embedstream.local.bench.workload import Workload, build_workload
 from embedstream.local.stack.stack import LocalStack
 
@@ -58,7 +58,7 @@ class _Board:
         self.tasks: dict[tuple[str, str], TaskID] = {}
         for w in workloads:
             for stage in STAGE_TABLE:
-                if stage.applies(w, opts):
+                if runs(stage, w, opts):
                     # Stage keys, not the long labels: the live table has to fit an 80-column terminal.
                     self.tasks[(w.modality, stage.name)] = bar.add_task(
                         stage.name, total=stage.total(w, opts), modality=w.modality, result="", start=False
@@ -145,7 +145,7 @@ def _bench_modality(stack: LocalStack, w: Workload, board: _Board, clocks: Clock
     try:
         prepare(ctx)
         for stage in STAGE_TABLE:
-            if not stage.applies(w, opts):
+            if not runs(stage, w, opts):
                 continue
             res = stage.run(ctx)
             board.done(w.modality, stage, res, stage.note(ctx, res))

@@ -42,6 +42,8 @@ class BenchOptions:
     plumbing_count: int = 3000
     # Above 1, a further stage: this many workers in one consumer group at saturation.
     workers: int = 1
+    # Only these stages (by name) and the ones they read, in table order; None: every stage.
+    stages: frozenset[str] | None = None
 
 
 @dataclass
@@ -288,6 +290,19 @@ def _sink_lancedb(ctx: BenchContext) -> StageResult:
 def _raw_consume(ctx: BenchContext) -> StageResult:
     topic, count = ctx.w.raw_topics[0], len(ctx.plumbing)
     return stages.raw_consume(ctx.real, topic, count, ctx.clocks.mono, ctx.progress("raw_consume"))
+
+
+# What a stage reads from earlier ones: selecting it selects them.
+NEEDS: dict[str, tuple[str, ...]] = {"pipeline_half": ("pipeline", "pipeline_live")}
+
+
+def runs(stage: Stage, w: Workload, opts: BenchOptions) -> bool:
+    """Whether ``stage`` runs for this workload: it applies, and it (or a stage reading it) was selected."""
+    if not stage.applies(w, opts):
+        return False
+    if opts.stages is None:
+        return True
+    return stage.name in opts.stages or any(stage.name in NEEDS.get(s, ()) for s in opts.stages)
 
 
 STAGE_TABLE: tuple[Stage, ...] = (
