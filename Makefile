@@ -47,3 +47,23 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info workers/*.egg-info
+
+# Containers (docs/deployment.md). `images` builds every image docker-compose.yml, docker-compose.cpu.yml
+# and deploy/k8s name, with podman (installed with apt-get when missing), from a Debian base made with
+# debootstrap: no image registry is needed. Here torch comes from PyPI (a CUDA build; ~6 GB exporter image),
+# preferring the wheels this machine keeps on disk; where PyTorch's own index is reachable,
+# `make images TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu WHEELS_DIR=` gives a CPU build.
+TORCH_INDEX_URL ?= https://pypi.org/simple
+WHEELS_DIR ?= $(wildcard /opt/pypi-more/files)
+
+.PHONY: images compose-test
+
+images:
+	TORCH_INDEX_URL=$(TORCH_INDEX_URL) WHEELS_DIR=$(WHEELS_DIR) deploy/containers/build-images.sh
+
+# The compose stack end to end (every message accounted for in the topics and both stores), then its
+# containers killed, stopped and restarted mid-stream; and the worker-container smoke. About 15 minutes
+# after the images are built.
+compose-test: $(STAMP) images
+	$(BIN)/python -m pip install -q 'podman-compose>=1.6'
+	EMBEDSTREAM_REQUIRE_CONTAINERS=1 $(BIN)/python -m pytest -v --durations=10 -p no:cacheprovider tests/containers

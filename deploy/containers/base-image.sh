@@ -12,7 +12,7 @@ if podman image exists "$IMAGE"; then
   echo "base image $IMAGE exists"
   exit 0
 fi
-command -v debootstrap > /dev/null || apt-get install -y -q debootstrap
+command -v debootstrap > /dev/null || (apt-get update -q > /dev/null && apt-get install -y -q debootstrap > /dev/null)
 
 rootfs=$(mktemp -d -t embedstream-rootfs-XXXX)
 trap 'rm -rf "$rootfs"' EXIT

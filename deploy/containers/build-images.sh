@@ -8,12 +8,13 @@
 #   WHEELS_DIR       a directory of wheels pip prefers at equal versions (mounted read-only into the build)
 #   TORCH_INDEX_URL  where the exporter's torch comes from (the Dockerfile's default is PyTorch's CPU index)
 #   IMAGE_TAG        the tag of every image (default: the version in pyproject.toml)
+#   KEEP_BUILD_CACHE 1 keeps the intermediate images (the next build reuses them; default: pruned)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/deploy/containers/containers.conf}
 if ! command -v podman > /dev/null || ! command -v runc > /dev/null; then
-  apt-get install -y -q podman runc > /dev/null
+  apt-get update -q > /dev/null && apt-get install -y -q podman runc > /dev/null
 fi
 
 if [ -z "${BASE_IMAGE:-}" ]; then
@@ -54,8 +55,8 @@ for target in "${targets[@]}"; do
   report+=("$(printf '%-36s %8s MB %6s s' "$image" "$size" "$seconds")")
   echo "built $image: $size MB in $seconds s"
 done
-# Layers the new builds replaced.
-podman image prune -f > /dev/null
+# Intermediate images: the layer cache of the next build, gigabytes with the exporter's torch.
+[ "${KEEP_BUILD_CACHE:-0}" = 1 ] || podman image prune -f > /dev/null
 
 echo
 printf '%-36s %11s %8s\n' image size build
