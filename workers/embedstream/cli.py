@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "embedstream.ops.cli",
     "embedstream.local.bench.cli",
     "embedstream.stores.cli",
+    "embedstream.rollout.cli",
 )
 
 COMMANDS: Commands = {}

@@ -293,6 +293,9 @@ class SinkSettings(_Frozen):
     lancedb_uri: str = ".embedstream/lancedb"
     # The ANN index is built once a table holds this many rows; below it, exact search is fast enough.
     index_min_rows: int = Field(default=10_000, ge=256)
+    # LanceDB upkeep: compaction and an index refresh every this many writes or seconds, whichever first (0: off).
+    optimize_every: int = Field(default=64, ge=0)
+    optimize_interval_s: float = Field(default=300.0, ge=0)
     feast_repo: Path = Path("feature_repo")
 
 

@@ -135,3 +135,42 @@ def search_new(settings: Any, table: Any, k: int, *, image: bytes | None = None,
     """The k rows of ``table`` nearest to a new image or sentence, embedded by the table's served model."""
     vector = embed_query(settings, table_model(table), image=image, text=text)
     return nearest(table, vector, k)
+
+
+class AliasReader:
+    """Searches by rollout alias (``embedstream/aliases.py``): the alias is resolved once per search and the whole
+    search reads that version's table, so a result never mixes versions, and a switch or rollback takes
+    effect from the next search on, with no reader restarted."""
+
+    def __init__(self, lancedb_uri: str, state_location: str | None = None) -> None:
+        from datetime import timedelta
+
+        import lancedb
+
+        from embedstream.aliases import state_location as default_location
+
+        self.state_location = default_location(lancedb_uri, state_location)
+        # Tables check for a newer version on every read, so a search sees each write of a sink beside it.
+        self._db = lancedb.connect(lancedb_uri, read_consistency_interval=timedelta(0))
+        self._tables: dict[str, Any] = {}
+
+    def table(self, alias: str) -> tuple[Any, Any]:
+        """(the serving ModelRef, its table) as of now."""
+        from embedstream.aliases import resolve
+
+        model = resolve(self.state_location, alias)
+        table = self._tables.get(model.table)
+        if table is None:
+            try:
+                table = self._tables[model.table] = self._db.open_table(model.table)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ConfigError(f"alias {alias!r} points at {model}, whose table {model.table!r} is missing") from exc
+        return model, table
+
+    def search_by_id(self, alias: str, row_id: str, k: int) -> tuple[Any, list[Hit]]:
+        model, table = self.table(alias)
+        return model, search_by_id(table, row_id, k)
+
+    def nearest(self, alias: str, vector: np.ndarray, k: int) -> tuple[Any, list[Hit]]:
+        model, table = self.table(alias)
+        return model, nearest(table, vector, k)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from embedstream.cli_support import Commands, flag, settings_from_args, stop_on_signals
+from embedstream.errors import ConfigError
 from embedstream.stores.registry import store_kind, store_kinds
 
 log = logging.getLogger("embedstream")
@@ -33,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> Commands:
     p = sub.add_parser("search", help="k nearest rows of a LanceDB table to a stored row or a new image/sentence")
     _common(p)
     p.add_argument("--table", help="table (<model>-v<version>); default: the only one")
+    flag(p, "--alias", "ROLLOUT_ALIAS", "search the version serving this rollout alias (docs/rollout.md)")
+    flag(p, "--state", "ROLLOUT_STATE", "rollout document (default: _rollout.json in the LanceDB location)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--id", dest="row_id", help="a stored row's id")
     what.add_argument("--image", type=Path, help="a new image file, embedded by the model that made the table's rows")
@@ -83,8 +86,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     from embedstream.stores.lance_store import LanceStore
 
     settings = _settings(args)
-    store = LanceStore(settings.sink.lancedb_uri)
-    table = store.open(pick_table(store.table_names(), args.table))
+    if args.alias:
+        if args.table:
+            raise ConfigError("search takes --table or --alias, not both")
+        from embedstream.ops.search import AliasReader
+
+        _, table = AliasReader(settings.sink.lancedb_uri, args.state).table(args.alias)
+    else:
+        store = LanceStore(settings.sink.lancedb_uri)
+        table = store.open(pick_table(store.table_names(), args.table))
     if args.row_id is not None:
         hits = search_by_id(table, args.row_id, args.k)
         query = f"row {args.row_id}"

@@ -82,6 +82,17 @@ class FeastStore:
         result = self._store.get_online_features(features=[f"{name}:embedding"], entity_rows=entity_rows).to_dict()
         return list(result["embedding"])
 
+    def serving_vectors(
+        self, state_location: str, alias: str, modality: str, ids: list[str]
+    ) -> tuple[Any, list[list[float] | None]]:
+        """The embeddings of ``ids`` by the version serving ``alias`` (``embedstream/aliases.py``), resolved once for
+        the whole request: every vector of one answer comes from one version. Returns (version, vectors)."""
+        from embedstream.aliases import resolve
+
+        model = resolve(state_location, alias)
+        keys = [(i, model.model_name, model.model_version) for i in ids]
+        return model, self.online_vectors(modality, keys)
+
     def close(self) -> None:
         return None
 

@@ -11,10 +11,13 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from embedstream import metrics
 from embedstream.stores.base import KEY_COLUMNS, Refusal, StoreUnavailable, check_rows, latest_per_key, model_of
 from embedstream.stores.registry import StoreKind, register_store
 
@@ -24,8 +27,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Writes between two ``optimize()`` calls, which compact the small fragments every write leaves and
-# fold new rows into the ANN index (rows not in it yet are still found, by a flat scan).
+# fold new rows into the ANN index (rows not in it yet are still found, by a flat scan). A table also
+# gets one once ``optimize_interval_s`` has passed since its last, so a slow stream is kept compact too.
 OPTIMIZE_EVERY = 64
+OPTIMIZE_INTERVAL_S = 300.0
 # How long ``close`` waits for an index build under way; an unfinished build commits nothing, and
 # the next sink to write the table starts it again.
 INDEX_JOIN_S = 30.0
@@ -46,13 +51,44 @@ def _import_lancedb() -> Any:
     return lancedb
 
 
+@dataclass(frozen=True)
+class TableHealth:
+    """What streaming writes leave behind in a table: fragments to compact, rows the ANN index lacks."""
+
+    table: str
+    rows: int
+    fragments: int
+    indexed: bool
+    unindexed_rows: int  # all rows while there is no index yet
+
+
+@dataclass(frozen=True)
+class UpkeepReport:
+    before: TableHealth
+    after: TableHealth
+    seconds: float
+
+
 class LanceStore:
     name = "lancedb"
 
-    def __init__(self, uri: str, index_min_rows: int = 10_000) -> None:
+    def __init__(
+        self,
+        uri: str,
+        index_min_rows: int = 10_000,
+        *,
+        optimize_every: int = OPTIMIZE_EVERY,
+        optimize_interval_s: float = OPTIMIZE_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``optimize_every`` writes or ``optimize_interval_s`` seconds, whichever comes first (0: never)."""
         self.uri = uri
         self._db = _import_lancedb().connect(uri)
         self._index_min_rows = index_min_rows
+        self._optimize_every = optimize_every
+        self._optimize_interval_s = optimize_interval_s
+        self._clock = clock
+        self._optimized_at: dict[str, float] = {}
         self._tables: dict[str, Any] = {}
         self._schemas: dict[str, pa.Schema] = {}  # per table: existing, or the first admitted rows'
         self._indexed: set[str] = set()
@@ -124,6 +160,41 @@ class LanceStore:
     def open(self, name: str) -> Any:
         return self._db.open_table(name)
 
+    # -- upkeep (the sink's schedule, ``embedstream upkeep``, rollout retire) --------------------------
+
+    def health(self, name: str) -> TableHealth:
+        tbl = self._db.open_table(name)
+        stats = tbl.stats()
+        rows = int(stats["num_rows"])
+        vector_indices = [ix for ix in tbl.list_indices() if ix.columns == ["embedding"]]
+        unindexed = rows
+        if vector_indices:
+            unindexed = int(tbl.index_stats(vector_indices[0].name).num_unindexed_rows)
+        health = TableHealth(name, rows, int(stats["fragment_stats"]["num_fragments"]), bool(vector_indices), unindexed)
+        metrics.LANCEDB_FRAGMENTS.labels(name).set(health.fragments)
+        metrics.LANCEDB_UNINDEXED_ROWS.labels(name).set(health.unindexed_rows)
+        return health
+
+    def upkeep(self, name: str) -> UpkeepReport:
+        """Compact the table's fragments and fold new rows into its index now; the health before and after."""
+        before = self.health(name)
+        began = time.monotonic()
+        self._db.open_table(name).optimize()
+        seconds = time.monotonic() - began
+        self._optimized_at[name] = self._clock()
+        metrics.LANCEDB_COMPACTIONS.labels(name).inc()
+        return UpkeepReport(before, self.health(name), seconds)
+
+    def drop(self, name: str) -> bool:
+        """Drop a table (a retired model version's); False when there was none."""
+        if name not in self._list_tables():
+            return False
+        self._db.drop_table(name)
+        self._tables.pop(name, None)
+        self._schemas.pop(name, None)
+        self._indexed.discard(name)
+        return True
+
     # -- internals ------------------------------------------------------------------------------------
 
     def _list_tables(self) -> list[str]:
@@ -162,10 +233,17 @@ class LanceStore:
                 elif tbl.count_rows() >= self._index_min_rows:
                     self._start_index_build(name)
             # Not while an index is built: a compaction rewrites the fragments the build reads.
-            if self._writes % OPTIMIZE_EVERY == 0 and not self.index_builds():
-                tbl.optimize()
+            if self._optimize_due(name) and not self.index_builds():
+                self.upkeep(name)
         except Exception as exc:
             log.warning("LanceDB upkeep of %s failed (%s); will try again", name, exc)
+
+    def _optimize_due(self, name: str) -> bool:
+        now = self._clock()
+        last = self._optimized_at.setdefault(name, now)  # a table's clock starts at its first write here
+        by_writes = self._optimize_every > 0 and self._writes % self._optimize_every == 0
+        by_time = self._optimize_interval_s > 0 and now - last >= self._optimize_interval_s
+        return by_writes or by_time
 
     def _start_index_build(self, name: str) -> None:
         def build() -> None:
@@ -191,7 +269,18 @@ def model_of_rows(table: pa.Table) -> tuple[str, str]:
 
 
 def _open(settings: Settings) -> LanceStore:
-    return LanceStore(settings.sink.lancedb_uri, settings.sink.index_min_rows)
+    s = settings.sink
+    return LanceStore(
+        s.lancedb_uri, s.index_min_rows, optimize_every=s.optimize_every, optimize_interval_s=s.optimize_interval_s
+    )
+
+
+def connect_reader(uri: str) -> Any:
+    """A connection whose tables check for new versions on every read: a reader beside a sink sees each
+    write as soon as it is committed (the default keeps a table at the version it was opened at)."""
+    from datetime import timedelta
+
+    return _import_lancedb().connect(uri, read_consistency_interval=timedelta(0))
 
 
 # ``--lancedb-uri`` is shared with ``search``, so the CLI adds it to both.
