@@ -243,6 +243,9 @@ def test_backfill_switch_and_rollback_while_readers_search(versions, tmp_path, c
         backfill_s = time.monotonic() - began
         _cli("rollout", "status", "--config", str(configs["v2"]), "--alias", ALIAS, "--interval", "0.5")
         _cli("rollout", "compare", "--config", str(configs["v2"]), "--alias", ALIAS, "-k", "10", "--sample", "50")
+        compared = capsys.readouterr().out
+        print(compared)
+        assert "10-NN overlap over 50 ids" in compared and "reconstruction_error: mean" in compared
 
         for step, lands_on in (("switch", "v2"), ("rollback", "v1")):
             readers.phase = "moving"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 from embedstream.aliases import Alias, Deployed, ModelRef, RolloutState, load, resolve, save, state_location
@@ -229,3 +230,26 @@ def test_the_cli_switches_and_rolls_back_by_alias(tmp_path, capsys):
     assert main(["rollout", "compare", *common, "-k", "3", "--sample", "5"]) == 0
     assert "3-NN overlap over 5 ids" in capsys.readouterr().out
     assert resolve(state_location(store.uri), "a") == V2
+
+
+def test_score_drift_reads_the_time_series_reconstruction_error(tmp_path):
+    import lancedb
+    import pyarrow as pa
+
+    from embedstream.rollout.compare import score_drift
+
+    db = lancedb.connect(str(tmp_path / "db"))
+    ids = [f"w{i}" for i in range(50)]
+    error = np.linspace(0.0, 1.0, 50, dtype=np.float32)
+
+    def table(name: str, scores: np.ndarray, threshold: float):
+        return db.create_table(
+            name, pa.table({"id": ids, "reconstruction_error": scores, "anomaly": scores > threshold})
+        )
+
+    old, new = table("old", error, 0.9), table("new", error * 2, 1.0)
+    drift = score_drift(old, new, ids[::2])
+    assert drift is not None and drift.column == "reconstruction_error"
+    assert drift.mean_new == pytest.approx(2 * drift.mean_old, rel=1e-5)
+    assert drift.rank_correlation == pytest.approx(1.0, abs=1e-9)  # the same order, scaled
+    assert drift.flagged_old == pytest.approx(0.08, abs=1e-9) and drift.flagged_new == pytest.approx(0.48, abs=1e-9)

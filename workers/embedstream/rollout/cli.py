@@ -245,7 +245,7 @@ def _compare(args: argparse.Namespace, settings: Settings, location: str) -> int
     if result.scores is not None:
         s = result.scores
         print(
-            f"  anomaly score: mean {s.mean_old:.4g} -> {s.mean_new:.4g}, flagged {s.flagged_old:.1%} -> "
+            f"  {s.column}: mean {s.mean_old:.4g} -> {s.mean_new:.4g}, flagged {s.flagged_old:.1%} -> "
             f"{s.flagged_new:.1%}, mean |change| {s.mean_abs_change:.4g}, rank correlation {s.rank_correlation:.3f}"
         )
     return 0

@@ -19,6 +19,7 @@ from embedstream.ops.search import search_by_id
 
 @dataclass(frozen=True)
 class ScoreDrift:
+    column: str
     mean_old: float
     mean_new: float
     flagged_old: float  # share of rows flagged anomalous
@@ -44,11 +45,15 @@ def _ids(table: Any) -> set[str]:
     return {str(i) for i in table.to_arrow().column("id").to_pylist()}
 
 
-def _scores(table: Any, ids: list[str]) -> dict[str, tuple[float, bool]]:
-    cols = table.to_arrow().select(["id", "anomaly_score", "anomaly"])
+# The anomaly score of each model kind: an embedding detector's, or a time-series autoencoder's own.
+SCORE_COLUMNS = ("anomaly_score", "reconstruction_error")
+
+
+def _scores(table: Any, ids: list[str], column: str) -> dict[str, tuple[float, bool]]:
+    cols = table.to_arrow().select(["id", column, "anomaly"])
     wanted = pc.is_in(cols.column("id"), value_set=pa.array(ids))
     rows = cols.filter(wanted).to_pylist()
-    return {str(r["id"]): (float(r["anomaly_score"]), bool(r["anomaly"])) for r in rows}
+    return {str(r["id"]): (float(r[column]), bool(r["anomaly"])) for r in rows}
 
 
 def _rank(values: np.ndarray) -> np.ndarray:
@@ -59,9 +64,11 @@ def _rank(values: np.ndarray) -> np.ndarray:
 
 
 def score_drift(old: Any, new: Any, ids: list[str]) -> ScoreDrift | None:
-    if not {"anomaly_score", "anomaly"} <= set(old.schema.names) & set(new.schema.names) or not ids:
+    both = set(old.schema.names) & set(new.schema.names)
+    column = next((c for c in SCORE_COLUMNS if c in both), None)
+    if column is None or "anomaly" not in both or not ids:
         return None
-    a, b = _scores(old, ids), _scores(new, ids)
+    a, b = _scores(old, ids, column), _scores(new, ids, column)
     shared = sorted(set(a) & set(b))
     if not shared:
         return None
@@ -69,6 +76,7 @@ def score_drift(old: Any, new: Any, ids: list[str]) -> ScoreDrift | None:
     y = np.array([b[i][0] for i in shared])
     rho = float(np.corrcoef(_rank(x), _rank(y))[0, 1]) if len(shared) > 1 else 1.0
     return ScoreDrift(
+        column,
         float(x.mean()),
         float(y.mean()),
         float(np.mean([a[i][1] for i in shared])),
