@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 CONSUMED = Counter("embedstream_messages_consumed", "Input messages consumed", ["modality"])
@@ -111,3 +112,26 @@ def observe_lag(consumer: Any, partitions: Iterable[Any]) -> None:
         high = consumer.highwater(tp)
         if high is not None:
             CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - consumer.position(tp)))
+
+
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every value, with one increment per bucket instead of one call per value.
+
+    A worker observes every row's end-to-end latency, and prometheus_client has no bulk form: at a
+    few microseconds a call, per-row observes were a tenth of the time-series worker's loop. This
+    adds what ``observe`` adds (the sum, and each value to the first bucket whose bound is >= it)
+    through the histogram's own bucket values; a histogram without them is observed value by value.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None:
+        for v in values:
+            histogram.observe(float(v))
+        return
+    if not len(values):
+        return
+    counts = np.bincount(np.searchsorted(np.asarray(bounds), values, side="left"), minlength=len(bounds))
+    total.inc(float(values.sum()))
+    for i in np.flatnonzero(counts[: len(bounds)]):
+        buckets[i].inc(int(counts[i]))

@@ -47,7 +47,10 @@ Reason = Literal[
 REASONS: tuple[str, ...] = Reason.__args__  # type: ignore[attr-defined]
 
 
-@dataclass(frozen=True)
+# The per-message records are slotted, hashable and never mutated, but not frozen: a frozen
+# dataclass's __init__ sets each field through object.__setattr__ (about 2.5 us against 0.3 for
+# these), and the hot path makes one of each per consumed message or output row.
+@dataclass(slots=True, unsafe_hash=True)
 class SourceMessage:
     """A consumed Kafka message, reduced to what the pipeline needs."""
 
@@ -113,7 +116,7 @@ class Deferred:
     dead_letters: tuple[BadRecord, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, unsafe_hash=True)
 class RowMeta:
     """Per-row provenance carried from the input message to the output row.
 

@@ -14,7 +14,8 @@ from embedstream.errors import ConfigError
 from embedstream.records import BadRecord, SourceMessage
 
 
-@dataclass(frozen=True)
+# Slotted, not frozen: one is made per point or window (see records.SourceMessage); never mutated.
+@dataclass(slots=True)
 class Observation:
     """One point of one series: ``values`` holds one float32 per channel."""
 
@@ -24,7 +25,7 @@ class Observation:
     values: np.ndarray = field(repr=False)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TimeSeriesWindow:
     """A (T x C) float32 window ready for the model.
 

@@ -51,7 +51,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -102,6 +102,7 @@ def _loads(raw: bytes) -> Any:
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # What a JSON number (or null) parses to; bool is deliberately absent although it subclasses int.
 _NUMERIC_TYPES = frozenset({int, float, type(None)})
+_LIST = {list}
 
 
 def _timestamp(doc: dict[str, Any], name: str, default: int) -> int | None:
@@ -113,6 +114,13 @@ def _timestamp(doc: dict[str, Any], name: str, default: int) -> int | None:
 
 # A rejection: (reason, message, error class) for the BadRecord.
 _Why = tuple[Reason, str, str]
+
+
+class _WindowDoc(NamedTuple):
+    """A window message whose document passed every check but the values' finiteness, not yet converted."""
+
+    msg: SourceMessage
+    doc: dict[str, Any]
 
 
 def parse_timeseries(
@@ -127,6 +135,21 @@ def parse_timeseries(
 
     ``max_id_bytes`` caps the key and the series id, ``max_header_bytes`` the headers (None: no cap).
     """
+    checked = _checked(msg, window_length, channels, max_bytes, max_id_bytes, max_header_bytes)
+    if isinstance(checked, _WindowDoc):
+        return _windows([checked], window_length, channels)[0]
+    return checked
+
+
+def _checked(
+    msg: SourceMessage,
+    window_length: int,
+    channels: int,
+    max_bytes: int,
+    max_id_bytes: int | None,
+    max_header_bytes: int | None,
+) -> Observation | _WindowDoc | BadRecord:
+    """Every check of ``parse_timeseries``; a window's values are converted later, with its poll's (``_windows``)."""
     why = _oversize_meta(msg, max_id_bytes, max_header_bytes)
     if why is not None:
         return BadRecord(msg, *why)
@@ -139,10 +162,41 @@ def parse_timeseries(
     why = _shape_problem(rows, is_window, window_length, channels)
     if why is not None:
         return BadRecord(msg, *why)
-    arr32 = _window_values(rows) if is_window else _point_values(values)
+    if is_window:
+        return _WindowDoc(msg, doc)
+    arr32 = _point_values(values)
     if isinstance(arr32, tuple):
         return BadRecord(msg, *arr32)
-    return _window(msg, doc, arr32) if is_window else _observation(msg, doc, arr32)
+    return _observation(msg, doc, arr32)
+
+
+def _windows(checked: Sequence[_WindowDoc], length: int, channels: int) -> list[TimeSeriesWindow | BadRecord]:
+    """Checked window documents -> windows, converted together: one C pass over every value of the
+    poll and one finiteness reduction, instead of a nested ``np.array`` and reductions per message
+    (the window messages' hot path). The types were checked (numbers or null), so the conversion
+    cannot misread a boolean or a string; null becomes NaN and is dead-lettered as ``non_finite``."""
+    n, size = len(checked), length * channels
+    values = itertools.chain.from_iterable(itertools.chain.from_iterable(c.doc["values"] for c in checked))
+    try:
+        flat = np.fromiter(values, np.float64, n * size)
+    except OverflowError as exc:  # an integer beyond float range: each window on its own, to name the one
+        if n == 1:
+            return [BadRecord(checked[0].msg, "non_finite", f"value out of range ({exc})", "OverflowError")]
+        return [w for c in checked for w in _windows([c], length, channels)]
+    # NaN (from null) fails the comparison, as do infinities and values beyond float32, so the
+    # cast below is taken only by values that fit it.
+    fits = (np.abs(flat) <= _FLOAT32_MAX).reshape(n, size)
+    bad = None if fits.all() else size - fits.sum(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr32 = flat.astype(np.float32).reshape(n, length, channels)
+    out: list[TimeSeriesWindow | BadRecord] = []
+    for i, (msg, doc) in enumerate(checked):
+        if bad is not None and bad[i]:
+            why = f"{bad[i]} value(s) are null, NaN, infinite or beyond float32"
+            out.append(BadRecord(msg, "non_finite", why, "ValueError"))
+        else:
+            out.append(_window(msg, doc, arr32[i]))
+    return out
 
 
 def _oversize_meta(msg: SourceMessage, max_id_bytes: int | None, max_header_bytes: int | None) -> _Why | None:
@@ -195,7 +249,7 @@ def _document(msg: SourceMessage, max_bytes: int, max_id_bytes: int | None = Non
 def _shape_problem(rows: list[Any], is_window: bool, window_length: int, channels: int) -> _Why | None:
     # One pass over the element types in C rather than a Python check per value: this is the hot loop.
     if is_window:
-        numbers = all(type(row) is list for row in rows) and _NUMERIC_TYPES.issuperset(
+        numbers = set(map(type, rows)) == _LIST and _NUMERIC_TYPES.issuperset(
             map(type, itertools.chain.from_iterable(rows))
         )
     else:
@@ -217,20 +271,6 @@ def _point_values(values: list[Any]) -> np.ndarray | _Why:
     if n:
         return "non_finite", f"{n} value(s) are null, NaN, infinite or beyond float32", "ValueError"
     return np.array(values, dtype=np.float32)
-
-
-def _window_values(rows: list[Any]) -> np.ndarray | _Why:
-    try:
-        arr = np.array(rows, dtype=np.float64)  # null becomes NaN, dead-lettered as non_finite below
-    except OverflowError as exc:  # integers beyond float range
-        return "non_finite", f"value out of range ({exc})", "OverflowError"
-    # One reduction catches NaN (from null), infinities and values beyond float32 (NaN compares
-    # false), before the cast, so the cast never overflows and no numpy error state is needed.
-    magnitude = np.abs(arr)
-    if not magnitude.max() <= _FLOAT32_MAX:
-        n = int((~(magnitude <= _FLOAT32_MAX)).sum())
-        return "non_finite", f"{n} value(s) are null, NaN, infinite or beyond float32", "ValueError"
-    return arr.astype(np.float32)
 
 
 def _observation(msg: SourceMessage, doc: dict[str, Any], values: np.ndarray) -> Observation | BadRecord:
@@ -272,18 +312,35 @@ class TimeSeriesModality:
         )
 
     def decode(self, msg: SourceMessage) -> TimeSeriesWindow | BadRecord | Deferred:
-        parsed = parse_timeseries(
-            msg, self.window_length, self.channels, self._max_bytes, self._max_id_bytes, self._max_header_bytes
-        )
-        if not isinstance(parsed, Observation):
-            return parsed
-        item, dead = self.windows.add(parsed)
+        return self.decode_many([msg])[0]
+
+    def decode_many(self, msgs: Sequence[SourceMessage]) -> list[TimeSeriesWindow | BadRecord | Deferred]:
+        """In order: each point may complete its series' window. Window messages keep no state, so
+        their values are converted together once the poll is read (``_windows``)."""
+        out: list[Any] = []
+        pending: list[int] = []  # where out holds a checked window message
+        for msg in msgs:
+            checked = _checked(
+                msg, self.window_length, self.channels, self._max_bytes, self._max_id_bytes, self._max_header_bytes
+            )
+            if isinstance(checked, _WindowDoc):
+                pending.append(len(out))
+                out.append(checked)
+            elif isinstance(checked, Observation):
+                out.append(self._add(checked))
+            else:
+                out.append(checked)
+        if pending:
+            made = _windows([out[i] for i in pending], self.window_length, self.channels)
+            for i, window in zip(pending, made, strict=True):
+                out[i] = window
+        return out
+
+    def _add(self, obs: Observation) -> TimeSeriesWindow | BadRecord | Deferred:
+        item, dead = self.windows.add(obs)
         if item is None and not dead:
             return _ABSORBED  # most points: one shared instance instead of one per message
         return Deferred(item, tuple(dead))
-
-    def decode_many(self, msgs: Sequence[SourceMessage]) -> list[TimeSeriesWindow | BadRecord | Deferred]:
-        return [self.decode(m) for m in msgs]  # in order: each point may complete its series' window
 
     def prepare(self, items: Sequence[TimeSeriesWindow]) -> Sequence[TimeSeriesWindow]:
         return items  # a window is ready once decode closed it
