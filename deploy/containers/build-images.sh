@@ -38,7 +38,7 @@ fi
 
 # Torch-free images first: they are the ones every deployment runs, and the quickest to build.
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(worker sink broker exporter triton-cpu)
+[ ${#targets[@]} -gt 0 ] || targets=(worker sink broker exporter triton-cpu prometheus)
 report=()
 for target in "${targets[@]}"; do
   image="embedstream-$target:$TAG"

@@ -23,7 +23,7 @@ from embedstream.local.stack.process import free_port, port_open
 ROOT = Path(__file__).resolve().parents[2]
 FILES = ("docker-compose.yml", "docker-compose.cpu.yml")
 CONTAINERS_CONF = ROOT / "deploy" / "containers" / "containers.conf"
-IMAGES = ("worker", "sink", "exporter", "triton-cpu", "broker")
+IMAGES = ("worker", "sink", "exporter", "triton-cpu", "broker", "prometheus")
 TAG = "0.1.0"
 
 # The ports docker-compose.cpu.yml reads from the environment.
@@ -45,6 +45,7 @@ PORTS = (
     "WORKER_TIMESERIES_PORT",
     "SINK_LANCEDB_PORT",
     "SINK_FEAST_PORT",
+    "PROMETHEUS_PORT",
 )
 WORKERS = ("worker-image", "worker-text", "worker-timeseries")
 SINKS = ("sink-lancedb", "sink-feast")
@@ -187,6 +188,8 @@ class ComposeStack:
                 admin.close()
         if service == "triton-cpu":
             return http_ok(f"http://127.0.0.1:{self.ports['TRITON_HTTP_PORT']}/v2/health/ready")
+        if service == "prometheus":
+            return http_ok(f"http://127.0.0.1:{self.ports['PROMETHEUS_PORT']}/-/ready")
         return http_ok(self.health_url(service))
 
     def wait_ready(self, service: str, timeout_s: float = 300) -> float:
@@ -230,8 +233,8 @@ class ComposeStack:
         self.start("triton-cpu")
         self.wait_ready("triton-cpu")
         mark("triton-cpu")
-        self.start(*WORKERS, *SINKS)
-        for service in (*WORKERS, *SINKS):
+        self.start(*WORKERS, *SINKS, "prometheus")
+        for service in (*WORKERS, *SINKS, "prometheus"):
             self.wait_ready(service)
             mark(service)
         return ready

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import urllib.parse
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 
@@ -180,6 +182,39 @@ def test_every_message_is_accounted_for_in_the_topics_and_both_stores(compose_st
     finally:
         for r in readings.values():
             r.close()
+
+
+def _prometheus(stack: ComposeStack, path: str) -> dict:
+    url = f"http://127.0.0.1:{stack.ports['PROMETHEUS_PORT']}{path}"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())["data"]
+
+
+def test_prometheus_scrapes_every_worker_sink_and_triton(compose_stack, report):
+    stack = compose_stack
+
+    def targets_up() -> bool:
+        targets = _prometheus(stack, "/api/v1/targets")["activeTargets"]
+        return len(targets) == 6 and all(t["health"] == "up" for t in targets)
+
+    wait_until("every Prometheus target up", targets_up, 60, 1)
+    query = urllib.parse.quote("sum by (modality) (embedstream_embeddings_total)")
+    # The end-to-end test ran first: each modality has embedded rows, and a scrape has seen them.
+    wait_until(
+        "embedded rows of every modality in Prometheus",
+        lambda: (
+            {r["metric"]["modality"] for r in _prometheus(stack, f"/api/v1/query?query={query}")["result"]}
+            == set(COUNTS)
+        ),
+        60,
+        1,
+    )
+    rows = {
+        r["metric"]["modality"]: float(r["value"][1])
+        for r in _prometheus(stack, f"/api/v1/query?query={query}")["result"]
+    }
+    report(modality="prometheus", **{f"{m}_rows": int(v) for m, v in sorted(rows.items())})
+    assert all(v > 0 for v in rows.values()), rows
 
 
 # -- container faults -----------------------------------------------------------------------------------
