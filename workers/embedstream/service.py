@@ -12,6 +12,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from embedstream.allocator import return_large_buffers
+from embedstream.collector import tune_collector
 from embedstream.config import Settings
 from embedstream.encoders import served_model_name
 from embedstream.health import HealthServer
@@ -57,6 +58,7 @@ def create_worker(settings: Settings, ready_timeout_s: float = 120.0) -> Worker:
 def run_worker(settings: Settings, stop: threading.Event) -> WorkerStats:
     return_large_buffers()  # before the first message: see allocator.py
     worker = create_worker(settings)
+    tune_collector()  # start-up done: see collector.py
     health = None
     if settings.health_port is not None:
         health = HealthServer(settings.health_host, settings.health_port, worker.status).start()

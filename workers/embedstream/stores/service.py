@@ -6,6 +6,7 @@ import logging
 import threading
 
 from embedstream.allocator import return_large_buffers
+from embedstream.collector import tune_collector
 from embedstream.config import Settings
 from embedstream.health import HealthServer
 from embedstream.kafka_io import ensure_topics, make_consumer, make_producer
@@ -37,6 +38,7 @@ def create_sink(kind: str, settings: Settings) -> StoreSink:
 def run_sink(kind: str, settings: Settings, stop: threading.Event) -> SinkStats:
     return_large_buffers()  # before the first message: see allocator.py
     sink = create_sink(kind, settings)
+    tune_collector()  # start-up done: see collector.py
     health = None
     if settings.health_port is not None:
         health = HealthServer(settings.health_host, settings.health_port, sink.status).start()
