@@ -35,7 +35,7 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
     assert rc == 0
     doc = json.loads((out / "bench.json").read_text())
     ts = doc["modalities"]["timeseries"]
-    assert set(ts["stages"]) == set(STAGES) - (set() if onnx_available() else {"bare_onnx"})
+    assert set(ts["stages"]) == set(STAGES) - (set() if onnx_available() else {"bare_onnx", "peer_onnx"})
     for name, stage in ts["stages"].items():
         if name != "perf_analyzer":  # it sends as many requests as its measurement windows take
             want = {"null": 100, "raw_kafka": 100, "raw_consume": 100, "decode": 100, "pipeline_scaled": 96}
@@ -57,8 +57,9 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
     assert len(ts["stages"]["pipeline_half"]["latencies_ms"]) == 48
     assert ts["stages"]["pipeline"]["batches"] > 0
     # the hand-written peer read every message once, in batches no larger than ours, and committed them
-    peer = ts["stages"]["peer"]
-    assert peer["batches"] >= 48 / ts["max_batch"] and 0 < peer["mean_batch"] <= ts["max_batch"]
+    for name in ("peer", "peer_onnx") if onnx_available() else ("peer",):
+        peer = ts["stages"][name]
+        assert peer["batches"] >= 48 / ts["max_batch"] and 0 < peer["mean_batch"] <= ts["max_batch"], name
     # pipeline / bare is taken against the runtime Triton serves, torch eager reported beside it
     assert (
         ts["served_bare_stage"] == {"torchscript": "bare_torchscript", "onnxruntime": "bare_onnx"}[ts["served_runtime"]]
@@ -79,6 +80,7 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
         "pipeline_vs_bare_eager",
         "bare_torchscript_vs_eager",
         "pipeline_vs_peer",
+        "pipeline_vs_best_peer",
         "pipeline_scaled_vs_bare",
         "scale_out",
         "pipeline_vs_ceiling",

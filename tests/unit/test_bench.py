@@ -53,6 +53,7 @@ def _bench(modality: str = "image", **overrides) -> ModalityBench:
         "raw_consume": StageResult(320, 0.1),  # 3200/s
         "sink_lancedb": StageResult(320, 0.2, {"vs_raw_consume": 0.5}),  # 1600 rows/s
         "peer": StageResult(320, 5.0, {"mean_batch": 32.0}),  # 64/s
+        "peer_onnx": StageResult(320, 4.0, {"mean_batch": 32.0}),  # 80/s: the better peer
     }
     b.offered_rate = 64.0
     b.latencies_ms = [float(v) for v in range(1, 101)]
@@ -155,7 +156,7 @@ def test_targets_skip_what_was_not_measured():
     b = _bench(latencies_ms=[], batches=0)
     del b.stages["null"], b.stages["decode"]
     del b.stages["perf_analyzer"], b.stages["pipeline_scaled"]
-    del b.stages["bare_torchscript"], b.stages["bare_onnx"], b.stages["peer"]
+    del b.stages["bare_torchscript"], b.stages["bare_onnx"], b.stages["peer"], b.stages["peer_onnx"]
     assert set(targets(b)) == {"pipeline_vs_bare"}
 
 
@@ -189,6 +190,7 @@ def test_report_json_shape():
         "bare_torchscript_vs_eager",
         "bare_onnx_vs_eager",
         "pipeline_vs_peer",
+        "pipeline_vs_best_peer",
         "pipeline_scaled_vs_bare",
         "scale_out",
         "pipeline_vs_ceiling",
@@ -197,6 +199,9 @@ def test_report_json_shape():
         "batch_fill",
     }
     assert image["targets"]["pipeline_vs_bare"]["passed"] is False
+    # 128/s against the better of the two peers (80/s), held to the modality's target (1.5 for images).
+    best = image["targets"]["pipeline_vs_best_peer"]
+    assert best["value"] == pytest.approx(1.6) and best["passed"] is True and "peer_onnx" in best["detail"]
     assert image["served_runtime"] == "torchscript" and image["served_bare_stage"] == "bare_torchscript"
 
 
@@ -204,11 +209,11 @@ def test_summary_table_has_a_row_per_stage_and_target():
     table = summary_table([_bench(), _bench("text")])
     assert len(table.columns) == 3
     # a row per stage, the two latency rows, a row per target
-    assert table.row_count == len(STAGES) + 2 + 12
+    assert table.row_count == len(STAGES) + 2 + 13
     one_worker = _bench()
     del one_worker.stages["pipeline_scaled"]
     # without --workers there is no scaled-out row of dashes, nor its two ratios
-    assert summary_table([one_worker]).row_count == len(STAGES) - 1 + 2 + 10
+    assert summary_table([one_worker]).row_count == len(STAGES) - 1 + 2 + 11
 
 
 def test_plots_write_pngs(tmp_path):

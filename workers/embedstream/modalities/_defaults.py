@@ -48,3 +48,5 @@ class ModalityDefaults:
     unit: str = "messages"
     # Columns some of its models add through outputs with a column; rows of a model without them hold null.
     model_columns: tuple[pa.Field, ...] = ()
+    # What the bench holds the pipeline to against the strongest hand-written peer (pipeline / peer).
+    bench_peer_target: float = 1.5

@@ -34,6 +34,7 @@ STAGES: dict[str, str] = {
     "raw_consume": "raw kafka-python consume alone",
     "sink_lancedb": "sink lancedb, rows into a LanceDB table (rows/s)",
     "peer": "naive peer: kafka-python -> torch in-process -> produce, 1 process",
+    "peer_onnx": "strongest peer: kafka-python -> the worker's decode -> ONNX Runtime in-process -> produce",
 }
 PIPELINE_VS_BARE_TARGET = 0.85
 NULL_VS_RAW_TARGET = 0.5
@@ -83,6 +84,8 @@ class ModalityBench:
     batches: int = 0
     # What Triton runs for this model ("torchscript" or "onnxruntime"): pipeline / bare uses its stage.
     served_runtime: str = "torchscript"
+    # pipeline / the better peer at least this (the modality's ``bench_peer_target``).
+    best_peer_target: float = 1.5
 
     @property
     def served_bare(self) -> str:
@@ -193,6 +196,12 @@ def _rate_targets(b: ModalityBench) -> dict[str, Target]:
     if "pipeline" in s and "peer" in s:
         out["pipeline_vs_peer"] = _throughput_ratio(
             "pipeline / naive peer", rate["pipeline"], rate["peer"], PIPELINE_VS_PEER_TARGET
+        )
+    peers = [p for p in ("peer", "peer_onnx") if p in s]
+    if "pipeline" in s and peers:
+        best = max(peers, key=lambda p: rate[p])
+        out["pipeline_vs_best_peer"] = _throughput_ratio(
+            "pipeline / best peer", rate["pipeline"], rate[best], b.best_peer_target, f"{best}: "
         )
     if "pipeline_scaled" in s and bare in s:
         n = s["pipeline_scaled"].extra.get("workers", "N")

@@ -26,6 +26,7 @@ from embedstream.local.readback import TopicReader
 from embedstream.local.samples.traffic import Message
 from embedstream.local.stack.stack import LocalStack
 from embedstream.local.stack.worker_process import WorkerProcess
+from embedstream.modalities import defaults
 from embedstream.service import encoder_spec
 
 HALF_LOAD = 0.5
@@ -100,6 +101,7 @@ def open_context(
         torch_threads=target.torch_threads,
         instances=target.instances,
         cpus=os.cpu_count() or 1,
+        best_peer_target=defaults(w.modality).bench_peer_target,
     )
     bench.served_runtime = served.served_runtime(stack.model_repository / bench.model)
     m = w.modality
@@ -278,6 +280,19 @@ def _peer(ctx: BenchContext) -> StageResult:
     return peer.run_peer(settings, len(messages), ctx.clocks.mono, ctx.progress("peer"))
 
 
+def _peer_onnx(ctx: BenchContext) -> StageResult:
+    """The strongest peer on the workload's messages (the served ONNX file; one exported for the bench
+    when the stack serves TorchScript), on its own topics, put there first (not timed)."""
+    settings = peer.peer_settings(ctx.real, ctx.w.peer_topics)
+    model_file = served.onnx_file(ctx.real, ctx.model_dir, ctx.batches[0], ctx.stack.workdir)
+    messages = rekey(ctx.w.messages, "peer-onnx")
+    stages.produce_burst(settings.kafka, settings.kafka.input_topic, messages, ctx.clocks.wall)
+    embed = peer.onnx_embedder(settings, model_file)
+    res = peer.consume_embed_produce(settings, len(messages), embed, ctx.clocks.mono, ctx.progress("peer_onnx"))
+    res.extra["served_file"] = model_file.parent.parent == ctx.model_dir
+    return res
+
+
 def _sink_lancedb(ctx: BenchContext) -> StageResult:
     from embedstream.local.bench.sink_stage import sink_lancedb
 
@@ -354,4 +369,5 @@ STAGE_TABLE: tuple[Stage, ...] = (
         total=_plumbing_total,
     ),
     Stage("peer", _peer, note=lambda c, r: f"mean batch {r.extra['mean_batch']:.1f}"),
+    Stage("peer_onnx", _peer_onnx, note=lambda c, r: f"mean batch {r.extra['mean_batch']:.1f}", applies=_onnx_applies),
 )
