@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Integration tests that start a stack of their own: they run in the unit tier's lane.
 OWN_STACK_TESTS := tests/integration/test_up.py tests/integration/test_demo.py \
-	tests/integration/test_bench_smoke.py tests/integration/test_anomaly.py tests/integration/test_image_quality.py
+	tests/integration/test_bench_smoke.py tests/integration/test_anomaly.py tests/integration/test_image_quality.py \
+	tests/integration/test_rollout.py
 
 .PHONY: install demo test lint up clean
 
@@ -27,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/ruff check workers tests examples deploy/gpu
 	$(BIN)/mypy
 	@# Two lanes on the two cores. Lane 1: the CPU-bound unit tier, then the integration tests that
-	@# start a stack of their own (up, demo, bench, anomaly, image quality). Lane 2: the tests on the
+	@# start a stack of their own (up, demo, bench, anomaly, image quality, rollout). Lane 2: the tests on the
 	@# shared integration stack, then the fault suite. Both mostly wait on real processes (group
 	@# joins, restarts, timeouts); lane 1's report is printed after lane 2's.
 	@# One export cache for both lanes, so an encoder is exported once per run (export/cache.py).
