@@ -8,7 +8,8 @@
 #   WHEELS_DIR       a directory of wheels pip prefers at equal versions (mounted read-only into the build)
 #   TORCH_INDEX_URL  where the exporter's torch comes from (the Dockerfile's default is PyTorch's CPU index)
 #   IMAGE_TAG        the tag of every image (default: the version in pyproject.toml)
-#   KEEP_BUILD_CACHE 1 keeps the intermediate images (the next build reuses them; default: pruned)
+#   PRUNE_BUILD_CACHE  1 removes the intermediate images afterwards (default: kept, so the next build
+#                    reuses them: `make compose-test` builds every image again, mostly from this cache)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -55,8 +56,8 @@ for target in "${targets[@]}"; do
   report+=("$(printf '%-36s %8s MB %6s s' "$image" "$size" "$seconds")")
   echo "built $image: $size MB in $seconds s"
 done
-# Intermediate images: the layer cache of the next build, gigabytes with the exporter's torch.
-[ "${KEEP_BUILD_CACHE:-0}" = 1 ] || podman image prune -f > /dev/null
+# Intermediate images are the layer cache of the next build (a few GB).
+[ "${PRUNE_BUILD_CACHE:-0}" = 1 ] && podman image prune -f > /dev/null
 
 echo
 printf '%-36s %11s %8s\n' image size build

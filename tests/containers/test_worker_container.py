@@ -34,7 +34,7 @@ def worker_image() -> str:
     started = time.monotonic()
     built = subprocess.run(
         [str(ROOT / "deploy/containers/build-images.sh"), "worker"],
-        env={**container_env(), "KEEP_BUILD_CACHE": "1"},
+        env=container_env(),
         capture_output=True,
         text=True,
         timeout=1800,
