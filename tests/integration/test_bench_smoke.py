@@ -56,6 +56,7 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
     assert pa["messages"] == pa["requests"] * pa["batch"]
     assert len(ts["stages"]["pipeline_half"]["latencies_ms"]) == 48
     assert ts["stages"]["pipeline"]["batches"] > 0
+    assert ts["stages"]["pipeline"]["worker_cpu_us_per_message"] > 0  # the worker's CPU over the stage, from /proc
     # the hand-written peer read every message once, in batches no larger than ours, and committed them
     for name in ("peer", "peer_onnx") if onnx_available() else ("peer",):
         peer = ts["stages"][name]

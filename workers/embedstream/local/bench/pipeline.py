@@ -44,10 +44,17 @@ def backlog(
     stages.produce_burst(k, k.input_topic, messages, clocks.wall)
     worker.start()
     assigned_at = stages.wait_assigned(worker, clocks.wall, clocks.sleep)
+    cpu_at_start = worker.cpu_seconds()
     # The outputs are read once the worker is done, so reading them takes no CPU from it meanwhile.
     stages.wait_embedded([worker], len(messages), WAIT_TIMEOUT_S, progress, clocks.sleep)
+    cpu_at_end = worker.cpu_seconds()
     rows = follower.wait_for(prefix, len(messages), WAIT_TIMEOUT_S, stages.no_progress)
-    return StageResult(len(rows), max(rows.values()) / 1000 - assigned_at)
+    res = StageResult(len(rows), max(rows.values()) / 1000 - assigned_at)
+    if cpu_at_start is not None and cpu_at_end is not None and rows:
+        # What one message costs the worker, all threads: less sensitive to what else shares the
+        # cores than a rate, so it is the figure to compare two builds by.
+        res.extra["worker_cpu_us_per_message"] = 1e6 * (cpu_at_end - cpu_at_start) / len(rows)
+    return res
 
 
 def scaled_out(

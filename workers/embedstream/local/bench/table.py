@@ -213,6 +213,11 @@ def _saturation(ctx: BenchContext) -> StageResult:
     return res
 
 
+def _saturation_note(ctx: BenchContext, res: StageResult) -> str:
+    cpu = res.extra.get("worker_cpu_us_per_message")
+    return f"mean batch {ctx.bench.mean_batch:.1f}" + (f", worker {cpu:.0f} us CPU/msg" if cpu else "")
+
+
 def _live(ctx: BenchContext) -> StageResult:
     """The same worker, timed while the messages are produced: on shared cores the producer takes
     CPU from it, so "50% load" is half the lower of the two rates, not of the backlog's alone."""
@@ -332,7 +337,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
         note=lambda c, r: f"p99 {r.extra['p99_latency_ms']:.0f} ms/request",
         measured_total=True,
     ),
-    Stage("pipeline", _saturation, note=lambda c, r: f"mean batch {c.bench.mean_batch:.1f}"),
+    Stage("pipeline", _saturation, note=_saturation_note),
     Stage("pipeline_live", _live),
     Stage(
         "pipeline_half",

@@ -55,6 +55,18 @@ class WorkerProcess:
     def log_path(self) -> Path:
         return self._proc.log_path
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the worker process has used, all its threads (Linux /proc; None elsewhere or once gone)."""
+        pid = self._proc.pid
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text() if pid is not None else ""
+        except OSError:
+            return None
+        fields = stat[stat.rindex(")") + 2 :].split() if ")" in stat else []
+        if len(fields) < 13:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
     def start(self) -> WorkerProcess:
         self._proc.start()
         return self
