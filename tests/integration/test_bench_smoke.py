@@ -35,7 +35,8 @@ def test_bench_timeseries_writes_every_stage_and_the_plots(tmp_path):
     assert rc == 0
     doc = json.loads((out / "bench.json").read_text())
     ts = doc["modalities"]["timeseries"]
-    assert set(ts["stages"]) == set(STAGES) - (set() if onnx_available() else {"bare_onnx", "peer_onnx"})
+    images_only = {"by_reference"}
+    assert set(ts["stages"]) == set(STAGES) - images_only - (set() if onnx_available() else {"bare_onnx", "peer_onnx"})
     for name, stage in ts["stages"].items():
         if name != "perf_analyzer":  # it sends as many requests as its measurement windows take
             want = {"null": 100, "raw_kafka": 100, "raw_consume": 100, "decode": 100, "pipeline_scaled": 96}

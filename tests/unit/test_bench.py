@@ -52,6 +52,7 @@ def _bench(modality: str = "image", **overrides) -> ModalityBench:
         "raw_kafka": StageResult(320, 0.2),  # 1600/s
         "raw_consume": StageResult(320, 0.1),  # 3200/s
         "sink_lancedb": StageResult(320, 0.2, {"vs_raw_consume": 0.5}),  # 1600 rows/s
+        "by_reference": StageResult(320, 2.8, {"inline_per_s": 128.0, "vs_inline": 0.89}),
         "peer": StageResult(320, 5.0, {"mean_batch": 32.0}),  # 64/s
         "peer_onnx": StageResult(320, 4.0, {"mean_batch": 32.0}),  # 80/s: the better peer
     }
@@ -315,14 +316,14 @@ def test_stages_apply_by_workload_and_options_with_their_progress_totals():
     from embedstream.local.bench.served import onnx_available
 
     one = plan(_workload(), _options())
-    no_onnx = set() if onnx_available() else {"bare_onnx"}  # the ONNX stage needs the models extra
+    no_onnx = set() if onnx_available() else {"bare_onnx", "peer_onnx"}  # ONNX stages need the models extra
     assert set(one) == set(STAGES) - {"pipeline_points", "pipeline_scaled"} - no_onnx
     assert one["pipeline"] == 40 and one["null"] == one["raw_kafka"] == one["raw_consume"] == 100
     assert one["sink_lancedb"] == 100  # a few thousand rows by default: the plumbing count, bounded
     assert one["decode"] == 100  # decode is timed on the plumbing count: the model's passes too fast
     assert one["peer"] == 40  # the workload's messages, like the pipeline
     scaled = plan(_workload(points=160), _options(workers=3, plumbing_count=10))
-    assert set(scaled) == set(STAGES) - no_onnx
+    assert set(scaled) == set(STAGES) - no_onnx - {"by_reference"}  # references are images only
     assert scaled["pipeline_points"] == 160 and scaled["pipeline_scaled"] == 120
     assert scaled["null"] == 40  # never fewer than the workload's own messages
 

@@ -33,6 +33,7 @@ STAGES: dict[str, str] = {
     "raw_kafka": "raw kafka-python consume+produce",
     "raw_consume": "raw kafka-python consume alone",
     "sink_lancedb": "sink lancedb, rows into a LanceDB table (rows/s)",
+    "by_reference": "pipeline, images as s3:// references (fetched, overlapped with inference)",
     "peer": "naive peer: kafka-python -> torch in-process -> produce, 1 process",
     "peer_onnx": "strongest peer: kafka-python -> the worker's decode -> ONNX Runtime in-process -> produce",
 }

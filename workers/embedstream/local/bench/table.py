@@ -298,6 +298,20 @@ def _peer_onnx(ctx: BenchContext) -> StageResult:
     return res
 
 
+def _by_reference(ctx: BenchContext) -> StageResult:
+    """The workload's images as s3:// references in a local S3 server, against the same inline (reference_stage)."""
+    from embedstream.local.bench.reference_stage import by_reference
+
+    ctx.progress("by_reference")  # starts its clock; it reports once, at the end
+    inline, by_ref = by_reference(ctx.stack, ctx.real, rekey(ctx.w.messages, "ref"), ctx.stack.workdir)
+    extra = {"inline_per_s": inline.per_s, "vs_inline": by_ref.per_s / inline.per_s if inline.per_s else 0.0}
+    return StageResult(by_ref.rows, by_ref.seconds, extra)
+
+
+def _images(w: Workload, _opts: BenchOptions) -> bool:
+    return w.modality == "image"
+
+
 def _sink_lancedb(ctx: BenchContext) -> StageResult:
     from embedstream.local.bench.sink_stage import sink_lancedb
 
@@ -372,6 +386,13 @@ STAGE_TABLE: tuple[Stage, ...] = (
         _sink_lancedb,
         note=lambda c, r: f"{r.extra['vs_raw_consume']:.2f}x raw consume of its topic",
         total=_plumbing_total,
+    ),
+    Stage(
+        "by_reference",
+        _by_reference,
+        note=lambda c, r: f"{r.extra['vs_inline']:.2f}x inline",
+        applies=_images,
+        measured_total=True,
     ),
     Stage("peer", _peer, note=lambda c, r: f"mean batch {r.extra['mean_batch']:.1f}"),
     Stage("peer_onnx", _peer_onnx, note=lambda c, r: f"mean batch {r.extra['mean_batch']:.1f}", applies=_onnx_applies),
