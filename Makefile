@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Integration tests that start a stack of their own: they run in the unit tier's lane.
+# Integration tests that start a stack of their own: they run in the unit tier's lane. The worker-container
+# smoke builds the worker image where podman or Docker is present and says it skips where neither is.
 OWN_STACK_TESTS := tests/integration/test_up.py tests/integration/test_demo.py \
 	tests/integration/test_bench_smoke.py tests/integration/test_anomaly.py tests/integration/test_image_quality.py \
-	tests/integration/test_rollout.py
+	tests/integration/test_rollout.py tests/containers/test_worker_container.py
 
 .PHONY: install demo test lint up clean
 
