@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import tracemalloc
 
@@ -148,3 +149,12 @@ def test_the_modality_takes_its_caps_and_byte_bound_from_the_settings():
     assert isinstance(modality, TimeSeriesModality) and modality.windows.max_state_bytes == 50_000
     bad = modality.decode(message("a-series-id-of-more-than-16-bytes", 1, 0, key=b"k"))
     assert isinstance(bad, BadRecord) and bad.reason == "oversize_id"
+
+
+def test_a_rewritten_registry_record_counts_the_bytes_it_was_consumed_as() -> None:
+    plain = message("s1", 1, 0)
+    consumed = SourceMessage(TOPIC, 0, 0, b"s1", bytes(5_000), 1_000)  # e.g. an Avro record, framed
+    rewritten = dataclasses.replace(plain, origin=consumed, schema_id=7)
+    without, with_origin = observe(plain), observe(rewritten)
+    assert isinstance(without, Observation) and isinstance(with_origin, Observation)
+    assert point_bytes(with_origin) - point_bytes(without) >= len(consumed.value)

@@ -58,13 +58,16 @@ SERIES_OVERHEAD_BYTES = 1000
 
 
 def point_bytes(obs: Observation) -> int:
-    """What holding this point costs: its raw message (value, key, headers), series id and values."""
+    """What holding this point costs: its raw message (value, key, headers, and the message as consumed
+    where a format layer rewrote it), series id and values."""
     src = obs.source
     size = POINT_OVERHEAD_BYTES + sys.getsizeof(src.value) + sys.getsizeof(obs.series_id) + obs.values.nbytes
     if src.key is not None:
         size += sys.getsizeof(src.key)
     for name, value in src.headers:
         size += sys.getsizeof(name) + sys.getsizeof(value) + 64  # + the pair tuple
+    if src.origin is not None:  # a registry record rewritten by a format layer: its consumed bytes are held too
+        size += sys.getsizeof(src.origin) + sys.getsizeof(src.origin.value)
     return size
 
 
