@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Iterable
+
+from embedstream.fetch.outcomes import Final, Retry
+
+CHUNK = 64 * 1024  # what a source reads at a time, so the byte cap and the deadline are checked as it streams
 
 
 class ByteBudget:
@@ -29,3 +35,18 @@ class ByteBudget:
         with self._cond:
             self._free += n
             self._cond.notify_all()
+
+
+def read_capped(chunks: Iterable[bytes], uri: str, cap: int, deadline: float) -> bytes:
+    """An object's body from its chunks: ``fetch_too_large`` as soon as more than ``cap`` bytes arrived
+    (never after reading it all), a timed-out Retry once ``deadline`` (monotonic) passed."""
+    parts: list[bytes] = []
+    received = 0
+    for chunk in chunks:
+        received += len(chunk)
+        if received > cap:
+            raise Final("fetch_too_large", f"{uri}: more than fetch.max_object_bytes {cap} bytes")
+        parts.append(chunk)
+        if time.monotonic() > deadline:
+            raise Retry(f"{uri}: not complete within fetch.timeout_s", timeout=True)
+    return b"".join(parts)

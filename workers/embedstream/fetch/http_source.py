@@ -14,12 +14,11 @@ from typing import Any
 import httpx
 
 from embedstream.config import FetchSettings
-from embedstream.fetch.budget import ByteBudget
+from embedstream.fetch.budget import CHUNK, ByteBudget, read_capped
 from embedstream.fetch.guard import AddressGuard
 from embedstream.fetch.outcomes import Final, NoAnswer, Retry
 from embedstream.fetch.references import Reference, check_allowed, parse
 
-CHUNK = 64 * 1024
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
@@ -100,26 +99,16 @@ class HttpSource:
         if size is not None and size > cap:
             raise Final("fetch_too_large", f"{ref.uri}: {size} bytes > fetch.max_object_bytes {cap}")
         reserved = budget.reserve(size if size is not None else cap)
-        chunks: list[bytes] = []
-        received = 0
         try:
-            for chunk in resp.iter_bytes(CHUNK):
-                received += len(chunk)
-                if received > cap:
-                    raise Final("fetch_too_large", f"{ref.uri}: more than fetch.max_object_bytes {cap} bytes")
-                chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise Retry(f"{ref.uri}: not complete within fetch.timeout_s", timeout=True)
-        except httpx.TimeoutException as exc:
-            budget.release(reserved)
-            raise Retry(f"{ref.uri}: {type(exc).__name__} while reading", timeout=True) from None
-        except httpx.TransportError as exc:
-            budget.release(reserved)
-            raise Retry(f"{ref.uri}: {type(exc).__name__} while reading: {exc}", timeout=False) from None
+            try:
+                return read_capped(resp.iter_bytes(CHUNK), ref.uri, cap, deadline), reserved
+            except httpx.TimeoutException as exc:
+                raise Retry(f"{ref.uri}: {type(exc).__name__} while reading", timeout=True) from None
+            except httpx.TransportError as exc:
+                raise Retry(f"{ref.uri}: {type(exc).__name__} while reading: {exc}", timeout=False) from None
         except BaseException:
             budget.release(reserved)
             raise
-        return b"".join(chunks), reserved
 
 
 def _raise_for_status(status: int, uri: str) -> None:

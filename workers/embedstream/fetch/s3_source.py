@@ -14,11 +14,10 @@ import time
 from typing import Any
 
 from embedstream.config import FetchSettings
-from embedstream.fetch.budget import ByteBudget
+from embedstream.fetch.budget import CHUNK, ByteBudget, read_capped
 from embedstream.fetch.outcomes import Final, NoAnswer, Retry
 from embedstream.fetch.references import Reference
 
-CHUNK = 64 * 1024
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
 _FORBIDDEN = {"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 
@@ -53,31 +52,18 @@ class S3Source:
             body.close()
             raise Final("fetch_too_large", f"{ref.uri}: {size} bytes > fetch.max_object_bytes {cap}")
         reserved = budget.reserve(size or cap)
-        chunks: list[bytes] = []
-        received = 0
         try:
-            while True:
-                chunk = body.read(CHUNK)
-                if not chunk:
-                    break
-                received += len(chunk)
-                if received > cap:
-                    raise Final("fetch_too_large", f"{ref.uri}: more than fetch.max_object_bytes {cap} bytes")
-                chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise Retry(f"{ref.uri}: not complete within fetch.timeout_s", timeout=True)
-        except ReadTimeoutError:
-            budget.release(reserved)
-            raise Retry(f"{ref.uri}: read timed out", timeout=True) from None
-        except (BotoCoreError, OSError) as exc:
-            budget.release(reserved)
-            raise Retry(f"{ref.uri}: {type(exc).__name__} while reading", timeout=False) from None
+            try:
+                return read_capped(iter(lambda: body.read(CHUNK), b""), ref.uri, cap, deadline), reserved
+            except ReadTimeoutError:
+                raise Retry(f"{ref.uri}: read timed out", timeout=True) from None
+            except (BotoCoreError, OSError) as exc:
+                raise Retry(f"{ref.uri}: {type(exc).__name__} while reading", timeout=False) from None
         except BaseException:
             budget.release(reserved)
             raise
         finally:
             body.close()
-        return b"".join(chunks), reserved
 
     def answers(self, ref: Reference) -> bool:
         """Whether the store answers at all (any S3 answer counts, a 403 or 404 too): the outage probe."""
