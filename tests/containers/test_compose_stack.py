@@ -14,19 +14,18 @@ import sqlite3
 import time
 import urllib.parse
 import urllib.request
-from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from embedstream.config import Settings, load_settings
-from embedstream.local.readback import Readback, TopicReader
+from embedstream.local.readback import TopicReader
 from embedstream.local.samples.photos import photo_stream
 from embedstream.local.samples.traffic import text_traffic
 from embedstream.training import synthetic
 
-from ..integration.helpers import produce
+from ..integration.helpers import accounting, produce
 from .compose import ComposeStack, wait_until
 
 pytestmark = [pytest.mark.slow]
@@ -66,22 +65,6 @@ def window_messages(count: int) -> tuple[list[Message], list[bytes]]:
 # -- accounting -----------------------------------------------------------------------------------------
 
 
-def tally(keys: list[bytes], result: Readback) -> dict[str, int]:
-    """produced / embedded / dead-lettered / duplicates / missing of these keys (topics hold other tests' too)."""
-    wanted = set(keys)
-    table = result.table()
-    out = Counter(k for k in (table.column("key").to_pylist() if table.num_rows else []) if k in wanted)
-    dead = Counter(d.key for d in result.dead_letters if d.key in wanted)
-    seen = out + dead
-    return {
-        "produced": len(keys),
-        "embedded": len(out),
-        "dead_lettered": len(dead),
-        "duplicates": sum(n - 1 for n in seen.values() if n > 1),
-        "missing": sum(1 for k in keys if k not in seen),
-    }
-
-
 class Reading:
     """The output and dead-letter topics of one worker config, read from the start as rows arrive."""
 
@@ -90,10 +73,10 @@ class Reading:
 
     def until(self, keys: list[bytes], done: Callable[[dict[str, int]], bool], timeout_s: float) -> dict[str, int]:
         deadline = time.monotonic() + timeout_s
-        counts = tally(keys, self.reader.result)
+        counts = accounting(keys, self.reader.result, among_others=True)
         while not done(counts) and time.monotonic() < deadline:
             self.reader.poll(0.3)
-            counts = tally(keys, self.reader.result)
+            counts = accounting(keys, self.reader.result, among_others=True)
         return counts
 
     def complete(self, keys: list[bytes], timeout_s: float = 300, settle_s: float = 3.0) -> dict[str, int]:
@@ -102,7 +85,7 @@ class Reading:
         settle = time.monotonic() + settle_s
         while time.monotonic() < settle:
             self.reader.poll(0.3)
-        return tally(keys, self.reader.result)
+        return accounting(keys, self.reader.result, among_others=True)
 
     def rows_of(self, keys: list[bytes]) -> list[tuple[str, str, str]]:
         """(id, model name, model version) of the output rows of these keys: what each store keys a row by."""

@@ -59,11 +59,18 @@ def wait_for_rows(settings, at_least: int, timeout_s: float = 120.0) -> int:
         reader.close()
 
 
-def accounting(produced_keys: list[bytes], result: Readback) -> dict[str, int]:
-    """produced / embedded / dead-lettered / duplicates / missing, by message key."""
+def accounting(produced_keys: list[bytes], result: Readback, among_others: bool = False) -> dict[str, int]:
+    """produced / embedded / dead-lettered / duplicates / missing, by message key.
+
+    ``among_others``: the topics also hold other tests' keys, so only the produced ones are counted.
+    """
     table = result.table()
     out_keys = Counter(table.column("key").to_pylist()) if table.num_rows else Counter()
     dlq_keys = Counter(d.key for d in result.dead_letters)
+    if among_others:
+        wanted = set(produced_keys)
+        out_keys = Counter({k: n for k, n in out_keys.items() if k in wanted})
+        dlq_keys = Counter({k: n for k, n in dlq_keys.items() if k in wanted})
     seen = out_keys + dlq_keys
     return {
         "produced": len(produced_keys),
