@@ -19,6 +19,7 @@ from pathlib import Path
 
 from embedstream.config import KafkaSettings, Settings, load_settings
 from embedstream.local.stack.process import free_port, port_open
+from embedstream.local.stack.storage import admin_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = ("docker-compose.yml", "docker-compose.cpu.yml")
@@ -94,15 +95,6 @@ def missing_images() -> list[str]:
     ]
 
 
-def _admin_port_pair() -> tuple[int, int]:
-    # weed mini's plugin worker dials the admin HTTP port + 10000 (deploy/containers, local.stack.storage).
-    for _ in range(50):
-        http = free_port()
-        if http + 10_000 < 65_536 and not port_open(http + 10_000):
-            return http, http + 10_000
-    raise RuntimeError("no free port pair for the S3 server's admin component")
-
-
 def wait_until(what: str, cond: Callable[[], bool], timeout_s: float, tick_s: float = 0.25) -> float:
     """Seconds until ``cond()`` held; raise TimeoutError naming ``what`` otherwise."""
     started = time.monotonic()
@@ -128,7 +120,9 @@ class ComposeStack:
     def __init__(self, project: str) -> None:
         self.project = project
         self.ports = {name: free_port() for name in PORTS}
-        self.ports["S3_ADMIN_PORT"], self.ports["S3_ADMIN_GRPC_PORT"] = _admin_port_pair()
+        self.ports["S3_ADMIN_PORT"], self.ports["S3_ADMIN_GRPC_PORT"] = (
+            admin_ports()
+        )  # the S3 server in the broker image is weed mini too
         self.env = {
             **container_env(),
             **{f"EMBEDSTREAM_{name}": str(port) for name, port in self.ports.items()},

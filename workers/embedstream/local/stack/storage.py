@@ -112,7 +112,7 @@ def storage_binary() -> str:
     )
 
 
-def _admin_ports() -> tuple[int, int]:
+def admin_ports() -> tuple[int, int]:
     # weed mini's plugin worker dials the admin server's HTTP port + 10000 whatever -admin.port.grpc
     # says, so the gRPC port is set to exactly that; otherwise the log fills with reconnection errors.
     for _ in range(50):
@@ -141,7 +141,7 @@ class LocalStorage:
         self.data_dir = Path(data_dir or Path(workdir) / "storage")
         self.bucket = bucket
         self.s3_port = s3_port or free_port()
-        admin, admin_grpc = _admin_ports()
+        admin, admin_grpc = admin_ports()
         self.ports = {
             "s3.port": self.s3_port,
             "s3.port.grpc": free_port(),
