@@ -285,3 +285,39 @@ def test_rebalance_steps_run_off_the_consumer_io_thread_and_their_errors_reach_t
     assert seen == [("revoked", "rebalance", [tp])]
     with pytest.raises(RuntimeError, match="cannot take them"):
         call_listener(listener.on_partitions_assigned, [tp])
+
+
+def test_librdkafka_client_gets_the_same_connection_settings_in_its_own_names():
+    from pydantic import SecretStr
+
+    from embedstream.config import KafkaSettings
+    from embedstream.kafka_librdkafka import rd_config
+
+    k = KafkaSettings(
+        bootstrap_servers="127.0.0.1:9093",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="embed",
+        sasl_password=SecretStr("s3cret"),
+        ssl_cafile="/etc/ca.pem",
+    )
+    conf = rd_config(k, "w-1")
+    assert conf["bootstrap.servers"] == "127.0.0.1:9093"
+    assert conf["security.protocol"] == "sasl_ssl"
+    sasl = (conf["sasl.mechanisms"], conf["sasl.username"], conf["sasl.password"])
+    assert sasl == ("SCRAM-SHA-512", "embed", "s3cret")
+    assert conf["ssl.ca.location"] == "/etc/ca.pem"
+    assert "ssl.certificate.location" not in conf
+    assert rd_config(KafkaSettings(), "w")["security.protocol"] == "plaintext"
+
+
+def test_the_loop_client_follows_kafka_client(monkeypatch):
+    from embedstream import kafka_io
+    from embedstream.config import KafkaSettings
+    from embedstream.kafka_librdkafka import LoopConsumer, LoopProducer
+
+    # librdkafka builds its clients without connecting, so no broker is needed to see which one is made.
+    k = KafkaSettings(client="librdkafka", bootstrap_servers="127.0.0.1:1")
+    member, sender = kafka_io.make_member(k, "w"), kafka_io.make_sender(k, "w")
+    assert isinstance(member, LoopConsumer) and isinstance(sender, LoopProducer)
+    member.close()

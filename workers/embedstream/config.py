@@ -31,6 +31,11 @@ class KafkaSettings(_Frozen):
     dead_letter_topic: str = "deadletter.image"
     client_id: str = "embedstream"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    # The worker's and store sinks' Kafka client. librdkafka (confluent-kafka, the `librdkafka` extra)
+    # fetches, parses and produces in C threads; kafka-python does it on the worker's thread, which is
+    # the floor of a stream of small messages (docs/benchmarks.md). The tools and ops commands use
+    # kafka-python either way.
+    client: Literal["kafka-python", "librdkafka"] = "kafka-python"
     # at_least_once: commit consumer offsets after the outputs are acknowledged (duplicates possible
     # after a crash). exactly_once: outputs and offsets in one Kafka transaction; readers of the
     # output topics must use isolation_level=read_committed.

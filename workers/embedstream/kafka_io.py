@@ -24,6 +24,7 @@ from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from embedstream.config import KafkaSettings
+from embedstream.consume.member import Member, Sender
 from embedstream.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -259,6 +260,32 @@ def make_consumer(k: KafkaSettings, client_id: str) -> KafkaConsumer:
         max_partition_fetch_bytes=k.max_partition_fetch_bytes,
         **client_kwargs(k),
     )
+
+
+def make_member(k: KafkaSettings, client_id: str) -> Member:
+    """The consume loop's group member on the client ``kafka.client`` names (``make_consumer`` for kafka-python)."""
+    if k.client == "kafka-python":
+        return make_consumer(k, client_id)
+    _secured(k)
+    return _librdkafka().LoopConsumer(k, client_id)
+
+
+def make_sender(k: KafkaSettings, client_id: str, worker_id: str = "") -> Sender:
+    """The consume loop's producer on the client ``kafka.client`` names (``make_producer`` for kafka-python)."""
+    if k.client == "kafka-python":
+        return make_producer(k, client_id, worker_id)
+    _secured(k)
+    return _librdkafka().LoopProducer(k, client_id, worker_id)
+
+
+def _librdkafka() -> Any:
+    try:
+        from embedstream import kafka_librdkafka
+    except ImportError as exc:
+        raise ConfigError(
+            f"kafka.client=librdkafka needs confluent-kafka: pip install 'embedstream[librdkafka]' ({exc})"
+        ) from exc
+    return kafka_librdkafka
 
 
 def make_reader(

@@ -17,7 +17,7 @@ from embedstream.config import Settings
 from embedstream.encoders import served_model_name
 from embedstream.health import HealthServer
 from embedstream.inference.triton import TritonBackend
-from embedstream.kafka_io import make_consumer, make_producer
+from embedstream.kafka_io import make_member, make_sender
 from embedstream.modalities import modality_for
 from embedstream.worker import Worker, WorkerStats
 
@@ -50,8 +50,8 @@ def create_worker(settings: Settings, ready_timeout_s: float = 120.0) -> Worker:
         settings,
         modality,
         backend,
-        make_consumer(settings.kafka, client_id),
-        make_producer(settings.kafka, client_id, settings.worker_id),
+        make_member(settings.kafka, client_id),
+        make_sender(settings.kafka, client_id, settings.worker_id),
     )
 
 

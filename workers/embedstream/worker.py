@@ -15,12 +15,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
 from embedstream import metrics
 from embedstream.config import Settings
 from embedstream.consume.loop import ConsumeLoop, LoopConfig, LoopStats
+from embedstream.consume.member import Member, Sender
 from embedstream.consume.offsets import OffsetTracker
 from embedstream.consume.outbox import Covers, Outbox
 from embedstream.consume.stage import Processed
@@ -140,8 +140,8 @@ class Worker:
         settings: Settings,
         modality: Modality,
         backend: InferenceBackend,
-        consumer: KafkaConsumer,
-        producer: KafkaProducer,
+        consumer: Member,
+        producer: Sender,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings

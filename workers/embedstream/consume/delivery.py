@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
-from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from embedstream.config import KafkaSettings
+from embedstream.consume.member import Member, Sender, transaction_group
 from embedstream.consume.offsets import OffsetTracker
 from embedstream.consume.outbox import Outbox
 
@@ -43,7 +43,7 @@ def _offsets(committable: dict[TopicPartition, int]) -> dict[TopicPartition, Off
 class AtLeastOnce:
     """Consumer commits after the outputs were acknowledged: a crash in between re-reads, never loses."""
 
-    def __init__(self, consumer: KafkaConsumer, tracker: OffsetTracker) -> None:
+    def __init__(self, consumer: Member, tracker: OffsetTracker) -> None:
         self._consumer = consumer
         self._tracker = tracker
 
@@ -66,10 +66,11 @@ class ExactlyOnce:
     Work held during an outage stays out of it: its offsets are not finished.
     """
 
-    def __init__(self, producer: KafkaProducer, outbox: Outbox, group_id: str) -> None:
+    def __init__(self, producer: Sender, outbox: Outbox, group: str | Callable[[], Any]) -> None:
         self._producer = producer
         self._outbox = outbox
-        self._group_id = group_id
+        # The group id, or (librdkafka) a call for the member's current group metadata.
+        self._group = group
         self._acked_at_commit = 0
 
     def begin(self) -> None:
@@ -83,7 +84,8 @@ class ExactlyOnce:
         if not offsets and self._outbox.acked == self._acked_at_commit:
             return False
         if offsets:
-            self._producer.send_offsets_to_transaction(_offsets(offsets), self._group_id)
+            group = self._group() if callable(self._group) else self._group
+            self._producer.send_offsets_to_transaction(_offsets(offsets), group)
         self._producer.commit_transaction()
         self._outbox.tracker.mark_committed(offsets)
         self._acked_at_commit = self._outbox.acked
@@ -91,7 +93,7 @@ class ExactlyOnce:
         return True
 
 
-def delivery_for(kafka: KafkaSettings, consumer: KafkaConsumer, producer: KafkaProducer, outbox: Outbox) -> Delivery:
+def delivery_for(kafka: KafkaSettings, consumer: Member, producer: Sender, outbox: Outbox) -> Delivery:
     if kafka.delivery == "exactly_once":
-        return ExactlyOnce(producer, outbox, kafka.group_id)
+        return ExactlyOnce(producer, outbox, transaction_group(consumer, kafka.group_id))
     return AtLeastOnce(consumer, outbox.tracker)

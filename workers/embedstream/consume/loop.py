@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
 from embedstream import metrics
@@ -26,9 +25,9 @@ from embedstream.config import KafkaSettings
 from embedstream.consume.batcher import MicroBatcher
 from embedstream.consume.delivery import delivery_for
 from embedstream.consume.dispatch import Dispatcher
-from embedstream.consume.intake import sort_decoded, source_message
+from embedstream.consume.intake import sort_decoded
+from embedstream.consume.member import Member, Sender, join, poller
 from embedstream.consume.outbox import Covers, Outbox
-from embedstream.consume.rebalance import RebalanceListener
 from embedstream.consume.stage import Processed, Stage
 from embedstream.metrics import LoopMetrics
 from embedstream.records import BadRecord, SourceMessage, Unavailable
@@ -72,8 +71,8 @@ class ConsumeLoop:
         stage: Stage,
         config: LoopConfig,
         kafka: KafkaSettings,
-        consumer: KafkaConsumer,
-        producer: KafkaProducer,
+        consumer: Member,
+        producer: Sender,
         outbox: Outbox,
         loop_metrics: LoopMetrics,
         clock: Callable[[], float] = time.monotonic,
@@ -85,6 +84,7 @@ class ConsumeLoop:
         self._config = config
         self._kafka = kafka
         self._consumer = consumer
+        self._poll = poller(consumer)
         self._producer = producer
         self._metrics = loop_metrics
         self._clock = clock
@@ -132,7 +132,7 @@ class ConsumeLoop:
         self._delivery.begin()
         self._warm_up(warm_up)
         topics = list(self._config.topics)
-        self._consumer.subscribe(topics, listener=RebalanceListener(self, self._consumer))
+        join(self._consumer, topics, self)
         log.info("%s consuming %s as group %s", self.stage.name, ",".join(topics), self._kafka.group_id)
         try:
             while not stop.is_set():
@@ -157,9 +157,9 @@ class ConsumeLoop:
     def step(self) -> None:
         self._complete(self._dispatcher.probe())
         room = self._batcher.room if self._config.max_poll_records is None else self._config.max_poll_records
-        polled = self._consumer.poll(timeout_ms=self._poll_timeout_ms(), max_records=max(1, room))
+        polled = self._poll(self._poll_timeout_ms(), max(1, room))
         if polled:
-            self._accept([source_message(rec) for records in polled.values() for rec in records])
+            self._accept(polled)
         early = self._config.dispatch_when_free
         while self._batcher.due() or (early and len(self._batcher) and self._dispatcher.slot_free):
             self._submit(self._batcher.take())

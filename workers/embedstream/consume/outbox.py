@@ -12,12 +12,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from kafka import KafkaProducer
-from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import TopicPartition
 
 from embedstream.config import KafkaSettings
 from embedstream.consume.deadletter import VALUE_DROPPED, dead_letter_headers
+from embedstream.consume.member import Sender, Sending
 from embedstream.consume.offsets import OffsetTracker
 from embedstream.errors import DeliveryError
 from embedstream.records import BadRecord
@@ -26,7 +25,7 @@ log = logging.getLogger("embedstream.worker")
 
 _DLQ_HEADROOM = 64 * 1024  # room for headers and record framing
 Covers = list[tuple[TopicPartition, int]]
-_PendingSend = tuple[FutureRecordMetadata, Covers]
+_PendingSend = tuple[Sending, Covers]
 
 
 class Outbox:
@@ -36,7 +35,7 @@ class Outbox:
         self,
         kafka: KafkaSettings,
         worker_id: str,
-        producer: KafkaProducer,
+        producer: Sender,
         tracker: OffsetTracker,
         dead_letter_counter: Callable[[str], Any],
     ) -> None:

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from kafka import KafkaProducer
 
 from embedstream import metrics
 from embedstream.config import Settings
+from embedstream.consume.member import Sender
 from embedstream.consume.offsets import OffsetTracker
 from embedstream.consume.outbox import Outbox
 from embedstream.encoders import EncoderSpec
@@ -33,7 +33,7 @@ class KafkaSink(Outbox):
         settings: Settings,
         modality: Modality,
         spec: EncoderSpec,
-        producer: KafkaProducer,
+        producer: Sender,
         tracker: OffsetTracker,
     ) -> None:
         super().__init__(

@@ -9,7 +9,7 @@ from embedstream.allocator import return_large_buffers
 from embedstream.collector import tune_collector
 from embedstream.config import Settings
 from embedstream.health import HealthServer
-from embedstream.kafka_io import ensure_topics, make_consumer, make_producer
+from embedstream.kafka_io import ensure_topics, make_member, make_sender
 from embedstream.stores.base import Store
 from embedstream.stores.registry import store_kind
 from embedstream.stores.sink import SinkStats, StoreSink, sink_kafka
@@ -32,7 +32,7 @@ def create_sink(kind: str, settings: Settings) -> StoreSink:
     # The consumer keeps `delivery`, so behind exactly-once workers it reads committed rows only; dead
     # letters are plain idempotent sends, never in a transaction.
     plain = k.model_copy(update={"delivery": "at_least_once"})
-    return StoreSink(settings, store, make_consumer(k, client_id), make_producer(plain, client_id))
+    return StoreSink(settings, store, make_member(k, client_id), make_sender(plain, client_id))
 
 
 def run_sink(kind: str, settings: Settings, stop: threading.Event) -> SinkStats:

@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
 from embedstream import metrics
 from embedstream.config import KafkaSettings, Settings
 from embedstream.consume.loop import ConsumeLoop, LoopConfig
+from embedstream.consume.member import Member, Sender
 from embedstream.consume.offsets import OffsetTracker
 from embedstream.consume.outbox import Covers, Outbox
 from embedstream.consume.stage import Processed
@@ -148,8 +148,8 @@ class StoreSink:
         self,
         settings: Settings,
         store: Store,
-        consumer: KafkaConsumer,
-        producer: KafkaProducer,
+        consumer: Member,
+        producer: Sender,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
