@@ -63,8 +63,8 @@ class Client:
     def close(self): pass
 
 triton._client_module = lambda protocol: types.SimpleNamespace(InferenceServerClient=Client)
-service.make_consumer = lambda *a, **k: FakeConsumer({{}})
-service.make_producer = lambda *a, **k: FakeProducer()
+service.make_member = lambda *a, **k: FakeConsumer({{}})
+service.make_sender = lambda *a, **k: FakeProducer()
 assert served_model_name(settings.encoder) == spec.name
 worker = service.create_worker(settings, ready_timeout_s=5)
 assert worker.spec == spec

@@ -157,24 +157,51 @@ def _checked(
     if isinstance(doc, tuple):
         return BadRecord(msg, *doc)
     values = doc["values"]
-    is_window = isinstance(values[0], list)
-    rows = values if is_window else [values]
-    why = _shape_problem(rows, is_window, window_length, channels)
+    if isinstance(values[0], list):
+        return _WindowDoc(msg, doc)  # its shape and types are checked with its poll's (``_windows``)
+    why = _shape_problem([values], False, window_length, channels)
     if why is not None:
         return BadRecord(msg, *why)
-    if is_window:
-        return _WindowDoc(msg, doc)
     arr32 = _point_values(values)
     if isinstance(arr32, tuple):
         return BadRecord(msg, *arr32)
     return _observation(msg, doc, arr32)
 
 
-def _windows(checked: Sequence[_WindowDoc], length: int, channels: int) -> list[TimeSeriesWindow | BadRecord]:
-    """Checked window documents -> windows, converted together: one C pass over every value of the
-    poll and one finiteness reduction, instead of a nested ``np.array`` and reductions per message
-    (the window messages' hot path). The types were checked (numbers or null), so the conversion
-    cannot misread a boolean or a string; null becomes NaN and is dead-lettered as ``non_finite``."""
+def _windows(docs: Sequence[_WindowDoc], length: int, channels: int) -> list[TimeSeriesWindow | BadRecord]:
+    """Window documents -> windows or BadRecords, checked and converted together: the shape and type
+    checks run once over every row and value of the poll (in C: ``map``, ``set``), and only a poll
+    that fails them is checked message by message to name the bad ones. Each message's own check
+    would cost more in Python calls than its values cost to check (the window messages' hot path)."""
+    values = [d.doc["values"] for d in docs]
+    rows = list(itertools.chain.from_iterable(values))
+    if (
+        set(map(len, values)) == {length}
+        and set(map(type, rows)) == _LIST
+        and set(map(len, rows)) == {channels}
+        and _NUMERIC_TYPES.issuperset(map(type, itertools.chain.from_iterable(rows)))
+    ):
+        return _converted(docs, length, channels)
+    out: list[TimeSeriesWindow | BadRecord | None] = []
+    good: list[_WindowDoc] = []
+    for d in docs:
+        why = _shape_problem(d.doc["values"], True, length, channels)
+        if why is None:
+            good.append(d)
+            out.append(None)
+        else:
+            out.append(BadRecord(d.msg, *why))
+    made = iter(_converted(good, length, channels))
+    return [next(made) if item is None else item for item in out]
+
+
+def _converted(checked: Sequence[_WindowDoc], length: int, channels: int) -> list[TimeSeriesWindow | BadRecord]:
+    """Window documents of the right shape and types -> windows, converted together: one C pass over
+    every value of the poll and one finiteness reduction, instead of a nested ``np.array`` and
+    reductions per message. The types were checked (numbers or null), so the conversion cannot
+    misread a boolean or a string; null becomes NaN and is dead-lettered as ``non_finite``."""
+    if not checked:
+        return []
     n, size = len(checked), length * channels
     values = itertools.chain.from_iterable(itertools.chain.from_iterable(c.doc["values"] for c in checked))
     try:
@@ -182,7 +209,7 @@ def _windows(checked: Sequence[_WindowDoc], length: int, channels: int) -> list[
     except OverflowError as exc:  # an integer beyond float range: each window on its own, to name the one
         if n == 1:
             return [BadRecord(checked[0].msg, "non_finite", f"value out of range ({exc})", "OverflowError")]
-        return [w for c in checked for w in _windows([c], length, channels)]
+        return [w for c in checked for w in _converted([c], length, channels)]
     # NaN (from null) fails the comparison, as do infinities and values beyond float32, so the
     # cast below is taken only by values that fit it.
     fits = (np.abs(flat) <= _FLOAT32_MAX).reshape(n, size)
@@ -190,12 +217,16 @@ def _windows(checked: Sequence[_WindowDoc], length: int, channels: int) -> list[
     with np.errstate(over="ignore", invalid="ignore"):
         arr32 = flat.astype(np.float32).reshape(n, length, channels)
     out: list[TimeSeriesWindow | BadRecord] = []
+    partitions: dict[tuple[str, int], TopicPartition] = {}
     for i, (msg, doc) in enumerate(checked):
         if bad is not None and bad[i]:
             why = f"{bad[i]} value(s) are null, NaN, infinite or beyond float32"
             out.append(BadRecord(msg, "non_finite", why, "ValueError"))
-        else:
-            out.append(_window(msg, doc, arr32[i]))
+            continue
+        tp = partitions.get((msg.topic, msg.partition))
+        if tp is None:
+            tp = partitions[(msg.topic, msg.partition)] = TopicPartition(msg.topic, msg.partition)
+        out.append(_window(msg, doc, arr32[i], tp))
     return out
 
 
@@ -280,14 +311,15 @@ def _observation(msg: SourceMessage, doc: dict[str, Any], values: np.ndarray) ->
     return Observation(msg, doc["series_id"], ts, values)
 
 
-def _window(msg: SourceMessage, doc: dict[str, Any], values: np.ndarray) -> TimeSeriesWindow | BadRecord:
+def _window(
+    msg: SourceMessage, doc: dict[str, Any], values: np.ndarray, tp: TopicPartition
+) -> TimeSeriesWindow | BadRecord:
     end = _timestamp(doc, "end_ms", msg.timestamp_ms)
     start = _timestamp(doc, "start_ms", end if end is not None else 0)
     if start is None or end is None or start > end:
         why = "'start_ms'/'end_ms' must be integers from 0 to 2**63-1, start <= end"
         return BadRecord(msg, "invalid_timeseries", why)
-    covers = ((TopicPartition(msg.topic, msg.partition), msg.offset),)
-    return TimeSeriesWindow(msg, doc["series_id"], start, end, values, covers)
+    return TimeSeriesWindow(msg, doc["series_id"], start, end, values, ((tp, msg.offset),))
 
 
 class TimeSeriesModality:
