@@ -48,6 +48,7 @@ def _bench(modality: str = "image", **overrides) -> ModalityBench:
         "pipeline_half": StageResult(320, 5.0),
         "pipeline_points": StageResult(1600, 0.4, {"windows": 50, "series": 50}),
         "pipeline_scaled": StageResult(320, 1.6, {"workers": 2}),  # 200/s
+        "pipeline_group": StageResult(320, 1.0, {"workers": 2, "embedded_by": [170, 150]}),  # 320/s
         "null": StageResult(320, 0.8),  # 400/s
         "raw_kafka": StageResult(320, 0.2),  # 1600/s
         "raw_consume": StageResult(320, 0.1),  # 3200/s
@@ -193,6 +194,7 @@ def test_report_json_shape():
         "pipeline_vs_peer",
         "pipeline_vs_best_peer",
         "pipeline_scaled_vs_bare",
+        "pipeline_group_vs_best_peer",
         "scale_out",
         "pipeline_vs_ceiling",
         "null_vs_raw_kafka",
@@ -203,6 +205,8 @@ def test_report_json_shape():
     # 128/s against the better of the two peers (80/s), held to the modality's target (1.5 for images).
     best = image["targets"]["pipeline_vs_best_peer"]
     assert best["value"] == pytest.approx(1.6) and best["passed"] is True and "peer_onnx" in best["detail"]
+    group = image["targets"]["pipeline_group_vs_best_peer"]
+    assert group["value"] == pytest.approx(4.0) and group["detail"].startswith("2 workers, peer_onnx: ")
     assert image["served_runtime"] == "torchscript" and image["served_bare_stage"] == "bare_torchscript"
 
 
@@ -210,11 +214,11 @@ def test_summary_table_has_a_row_per_stage_and_target():
     table = summary_table([_bench(), _bench("text")])
     assert len(table.columns) == 3
     # a row per stage, the two latency rows, a row per target
-    assert table.row_count == len(STAGES) + 2 + 13
+    assert table.row_count == len(STAGES) + 2 + 14
     one_worker = _bench()
-    del one_worker.stages["pipeline_scaled"]
-    # without --workers there is no scaled-out row of dashes, nor its two ratios
-    assert summary_table([one_worker]).row_count == len(STAGES) - 1 + 2 + 11
+    del one_worker.stages["pipeline_scaled"], one_worker.stages["pipeline_group"]
+    # without --workers there are no scaled-out rows of dashes, nor their three ratios
+    assert summary_table([one_worker]).row_count == len(STAGES) - 2 + 2 + 11
 
 
 def test_plots_write_pngs(tmp_path):
@@ -317,7 +321,7 @@ def test_stages_apply_by_workload_and_options_with_their_progress_totals():
 
     one = plan(_workload(), _options())
     no_onnx = set() if onnx_available() else {"bare_onnx", "peer_onnx"}  # ONNX stages need the models extra
-    assert set(one) == set(STAGES) - {"pipeline_points", "pipeline_scaled"} - no_onnx
+    assert set(one) == set(STAGES) - {"pipeline_points", "pipeline_scaled", "pipeline_group"} - no_onnx
     assert one["pipeline"] == 40 and one["null"] == one["raw_kafka"] == one["raw_consume"] == 100
     assert one["sink_lancedb"] == 100  # a few thousand rows by default: the plumbing count, bounded
     assert one["decode"] == 100  # decode is timed on the plumbing count: the model's passes too fast
@@ -325,6 +329,7 @@ def test_stages_apply_by_workload_and_options_with_their_progress_totals():
     scaled = plan(_workload(points=160), _options(workers=3, plumbing_count=10))
     assert set(scaled) == set(STAGES) - no_onnx - {"by_reference"}  # references are images only
     assert scaled["pipeline_points"] == 160 and scaled["pipeline_scaled"] == 120
+    assert scaled["pipeline_group"] == 40  # the workload once, drained by the group
     assert scaled["null"] == 40  # never fewer than the workload's own messages
 
 

@@ -50,6 +50,13 @@ def register(sub: argparse._SubParsersAction) -> Commands:
         default="1",
         type=int,
     )
+    flag(
+        p,
+        "--kafka-client",
+        "BENCH_KAFKA_CLIENT",
+        "the workers' Kafka client, kafka-python or librdkafka (kafka.client; peers and raw stages: kafka-python)",
+        choices=("kafka-python", "librdkafka"),
+    )
     return {"bench": cmd_bench}
 
 
@@ -68,6 +75,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     counts = {m: int(args.count) if args.count else DEFAULT_COUNTS[m] for m in modalities}
     settings = local_settings(args.config)
+    if args.kafka_client:
+        settings = settings.model_copy(
+            update={"kafka": settings.kafka.model_copy(update={"client": args.kafka_client})}
+        )
     if not 1 <= args.workers <= args.partitions:
         console.print(
             f"[red]--workers takes 1 to --partitions ({args.partitions}): a member without a partition idles[/]"
@@ -94,7 +105,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     console.print(summary_table(run.results))
     console.print(
         f"{run.meta['machine']['cpus']} CPUs shared by the broker, Triton, the workers and this process; "
-        f"{run.meta['seconds']:.0f} s in all"
+        f"workers on {settings.kafka.client}; {run.meta['seconds']:.0f} s in all"
     )
     for what, path in run.files.items():
         console.print(f"[green]{what}[/] {path}")

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from embedstream.config import Settings
+from embedstream.kafka_io import ensure_topics
 from embedstream.local.bench import stages
 from embedstream.local.bench.report import StageResult
 from embedstream.local.bench.stages import Clocks, Follower, Progress
@@ -87,6 +88,44 @@ def scaled_out(
         for wp in extra:
             wp.terminate()
     return StageResult(rows, seconds, {"workers": count, "embedded_by": by_worker})
+
+
+def group_backlog(
+    stack: LocalStack,
+    settings: Settings,
+    follower: Follower,
+    count: int,
+    messages: list[Message],
+    modality: str,
+    progress: Progress,
+    clocks: Clocks,
+) -> StageResult:
+    """A backlog drained by ``count`` workers of one consumer group started together, as a deployment
+    scaled out ahead of a backlog: ``backlog`` with a group instead of one worker.
+
+    The backlog goes on a topic of its own, read by a group of its own, so the stage's single worker
+    is not part of it. Throughput = N / (last output's timestamp - the moment the first member was
+    assigned partitions): the group's joins and rebalances count against it.
+    """
+    k = settings.kafka.model_copy(
+        update={"input_topic": f"bench.group.{modality}", "group_id": f"{settings.kafka.group_id}-group"}
+    )
+    ensure_topics(k, {k.input_topic: stack.partitions})
+    group_settings = settings.model_copy(update={"kafka": k})
+    backlog = rekey(messages, "group")
+    stages.produce_burst(k, k.input_topic, backlog, clocks.wall)
+    members = [WorkerProcess(group_settings, stack.workdir, f"bench-{modality}-group-{i}") for i in range(count)]
+    try:
+        for wp in members:
+            wp.start()
+        first = stages.wait_first_assigned(members, clocks.wall, clocks.sleep)
+        stages.wait_embedded(members, len(backlog), WAIT_TIMEOUT_S, progress, clocks.sleep)
+        by_worker = [stages.worker_counters(wp)[0] for wp in members]
+        rows = follower.wait_for(b"group-", len(backlog), WAIT_TIMEOUT_S, stages.no_progress)
+    finally:
+        for wp in members:
+            wp.terminate()
+    return StageResult(len(rows), max(rows.values()) / 1000 - first, {"workers": count, "embedded_by": by_worker})
 
 
 def burst(

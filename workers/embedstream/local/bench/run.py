@@ -95,6 +95,7 @@ def run_bench(base: Settings, opts: BenchOptions, console: Console, clocks: Cloc
     clocks = clocks or Clocks()
     began = clocks.wall()
     meta = _meta(opts, began)
+    meta["kafka_client"] = base.kafka.client
     workdir = opts.workdir
     with console.status("rendering traffic and training the time-series autoencoder on normal data..."):
         workloads = [build_workload(base, m, opts.counts[m], workdir) for m in opts.modalities]

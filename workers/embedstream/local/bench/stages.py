@@ -311,6 +311,19 @@ def wait_assigned(
     raise TimeoutError(f"{worker.name} was not assigned its partitions within {timeout_s:.0f}s")
 
 
+def wait_first_assigned(
+    workers: Sequence[WorkerProcess], wall: Clock, sleep: Callable[[float], None], timeout_s: float = 120.0
+) -> float:
+    """Epoch seconds at which the first of the workers reported its partitions assigned (to within 20 ms)."""
+    deadline = wall() + timeout_s
+    while wall() < deadline:
+        if any((wp.status() or {}).get("ready") for wp in workers):
+            return wall()
+        raise_if_exited(workers)
+        sleep(0.02)
+    raise TimeoutError(f"none of {len(workers)} workers was assigned partitions within {timeout_s:.0f}s")
+
+
 def wait_embedded(
     workers: Sequence[WorkerProcess],
     count: int,

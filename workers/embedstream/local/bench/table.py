@@ -267,6 +267,19 @@ def _scaled(ctx: BenchContext) -> StageResult:
     )
 
 
+def _group(ctx: BenchContext) -> StageResult:
+    return pipeline.group_backlog(
+        ctx.stack,
+        ctx.real,
+        ctx.followers[0],
+        ctx.opts.workers,
+        ctx.w.messages,
+        ctx.w.modality,
+        ctx.progress("pipeline_group"),
+        ctx.clocks,
+    )
+
+
 def _null(ctx: BenchContext) -> StageResult:
     ctx.workers[0].terminate()  # its idle polling is not part of this stage or those after it
     worker, follower = ctx.workers[1], ctx.followers[1]
@@ -372,6 +385,13 @@ STAGE_TABLE: tuple[Stage, ...] = (
         note=lambda c, r: f"{c.opts.workers} workers",
         applies=lambda w, o: o.workers > 1,
         total=lambda w, o: len(w.messages) * o.workers,
+    ),
+    Stage(
+        "pipeline_group",
+        _group,
+        note=lambda c, r: f"{c.opts.workers} workers, {r.extra['embedded_by']}",
+        applies=lambda w, o: o.workers > 1,
+        total=lambda w, o: len(w.messages),
     ),
     Stage("null", _null, total=_plumbing_total, after=lambda c: c.workers[1].terminate()),
     Stage(

@@ -24,7 +24,7 @@ MODALITIES = registered()
 # Sized so that each model-bound stage runs 10 s or more on 2 cores: the packaged EfficientNet-Lite0
 # ran 33-47 images/s in process and ~43/s served (400 images took 8.6 s bare, 9.4 s through Triton),
 # so 512 (16 full batches of 32); the image stages then take about 3 minutes together.
-DEFAULT_COUNTS = {"image": 512, "text": 600, "timeseries": 20000}
+DEFAULT_COUNTS = {"image": 512, "text": 600, "timeseries": 80000}
 POINT_SERIES = 50  # series in the one-point-a-message traffic, each keyed to one partition
 
 
