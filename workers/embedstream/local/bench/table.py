@@ -21,7 +21,7 @@ from embedstream.export import ExportTarget, local_cpu_target
 from embedstream.local.bench import peer, perf_analyzer, pipeline, served, stages
 from embedstream.local.bench.report import ModalityBench, StageResult, ratio
 from embedstream.local.bench.stages import Clocks, Follower, ModelFactory, Progress
-from embedstream.local.bench.workload import Workload, preprocessed_batches, rekey
+from embedstream.local.bench.workload import DEFAULT_PLUMBING, Workload, preprocessed_batches, rekey
 from embedstream.local.readback import TopicReader
 from embedstream.local.samples.traffic import Message
 from embedstream.local.stack.stack import LocalStack
@@ -39,7 +39,8 @@ class BenchOptions:
     out: Path
     workdir: Path
     partitions: int = 4
-    # The null-encoder and raw kafka-python stages get at least this many: a few hundred pass too fast to time.
+    # The null-encoder and raw kafka-python stages get at least this many: a few hundred pass too fast to
+    # time. 0: the modality's own (``workload.DEFAULT_PLUMBING``).
     plumbing_count: int = 3000
     # Above 1, a further stage: this many workers in one consumer group at saturation.
     workers: int = 1
@@ -76,7 +77,7 @@ class BenchContext:
     @cached_property
     def plumbing(self) -> list[Message]:
         """The null-encoder stage's messages, which the raw kafka-python stages reuse."""
-        return rekey(pipeline.at_least(self.w.messages, self.opts.plumbing_count), "null")
+        return rekey(pipeline.at_least(self.w.messages, _plumbing_count(self.w, self.opts)), "null")
 
     def close(self) -> None:
         for f in self.followers:
@@ -123,8 +124,12 @@ def _messages(w: Workload, _opts: BenchOptions) -> int:
     return len(w.messages)
 
 
+def _plumbing_count(w: Workload, opts: BenchOptions) -> int:
+    return opts.plumbing_count or DEFAULT_PLUMBING[w.modality]
+
+
 def _plumbing_total(w: Workload, opts: BenchOptions) -> int:
-    return max(opts.plumbing_count, len(w.messages))
+    return max(_plumbing_count(w, opts), len(w.messages))
 
 
 def _no_note(_ctx: BenchContext, _res: StageResult) -> str:
