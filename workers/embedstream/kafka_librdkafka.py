@@ -145,8 +145,20 @@ class LoopConsumer:
     # -- reading ------------------------------------------------------------------------------------
 
     def poll_messages(self, timeout_ms: int, max_records: int) -> list[SourceMessage]:
-        """Up to ``max_records`` messages as SourceMessages; errors librdkafka reports in-band are logged."""
-        got = self._consumer.consume(num_messages=max_records, timeout=timeout_ms / 1000)
+        """Up to ``max_records`` messages as SourceMessages; errors librdkafka reports in-band are logged.
+
+        What has arrived, at once; waits up to ``timeout_ms`` only when nothing has, as kafka-python's
+        ``poll`` does. ``consume(n, timeout)`` would wait until n messages arrived, so a light stream
+        would sit in the consumer for the whole timeout on top of the batch's own wait.
+        """
+        got = self._consumer.consume(num_messages=max_records, timeout=0)
+        if not got:
+            first = self._consumer.poll(timeout_ms / 1000)
+            if first is None:
+                return []
+            got = [first]
+            if max_records > 1:
+                got += self._consumer.consume(num_messages=max_records - 1, timeout=0)
         out: list[SourceMessage] = []
         now_ms = 0
         for m in got:
