@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> Commands:
         p,
         "--count",
         "BENCH_COUNT",
-        "messages per model-bound stage for every modality (default: image 512, text 600, timeseries 20000)",
+        "messages per model-bound stage for every modality (default: image 512, text 2400, timeseries 80000)",
         type=int,
     )
     flag(

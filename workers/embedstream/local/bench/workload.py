@@ -24,7 +24,9 @@ MODALITIES = registered()
 # Sized so that each model-bound stage runs 10 s or more on 2 cores: the packaged EfficientNet-Lite0
 # ran 33-47 images/s in process and ~43/s served (400 images took 8.6 s bare, 9.4 s through Triton),
 # so 512 (16 full batches of 32); the image stages then take about 3 minutes together.
-DEFAULT_COUNTS = {"image": 512, "text": 600, "timeseries": 80000}
+# Text: 2,400 sentences, 5 s of each model-bound stage at ~470/s (600 took 1.3 s, and its ratios moved
+# by 5-10% from run to run).
+DEFAULT_COUNTS = {"image": 512, "text": 2400, "timeseries": 80000}
 # The null-encoder and raw kafka-python stages' messages: 3 s or more of each at the rates they ran on
 # 2 cores (text's 3,000 passed the null pipeline in 0.4 s and raw kafka-python in 0.1 s).
 DEFAULT_PLUMBING = {"image": 3000, "text": 30000, "timeseries": 80000}
