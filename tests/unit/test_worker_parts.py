@@ -236,7 +236,7 @@ def test_exactly_once_waits_for_acks_then_commits_offsets_in_the_transaction_and
         sink.tracker.done(TP0, 0)
         sink.acked += 1
 
-    delivery = ExactlyOnce(client, sink, "g-eos")
+    delivery = ExactlyOnce(client, sink, lambda: "g-eos")
     delivery.begin()
     assert delivery.commit(settle)
     assert client.calls == [

@@ -66,11 +66,10 @@ class ExactlyOnce:
     Work held during an outage stays out of it: its offsets are not finished.
     """
 
-    def __init__(self, producer: Sender, outbox: Outbox, group: str | Callable[[], Any]) -> None:
+    def __init__(self, producer: Sender, outbox: Outbox, group: Callable[[], Any]) -> None:
         self._producer = producer
         self._outbox = outbox
-        # The group id, or (librdkafka) a call for the member's current group metadata.
-        self._group = group
+        self._group = group  # what the transaction names the group by (``member.transaction_group``)
         self._acked_at_commit = 0
 
     def begin(self) -> None:
@@ -84,8 +83,7 @@ class ExactlyOnce:
         if not offsets and self._outbox.acked == self._acked_at_commit:
             return False
         if offsets:
-            group = self._group() if callable(self._group) else self._group
-            self._producer.send_offsets_to_transaction(_offsets(offsets), group)
+            self._producer.send_offsets_to_transaction(_offsets(offsets), self._group())
         self._producer.commit_transaction()
         self._outbox.tracker.mark_committed(offsets)
         self._acked_at_commit = self._outbox.acked

@@ -44,7 +44,7 @@ def backlog(
     k = settings.kafka
     stages.produce_burst(k, k.input_topic, messages, clocks.wall)
     worker.start()
-    assigned_at = stages.wait_assigned(worker, clocks.wall, clocks.sleep)
+    assigned_at = stages.wait_assigned([worker], clocks.wall, clocks.sleep)
     cpu_at_start = worker.cpu_seconds()
     # The outputs are read once the worker is done, so reading them takes no CPU from it meanwhile.
     stages.wait_embedded([worker], len(messages), WAIT_TIMEOUT_S, progress, clocks.sleep)
@@ -118,7 +118,7 @@ def group_backlog(
     try:
         for wp in members:
             wp.start()
-        first = stages.wait_first_assigned(members, clocks.wall, clocks.sleep)
+        first = stages.wait_assigned(members, clocks.wall, clocks.sleep)
         stages.wait_embedded(members, len(backlog), WAIT_TIMEOUT_S, progress, clocks.sleep)
         by_worker = [stages.worker_counters(wp)[0] for wp in members]
         rows = follower.wait_for(b"group-", len(backlog), WAIT_TIMEOUT_S, stages.no_progress)

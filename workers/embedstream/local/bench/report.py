@@ -201,14 +201,13 @@ def _rate_targets(b: ModalityBench) -> dict[str, Target]:
         out["pipeline_vs_peer"] = _throughput_ratio(
             "pipeline / naive peer", rate["pipeline"], rate["peer"], PIPELINE_VS_PEER_TARGET
         )
-    peers = [p for p in ("peer", "peer_onnx") if p in s]
-    if "pipeline" in s and peers:
-        best = max(peers, key=lambda p: rate[p])
+    peers: list[str] = [p for p in ("peer", "peer_onnx") if p in s]
+    best = max(peers, key=rate.__getitem__) if peers else None
+    if "pipeline" in s and best:
         out["pipeline_vs_best_peer"] = _throughput_ratio(
             "pipeline / best peer", rate["pipeline"], rate[best], b.best_peer_target, f"{best}: "
         )
-    if "pipeline_group" in s and peers:
-        best = max(peers, key=lambda p: rate[p])
+    if "pipeline_group" in s and best:
         n = s["pipeline_group"].extra.get("workers", "N")
         out["pipeline_group_vs_best_peer"] = _throughput_ratio(
             "pipeline, --workers on a backlog / best peer",

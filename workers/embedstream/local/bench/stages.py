@@ -299,19 +299,6 @@ def raise_if_exited(workers: Sequence[WorkerProcess]) -> None:
 
 
 def wait_assigned(
-    worker: WorkerProcess, wall: Clock, sleep: Callable[[float], None], timeout_s: float = 120.0
-) -> float:
-    """Epoch seconds at which the worker first reported its partitions assigned (to within 20 ms)."""
-    deadline = wall() + timeout_s
-    while wall() < deadline:
-        if (worker.status() or {}).get("ready"):
-            return wall()
-        raise_if_exited([worker])
-        sleep(0.02)
-    raise TimeoutError(f"{worker.name} was not assigned its partitions within {timeout_s:.0f}s")
-
-
-def wait_first_assigned(
     workers: Sequence[WorkerProcess], wall: Clock, sleep: Callable[[float], None], timeout_s: float = 120.0
 ) -> float:
     """Epoch seconds at which the first of the workers reported its partitions assigned (to within 20 ms)."""
@@ -321,7 +308,8 @@ def wait_first_assigned(
             return wall()
         raise_if_exited(workers)
         sleep(0.02)
-    raise TimeoutError(f"none of {len(workers)} workers was assigned partitions within {timeout_s:.0f}s")
+    names = ", ".join(wp.name for wp in workers)
+    raise TimeoutError(f"none of {names} was assigned its partitions within {timeout_s:.0f}s")
 
 
 def wait_embedded(
