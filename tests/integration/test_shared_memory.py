@@ -46,7 +46,7 @@ def test_a_region_the_server_forgot_is_made_again(stack):
     try:
         backend.infer(batch)
         # What a restarted server looks like to the worker: it no longer knows our region.
-        backend._client.unregister_system_shared_memory(backend._regions[0].name)
+        assert backend._regions[0].unregister()
         out = backend.infer(batch)  # retried once with a new region
         assert out[backend.spec.embedding_output.name].shape[0] == 2
         assert backend.shared_memory_regions == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -47,11 +48,25 @@ class InputRegion:
         self._shm.set_shared_memory_region(self._handle, arrays)
         return spans
 
+    def unregister(self, wait_s: float = 2.0) -> bool:
+        """Tell the server to forget the region; True once it has.
+
+        The server lets go of a region a moment after it sends the response that read it, so an
+        unregister right after an inference can be refused as "in use": asked again until wait_s.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self._client.unregister_system_shared_memory(self.name)
+                return True
+            except Exception as exc:  # the server may be gone already; the region is ours to free anyway
+                if "in use" not in str(exc) or time.monotonic() >= deadline:
+                    log.debug("unregistering %s: %s", self.name, exc)
+                    return False
+            time.sleep(0.02)
+
     def close(self) -> None:
-        try:
-            self._client.unregister_system_shared_memory(self.name)
-        except Exception as exc:  # the server may be gone already; the region is ours to free anyway
-            log.debug("unregistering %s: %s", self.name, exc)
+        self.unregister()
         self._shm.destroy_shared_memory_region(self._handle)
 
 
