@@ -34,6 +34,7 @@ from embedstream.consume.rebalance import RebalanceSteps
 from embedstream.records import SourceMessage
 
 log = logging.getLogger("embedstream.librdkafka")
+FETCH_QUEUE_BACKOFF_MS = 20
 
 
 def rd_config(k: KafkaSettings, client_id: str) -> dict[str, Any]:
@@ -107,6 +108,10 @@ class LoopConsumer:
                 # librdkafka prefetches per partition ahead of the loop; bounded by the same bytes a
                 # kafka-python fetch may hold, so a paused or slow worker does not buffer 64 MiB a partition.
                 "queued.max.messages.kbytes": max(1024, k.fetch_max_bytes // 1024),
+                # Once that queue is full, librdkafka waits this long before it fetches again (its
+                # default: 1 s). A worker that drains the queue in about a second (time-series windows
+                # at ~25,000/s) then sat in poll for part of every such second: 25,200 -> 36,000 windows/s.
+                "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
             }
         )
         self._paused: set[TopicPartition] = set()
