@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> Commands:
         p,
         "--count",
         "BENCH_COUNT",
-        "messages per model-bound stage for every modality (default: image 512, text 2400, timeseries 80000)",
+        "messages per model-bound stage for every modality (default: image 512, text 2400, timeseries 200000)",
         type=int,
     )
     flag(
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> Commands:
         "--plumbing-count",
         "BENCH_PLUMBING_COUNT",
         "at least this many messages for the null-encoder and raw kafka-python stages "
-        "(default: image 3000, text 30000, timeseries 80000)",
+        "(default: image 3000, text 30000, timeseries 200000)",
         default="0",
         type=int,
     )
