@@ -18,6 +18,7 @@ from embedstream.local.bench.report import (
     summary_table,
     targets,
 )
+from embedstream.local.bench.stages import paced_linger_ms
 from embedstream.local.bench.workload import POINT_SERIES, observation_traffic
 from embedstream.modalities import modality_for
 from embedstream.records import Deferred, SourceMessage
@@ -484,3 +485,9 @@ def test_a_stack_serving_onnx_still_gets_a_torchscript_bare_figure(tmp_path):
     w = build_workload(load_settings(), "timeseries", 8, tmp_path)
     path = served.torchscript_file(w.settings, tmp_path / "models" / "absent", tmp_path)
     assert path.is_relative_to(tmp_path / "bench-torchscript") and path.name == "model.pt"
+
+
+def test_the_paced_producer_lingers_only_for_a_stream():
+    assert paced_linger_ms(70.0) == 0  # images at half load: each message leaves at once
+    assert paced_linger_ms(250.0) == 0
+    assert paced_linger_ms(10_000.0) == 5  # time series: one-message requests fell behind here

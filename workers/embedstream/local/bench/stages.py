@@ -208,6 +208,19 @@ def produce_burst(k: KafkaSettings, topic: str, messages: Sequence[Message], wal
     return started
 
 
+# Below this rate a paced producer sends each message at once: lingering would add to the latency
+# measured. Above it, one-message requests fall behind: at 10,000 2.1 KB messages/s with linger 0 the
+# send -> consume latency through the broker alone (no worker) grew from 23 to 96 ms p50 over 20 s,
+# and stayed at 25-31 ms with 5 ms (docs/benchmarks.md, "Latency at half load").
+PACED_LINGER_FROM_RATE = 1000.0
+PACED_LINGER_MS = 5
+
+
+def paced_linger_ms(rate: float) -> int:
+    """The paced producer's linger: none for a trickle, a batching producer's 5 ms for a stream."""
+    return PACED_LINGER_MS if rate >= PACED_LINGER_FROM_RATE else 0
+
+
 def produce_paced(
     k: KafkaSettings,
     topic: str,
@@ -218,7 +231,7 @@ def produce_paced(
     stop: threading.Event,
 ) -> dict[bytes, int]:
     """One message every 1/rate s on a fixed schedule (no drift); returns each key's send timestamp (ms)."""
-    producer = _producer(k, linger_ms=0)  # lingering would add to the latency measured
+    producer = _producer(k, linger_ms=paced_linger_ms(rate))
     sent: dict[bytes, int] = {}
     try:
         start = wall()
