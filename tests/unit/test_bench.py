@@ -331,7 +331,7 @@ def test_stages_apply_by_workload_and_options_with_their_progress_totals():
     assert set(scaled) == set(STAGES) - no_onnx - {"by_reference"}  # references are images only
     assert scaled["pipeline_points"] == 160 and scaled["pipeline_scaled"] == 120
     assert scaled["pipeline_group"] == 40  # the workload once, drained by the group
-    from embedstream.local.bench.workload import DEFAULT_PLUMBING
+    from embedstream.local.bench.counts import DEFAULT_PLUMBING
 
     # --plumbing-count 0 (the command's default): each modality's own count, seconds of its fastest stage
     assert plan(_workload(), _options(plumbing_count=0))["null"] == DEFAULT_PLUMBING["image"]

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from embedstream.cli_support import Commands, flag, local_settings, require_tools
+from embedstream.local.bench.counts import DEFAULT_COUNTS, DEFAULT_PLUMBING, described
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> Commands:
         p,
         "--count",
         "BENCH_COUNT",
-        "messages per model-bound stage for every modality (default: image 512, text 2400, timeseries 200000)",
+        f"messages per model-bound stage for every modality (default: {described(DEFAULT_COUNTS)})",
         type=int,
     )
     flag(
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> Commands:
         "--plumbing-count",
         "BENCH_PLUMBING_COUNT",
         "at least this many messages for the null-encoder and raw kafka-python stages "
-        "(default: image 3000, text 30000, timeseries 200000)",
+        f"(default: {described(DEFAULT_PLUMBING)})",
         default="0",
         type=int,
     )
@@ -67,7 +68,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from embedstream.local.bench.report import summary_table
     from embedstream.local.bench.run import BenchOptions, run_bench
-    from embedstream.local.bench.workload import DEFAULT_COUNTS, MODALITIES
+    from embedstream.local.bench.workload import MODALITIES
 
     console = Console()
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]

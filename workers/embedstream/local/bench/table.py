@@ -19,9 +19,10 @@ import numpy as np
 from embedstream.config import Settings
 from embedstream.export import ExportTarget, local_cpu_target
 from embedstream.local.bench import peer, perf_analyzer, pipeline, served, stages
+from embedstream.local.bench.counts import DEFAULT_PLUMBING
 from embedstream.local.bench.report import ModalityBench, StageResult, ratio
 from embedstream.local.bench.stages import Clocks, Follower, ModelFactory, Progress
-from embedstream.local.bench.workload import DEFAULT_PLUMBING, Workload, preprocessed_batches, rekey
+from embedstream.local.bench.workload import Workload, preprocessed_batches, rekey
 from embedstream.local.readback import TopicReader
 from embedstream.local.samples.traffic import Message
 from embedstream.local.stack.stack import LocalStack
@@ -40,7 +41,7 @@ class BenchOptions:
     workdir: Path
     partitions: int = 4
     # The null-encoder and raw kafka-python stages get at least this many: a few hundred pass too fast to
-    # time. 0: the modality's own (``workload.DEFAULT_PLUMBING``).
+    # time. 0: the modality's own (``counts.DEFAULT_PLUMBING``).
     plumbing_count: int = 3000
     # Above 1, a further stage: this many workers in one consumer group at saturation.
     workers: int = 1
