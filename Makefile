@@ -64,8 +64,8 @@ images:
 	TORCH_INDEX_URL=$(TORCH_INDEX_URL) WHEELS_DIR=$(WHEELS_DIR) deploy/containers/build-images.sh
 
 # The compose stack end to end (every message accounted for in the topics and both stores), then its
-# containers killed, stopped and restarted mid-stream; and the worker-container smoke. About 15 minutes
-# after the images are built.
+# containers killed, stopped and restarted mid-stream; and the worker-container smoke. Its time, measured:
+# docs/deployment.md.
 compose-test: $(STAMP) images
 	$(BIN)/python -m pip install -q 'podman-compose>=1.6'
 	EMBEDSTREAM_REQUIRE_CONTAINERS=1 $(BIN)/python -m pytest -v --durations=10 -p no:cacheprovider tests/containers

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds every image docker-compose.yml, docker-compose.cpu.yml and deploy/k8s name, with podman, and prints
 # each one's build time and size: make images runs it. Usage: build-images.sh [TARGET...] (default: all).
+# A build of every target also writes the table to docs/generated/images.md, which docs/deployment.md
+# includes (tests/unit/test_docs_figures.py fails while the two differ).
 #
 # Environment, all optional:
 #   BASE_IMAGE       the Dockerfile's base; unset, deploy/containers/base-image.sh makes a Debian one (no registry)
@@ -18,9 +20,13 @@ if ! command -v podman > /dev/null || ! command -v runc > /dev/null; then
   apt-get update -q > /dev/null && apt-get install -y -q podman runc > /dev/null
 fi
 
+rows=()
 if [ -z "${BASE_IMAGE:-}" ]; then
   BASE_IMAGE=localhost/embedstream-base:bookworm
+  started=$(date +%s)
   deploy/containers/base-image.sh "$BASE_IMAGE"
+  size=$(podman image inspect --format '{{.Size}}' "$BASE_IMAGE" | awk '{printf "%.0f", $1/1e6}')
+  rows+=("| \`${BASE_IMAGE#localhost/}\` | (base-image.sh) | $size MB | $(( $(date +%s) - started )) s |")
 fi
 TAG=${IMAGE_TAG:-$(python3 -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])")}
 PIP_CA=${PIP_CA:-${PIP_CERT:-$( (python3 -m pip config get global.cert 2> /dev/null || true) | tr -d "'\"")}}
@@ -54,6 +60,7 @@ for target in "${targets[@]}"; do
   seconds=$(( $(date +%s) - started ))
   size=$(podman image inspect --format '{{.Size}}' "$image" | awk '{printf "%.0f", $1/1e6}')
   report+=("$(printf '%-36s %8s MB %6s s' "$image" "$size" "$seconds")")
+  rows+=("| \`$image\` | \`$target\` | $size MB | $seconds s |")
   echo "built $image: $size MB in $seconds s"
 done
 # Intermediate images are the layer cache of the next build (a few GB).
@@ -62,3 +69,16 @@ done
 echo
 printf '%-36s %11s %8s\n' image size build
 printf '%s\n' "${report[@]}"
+
+if [ $# -eq 0 ]; then
+  table=docs/generated/images.md
+  mkdir -p "$(dirname "$table")"
+  {
+    echo "Written by \`make images\` at $(git rev-parse --short HEAD 2> /dev/null || echo 'an unknown commit')$(git diff --quiet HEAD 2> /dev/null || echo ' (with local changes)') on $(date -u +%Y-%m-%d): $(podman --version), $(nproc) cores, torch from ${TORCH_INDEX_URL:-the default index of the Dockerfile}${WHEELS_DIR:+, wheels preferred from WHEELS_DIR}; build times with the layer cache as this machine had it."
+    echo
+    echo "| image | target | size | build |"
+    echo "| --- | --- | --- | --- |"
+    printf '%s\n' "${rows[@]}"
+  } > "$table"
+  echo "wrote $table: copy it into docs/deployment.md's generated region"
+fi

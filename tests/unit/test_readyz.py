@@ -126,3 +126,17 @@ def test_watch_reports_errors_and_recovers_on_a_fake_clock():
     assert not watch.probe() and watch.failing == "readiness probe: model not ready"
     assert not watch.probe() and watch.failing == "readiness probe: model not ready", "the first reason is kept"
     assert watch.probe() and watch.failing is None
+
+
+def test_a_health_port_in_use_is_a_config_error_that_names_the_way_out():
+    """Two sinks started on one host as docs/sinks.md starts them: the second one's port is taken."""
+    import pytest
+
+    from embedstream.errors import ConfigError
+
+    first = HealthServer("127.0.0.1", 0, lambda: {"ready": True}).start()
+    try:
+        with pytest.raises(ConfigError, match=r"in use .*--health-port.*0 for any free port"):
+            HealthServer("127.0.0.1", first.port, lambda: {"ready": True})
+    finally:
+        first.stop()

@@ -13,6 +13,7 @@ not only once a batch has used up its retries.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from embedstream.errors import ConfigError
 from embedstream.metrics import exposition
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,16 @@ class HealthServer:
             def log_message(self, format: str, *args: Any) -> None:
                 return None
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            # Two services on one host (a worker and a sink, two sinks) both default to 8080.
+            raise ConfigError(
+                f"the health port {host}:{port} is in use (another worker or sink on this host?): "
+                "give each process its own health_port (--health-port, EMBEDSTREAM_HEALTH_PORT), or 0 for any free port"
+            ) from exc
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
 
     @property

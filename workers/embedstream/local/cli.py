@@ -1,4 +1,4 @@
-"""The embedded stack's commands: ``up``, ``demo`` and ``produce-samples``."""
+"""The embedded stack's commands: ``up``, ``demo``, ``produce-samples`` and ``samples``."""
 
 from __future__ import annotations
 
@@ -42,14 +42,39 @@ def register(sub: argparse._SubParsersAction) -> Commands:
                 "under the workdir [env EMBEDSTREAM_DURABLE=true; default: %(default)s]",
             )
 
-    p = sub.add_parser("produce-samples", help="produce generated sample images to a topic")
+    p = sub.add_parser(
+        "produce-samples", help="produce sample messages to a topic: generated images, or the paraphrase sentences"
+    )
     flag(p, "--config", "CONFIG", "TOML config file: its [kafka] connection settings (TLS, SASL) are used")
     flag(p, "--bootstrap", "KAFKA__BOOTSTRAP_SERVERS", "Kafka bootstrap servers", default=_PRODUCE_DEFAULT_BOOTSTRAP)
-    flag(p, "--topic", "KAFKA__INPUT_TOPIC", "input topic", default="images")
+    p.add_argument(
+        "--modality",
+        choices=["image", "text", "timeseries"],
+        default="image",
+        help="generated images, the paraphrase sentences, or 32x3 signal windows [default: image]",
+    )
+    flag(p, "--topic", "KAFKA__INPUT_TOPIC", "input topic (default: the modality's: images, text, timeseries)")
     flag(p, "--count", "DEMO_COUNT", "how many", default="100", type=int)
     flag(p, "--bad-every", "DEMO_BAD_EVERY", "make every Nth image corrupt (0: none)", default="0", type=int)
 
-    return {"up": cmd_up, "demo": cmd_demo, "produce-samples": cmd_produce}
+    p = sub.add_parser(
+        "samples",
+        help="write the packaged sample inputs as files: the 25 real photos (a folder) or the paraphrase "
+        "sentences (one per line), to try train detector, search and the probes on",
+    )
+    p.add_argument("what", choices=["photos", "sentences"])
+    p.add_argument("--out", required=True, help="photos: a folder (made if missing); sentences: a text file")
+
+    return {"up": cmd_up, "demo": cmd_demo, "produce-samples": cmd_produce, "samples": cmd_samples}
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    from embedstream.local.samples.catalog import write_photos, write_sentences
+
+    out = Path(args.out)
+    written = write_photos(out) if args.what == "photos" else write_sentences(out)
+    print(f"wrote {written} {args.what} to {out}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -97,14 +122,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_produce(args: argparse.Namespace) -> int:
     from embedstream.config import KafkaSettings, load_settings
     from embedstream.local.demo import produce
-    from embedstream.local.samples.generated import samples
+    from embedstream.local.samples.catalog import sample_messages
 
     kafka = KafkaSettings(bootstrap_servers=args.bootstrap)
     if args.config:
         # The config's connection settings (TLS, SASL); its brokers unless --bootstrap names others.
         overrides = {} if args.bootstrap == _PRODUCE_DEFAULT_BOOTSTRAP else {"bootstrap_servers": args.bootstrap}
         kafka = load_settings(args.config, **({"kafka": overrides} if overrides else {})).kafka
-    batch = [(s.key, s.value) for s in samples(args.count, bad_every=args.bad_every)]
-    n = len(produce(kafka, args.topic, batch))
-    print(f"produced {n} images to {args.topic}")
+    topic = args.topic or {"image": "images"}.get(args.modality, args.modality)
+    n = len(produce(kafka, topic, sample_messages(args.modality, args.count, args.bad_every)))
+    print(f"produced {n} {args.modality} samples to {topic}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import sys
 import threading
@@ -78,6 +79,8 @@ def serve(settings: Sequence[Settings], opts: UpOptions, stop: threading.Event, 
             for w in workers:
                 w.start()
             print_endpoints(stack, opts.modalities, local, out)
+            env_file = write_stack_env(stack)
+            out(f"addresses         {env_file} (in another shell: . {env_file})")
             for w in workers:
                 if stop.is_set():
                     break
@@ -88,8 +91,32 @@ def serve(settings: Sequence[Settings], opts: UpOptions, stop: threading.Event, 
         finally:
             for w in workers:
                 w.terminate()
+            (stack.workdir / STACK_ENV).unlink(missing_ok=True)
     out("stopped")
     return 0
+
+
+STACK_ENV = "stack.env"
+
+
+def write_stack_env(stack: LocalStack) -> Path:
+    """The addresses a client needs, as shell ``export`` lines: the docs' commands read them from here
+    (``. .embedstream/stack.env``), since ``--broker-port 0`` and Triton's ports are picked at start."""
+    triton = stack.triton
+    if triton is None:
+        raise RuntimeError("the stack's Triton is not running; its addresses cannot be written")
+    values = {
+        "BOOTSTRAP": stack.broker.bootstrap,
+        "TRITON_URL": triton.grpc_url,
+        "TRITON_HTTP_URL": triton.http_url,
+        "TRITON_METRICS_URL": triton.metrics_url,
+        "EMBEDSTREAM_LOGS": str((stack.workdir / "logs").resolve()),
+    }
+    path = stack.workdir / STACK_ENV
+    lines = [f"# written by `embedstream up` (pid {os.getpid()}); removed when it stops"]
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in values.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def keep_running(workers: Sequence[WorkerProcess], stop: threading.Event) -> None:

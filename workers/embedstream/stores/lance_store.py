@@ -92,6 +92,7 @@ class LanceStore:
         self._tables: dict[str, Any] = {}
         self._schemas: dict[str, pa.Schema] = {}  # per table: existing, or the first admitted rows'
         self._indexed: set[str] = set()
+        self._announced: set[str] = set()
         # Index builds run beside the writes: building IVF-PQ over 10,000 x 1,280 took ~15 s here, which
         # in the write path held the sink's acknowledgement (and its commit) that long. Lance commits
         # the index and concurrent merges independently; rows merged meanwhile are found by a flat scan.
@@ -138,6 +139,9 @@ class LanceStore:
                 self._tables.pop(name, None)  # reopen next time: the store may have moved under us
                 raise StoreUnavailable(f"LanceDB write to {name!r} at {self.uri} failed: {exc}") from exc
             written += rows.num_rows
+            if name not in self._announced:  # once per table and process: a user sees where rows go
+                self._announced.add(name)
+                log.info("stored the first %d rows in LanceDB table %s at %s", rows.num_rows, name, self.uri)
             self._maintain(name, tbl)
         return written
 
