@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # smoke builds the worker image where podman or Docker is present and says it skips where neither is.
 OWN_STACK_TESTS := tests/integration/test_up.py tests/integration/test_demo.py \
 	tests/integration/test_bench_smoke.py tests/integration/test_anomaly.py tests/integration/test_image_quality.py \
-	tests/integration/test_rollout.py tests/integration/test_sinks.py tests/containers/test_worker_container.py
+	tests/integration/test_rollout.py tests/integration/test_docs_run.py tests/containers/test_worker_container.py
 
 .PHONY: install demo test lint up clean
 
@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(BIN)/ruff check workers tests examples deploy/gpu
 	$(BIN)/mypy
 	@# Two lanes on the two cores. Lane 1: the CPU-bound unit tier, then the integration tests that
-	@# start a stack of their own (up, demo, bench, anomaly, image quality, rollout, sinks). Lane 2: the tests on the
+	@# start a stack of their own (up, demo, bench, anomaly, image quality, rollout, the docs runner). Lane 2: the tests on the
 	@# shared integration stack, then the fault suite. Both mostly wait on real processes (group
 	@# joins, restarts, timeouts); lane 1's report is printed after lane 2's.
 	@# One export cache for both lanes, so an encoder is exported once per run (export/cache.py).

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 from .blocks import ROOT, Block
 
 VENV_BIN = Path(sys.executable).parent
+RUN_ID = "DOCS_RUN_ID"
 # Tracked top-level entries a command may name; build outputs and caches are not linked.
 _LINKED = (
     "Makefile",
@@ -64,6 +66,9 @@ class Workspace:
     path: Path
     stack_workdir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Every process a block starts inherits it, so what a doc left running (a worker `rollout start
+    # --spawn` launched, detached) is found and stopped when the doc is done.
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def prepare(self) -> Workspace:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -85,6 +90,7 @@ class Workspace:
         env["PYTHONUNBUFFERED"] = "1"
         # What the docs start listens on loopback only (a sink's health endpoint defaults to 0.0.0.0).
         env["EMBEDSTREAM_HEALTH_HOST"] = "127.0.0.1"
+        env[RUN_ID] = self.run_id
         env.update(self.extra_env)
         return env
 
@@ -232,4 +238,35 @@ def run_doc(blocks: Sequence[Block], space: Workspace, timeout_s: float = 600.0)
     finally:
         for running in reversed(background):
             outcomes.append(running.interrupt())
+        stop_leftovers(space.run_id)
     return outcomes
+
+
+def stop_leftovers(run_id: str, grace_s: float = 15.0) -> list[int]:
+    """SIGTERM, then SIGKILL after ``grace_s``, to every process that still carries the doc's run id."""
+    marker = f"{RUN_ID}={run_id}".encode()
+
+    def carriers() -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if marker in (entry / "environ").read_bytes().split(b"\0"):
+                        pids.append(int(entry.name))
+                except OSError:
+                    continue
+        return pids
+
+    left = carriers()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while (alive := carriers()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not alive:
+            break
+    return left

@@ -12,6 +12,7 @@ import pytest
 from embedstream.aliases import Alias, Deployed, ModelRef, RolloutState, load, resolve, save, state_location
 from embedstream.errors import ConfigError
 from embedstream.rollout import steps
+from embedstream.rollout.local_workers import Stopped
 from embedstream.sinks.arrow_codec import decode_embeddings
 from embedstream.stores.sample_rows import sample_messages
 
@@ -109,9 +110,9 @@ def test_switch_waits_for_lag_and_coverage_then_rollback_and_retire(tmp_path):
     # Retire the kept version: its table stays for the retention, then the next retire drops it.
     signalled: list[int] = []
 
-    def stop(pids):
-        signalled.extend(pids)
-        return list(pids)
+    def stop(target):
+        signalled.extend(w.pid for w in target.workers)
+        return Stopped([w.pid for w in target.workers], [])
 
     done = steps.retire(
         location,
@@ -125,7 +126,7 @@ def test_switch_waits_for_lag_and_coverage_then_rollback_and_retire(tmp_path):
     assert signalled == [] and done.group_id == "g2"  # no workers launched here for it
     with pytest.raises(ConfigError, match="no earlier version"):
         steps.rollback(location, "a")
-    done = steps.retire(location, "a", retention_s=60, drop_table=lambda m: store.drop(m.table), now=1061.0)
+    done = steps.retire(location, "a", retention_s=60, drop_table=lambda m: store.drop(m.table), stop=stop, now=1061.0)
     assert done.retired is None and done.dropped == [V2]
     assert store.table_names() == [V1.table] and resolve(location, "a") == V1
     actions = [e.action for e in load(location).alias("a").history]
@@ -253,3 +254,25 @@ def test_score_drift_reads_the_time_series_reconstruction_error(tmp_path):
     assert drift.mean_new == pytest.approx(2 * drift.mean_old, rel=1e-5)
     assert drift.rank_correlation == pytest.approx(1.0, abs=1e-9)  # the same order, scaled
     assert drift.flagged_old == pytest.approx(0.08, abs=1e-9) and drift.flagged_new == pytest.approx(0.48, abs=1e-9)
+
+
+def test_the_gauges_read_the_table_as_written_and_after_another_process_compacted_it(tmp_path):
+    """Before any upkeep of its own, and whoever compacted the table last (`embedstream upkeep` elsewhere)."""
+    from embedstream import metrics
+    from embedstream.stores.lance_store import HEALTH_INTERVAL_S, LanceStore
+
+    now = [0.0]
+    sink = LanceStore(str(tmp_path / "db"), optimize_every=0, optimize_interval_s=0, clock=lambda: now[0])
+    fragments = metrics.LANCEDB_FRAGMENTS.labels(V2.table)
+    _fill(sink, V2, 30, per_message=10)
+    assert fragments._value.get() == 1  # read on the first write, not only after a compaction
+    _fill(sink, V2, 30, per_message=10, seed=4)  # within the interval: not read again
+    assert fragments._value.get() == 1
+    now[0] = HEALTH_INTERVAL_S
+    _fill(sink, V2, 10, per_message=10, seed=5)
+    written = fragments._value.get()
+    assert written == sink.health(V2.table).fragments > 1
+    LanceStore(str(tmp_path / "db")).upkeep(V2.table)  # another process compacts it
+    now[0] = 2 * HEALTH_INTERVAL_S
+    _fill(sink, V2, 10, per_message=10, seed=6)
+    assert fragments._value.get() < written

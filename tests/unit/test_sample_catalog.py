@@ -35,6 +35,7 @@ def test_sample_messages_are_keyed_and_what_the_modality_reads(modality: str) ->
         for _, v in messages:
             doc = json.loads(v)
             assert doc["series_id"] == "plant-7" and len(doc["values"]) == 32 and len(doc["values"][0]) == 3
+            assert doc["end_ms"] > doc["start_ms"]
     else:
         assert all(v[:2] in (b"\xff\xd8", b"\x89P", b"RI") for _, v in messages)
 

@@ -22,6 +22,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from embedstream.errors import ConfigError
+from embedstream.rollout.local_workers import LocalWorker
 
 STATE_FILE = "_rollout.json"
 
@@ -58,7 +59,10 @@ class Deployed(BaseModel):
     topics: list[str] = Field(default_factory=list)
     # Where its group started reading (partition -> offset) when the rollout placed it; the status's 0 %.
     start_offsets: dict[str, int] = Field(default_factory=dict)
-    # Workers `rollout start --spawn` launched on this host; `retire` stops them.
+    # Workers `rollout start --spawn` launched, with what identifies each beyond its pid; `retire` stops
+    # the ones that are still those processes.
+    workers: list[LocalWorker] = Field(default_factory=list)
+    # Documents written before the identity was recorded; `retire` refuses to signal these.
     worker_pids: list[int] = Field(default_factory=list)
     started_at: float | None = None
 

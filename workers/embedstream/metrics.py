@@ -64,7 +64,11 @@ STORE_OUTAGES = Counter(
 STORE_DEGRADED = Gauge("embedstream_sink_degraded", "1 while the store does not acknowledge writes", ["store"])
 SINK_IN_FLIGHT = Gauge("embedstream_sink_in_flight_messages", "Consumed output messages not yet stored", ["store"])
 # LanceDB upkeep (stores.lance_store): streaming writes leave a fragment each; compaction folds them.
-LANCEDB_FRAGMENTS = Gauge("embedstream_lancedb_fragments", "Fragments of the table, at its last upkeep", ["table"])
+LANCEDB_FRAGMENTS = Gauge(
+    "embedstream_lancedb_fragments",
+    "Fragments of the table, read at upkeep and at most every 15 s of writes",
+    ["table"],
+)
 LANCEDB_UNINDEXED_ROWS = Gauge(
     "embedstream_lancedb_unindexed_rows", "Rows the ANN index does not cover yet (all, before there is one)", ["table"]
 )

@@ -32,8 +32,9 @@ def register(sub: argparse._SubParsersAction) -> Commands:
         p,
         "--artifact",
         "EXPORT_ARTIFACT",
-        "model file for the python backend: torchscript (model.pt) or onnx (model.onnx, run with ONNX Runtime)",
-        default="torchscript",
+        "model file for the python backend: torchscript (model.pt) or onnx (model.onnx, run with ONNX Runtime); "
+        "unset: onnx on --kind cpu, as `embedstream up` serves, torchscript on gpu",
+        default=None,
         choices=["torchscript", "onnx"],
     )
     flag(
@@ -54,8 +55,15 @@ def register(sub: argparse._SubParsersAction) -> Commands:
         choices=["fp32", "fp16"],
     )
     flag(p, "--kind", "TRITON_KIND", "instance kind", default="cpu", choices=["cpu", "gpu"])
-    flag(p, "--instances", "TRITON_INSTANCES", "model instances per device", default="1", type=int)
-    flag(p, "--torch-threads", "TORCH_THREADS", "torch threads per instance", default="2", type=int)
+    flag(
+        p,
+        "--instances",
+        "TRITON_INSTANCES",
+        "model instances per device (unset: python backend on cpu as `embedstream up` serves, 2 single-threaded "
+        "instances on 2 cores; else 1)",
+        type=int,
+    )
+    flag(p, "--torch-threads", "TORCH_THREADS", "threads per instance (unset: as --instances says; else 2)", type=int)
 
     return {"worker": cmd_worker, "export-models": cmd_export}
 
@@ -73,15 +81,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from embedstream.config import load_settings
     from embedstream.export import ExportTarget, export_model
+    from embedstream.export.triton_config import local_cpu_target
 
     settings = load_settings(args.config)
+    # Unset, a CPU Python-backend export is what the embedded stack serves (ONNX in ONNX Runtime, its
+    # instance shape), so a version exported beside `up`'s models runs as fast as they do.
+    local = local_cpu_target() if args.backend == "python" and args.kind == "cpu" else None
+    artifact = args.artifact or (local.artifact if local else "torchscript")
     try:
         target = ExportTarget(
             backend=args.backend,
             kind=args.kind,
-            instances=args.instances,
-            torch_threads=args.torch_threads,
-            artifact="onnx" if args.backend == "onnxruntime" else args.artifact,
+            instances=args.instances if args.instances is not None else (local.instances if local else 1),
+            torch_threads=args.torch_threads
+            if args.torch_threads is not None
+            else (local.torch_threads if local else 2),
+            artifact="onnx" if args.backend == "onnxruntime" else artifact,
             precision=args.precision,
             onnx_exporter=args.onnx_exporter,
         )
@@ -89,5 +104,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"export-models: {exc}", file=sys.stderr)
         return 2
     spec = export_model(settings.encoder, Path(args.repo), target)
-    print(f"exported {spec.name} (dim {spec.embedding_dim}, {args.backend}/{args.kind}) to {args.repo}/{spec.name}")
+    shape = f"{target.artifact}, {args.backend}/{args.kind}, {target.instances} x {target.torch_threads} threads"
+    print(f"exported {spec.name} (dim {spec.embedding_dim}; {shape}) to {args.repo}/{spec.name}")
     return 0

@@ -359,6 +359,11 @@ class TritonBackend:
                 log.debug("closing triton client: %s", exc)
 
 
+def server_client(st: TritonSettings) -> Any:
+    """A client of the server itself (health, the model repository API), for the settings' protocol."""
+    return _make_client(_client_module(st.protocol), st)
+
+
 def _make_client(tc: Any, st: TritonSettings) -> Any:
     if st.protocol == "grpc":
         certs = str(st.root_certificates) if st.root_certificates else None

@@ -120,10 +120,18 @@ def write_stack_env(stack: LocalStack) -> Path:
 
 
 def keep_running(workers: Sequence[WorkerProcess], stop: threading.Event) -> None:
+    """Restart a worker that crashed or was killed; leave one that stopped on request (SIGTERM or Ctrl-C:
+    it drains and exits 0, as `rollout retire` stops a retired version's workers) stopped."""
+    running = list(workers)
     while not stop.wait(1.0):
-        for w in workers:
-            if not w.alive():
-                log.error("%s exited; restarting it. Last log lines:\n%s", w.name, w.tail())
+        for w in list(running):
+            if w.alive():
+                continue
+            if w.returncode == 0:
+                log.warning("%s stopped on request (exit 0); not restarting it", w.name)
+                running.remove(w)
+            else:
+                log.error("%s exited (%s); restarting it. Last log lines:\n%s", w.name, w.returncode, w.tail())
                 w.start()
 
 
@@ -149,6 +157,7 @@ def print_endpoints(stack: LocalStack, modalities: Sequence[str], local: Sequenc
         out(f"  model           {spec.name}, weights {weights}")
         out(f"  topics          in={k.input_topic} out={k.output_topic} dead-letter={k.dead_letter_topic}")
         out(f"  group           {k.group_id}")
+        out(f"  config          {stack.workdir / f'worker-{modality}-0.toml'}")
         out(f"  try:            {try_command(modality, s, bootstrap)}")
         out(f"  read:           embedstream tail {k.output_topic} --bootstrap {bootstrap} --from beginning")
 

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from embedstream.cli_support import Commands, flag, settings_from_args
 from embedstream.errors import ConfigError
+from embedstream.rollout import local_workers
+from embedstream.rollout import serving as triton_models
 
 if TYPE_CHECKING:
     from embedstream.aliases import Deployed, ModelRef
@@ -44,6 +46,12 @@ def register(sub: argparse._SubParsersAction) -> Commands:
     where.add_argument("--from-time", help="start at the first record at or after this time (ISO 8601 or epoch ms)")
     flag(s, "--spawn", "ROLLOUT_SPAWN", "launch this many `embedstream worker` processes here", default="0", type=int)
     flag(s, "--log-dir", "ROLLOUT_LOG_DIR", "where spawned workers log", default=".embedstream/logs")
+    s.add_argument(
+        "--no-load",
+        action="store_true",
+        help="do not load the new model into Triton (config's [triton] url) first: a Triton that loads "
+        "every model at start (model control mode none) already serves it",
+    )
 
     s = steps.add_parser("status", help="the candidate's lag per partition, progress and ETA; rows per version")
     _common(s)
@@ -73,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> Commands:
     _alias(s)
     s.add_argument("--candidate", action="store_true", help="abandon the version being rolled out instead")
     flag(s, "--retention", "ROLLOUT_RETENTION_S", "seconds its table is kept", default="86400", type=float)
+    s.add_argument("--no-unload", action="store_true", help="leave the retired model loaded in Triton")
 
     p = sub.add_parser("upkeep", help="compact LanceDB tables and refresh their index; fragments before/after")
     _common(p)
@@ -137,6 +146,10 @@ def _start(args: argparse.Namespace, settings: Settings, location: str) -> int:
 
     serving = deployed_of(load_settings(args.serving_config)) if args.serving_config else None
     new = deployed_of(settings)
+    if not args.no_load:
+        # Before any group moves: a version Triton cannot serve must not start a backfill.
+        print(f"loading {new.model.model_name} into Triton at {settings.triton.url}...")
+        triton_models.load(settings.triton, new.model.model_name)
     entry = steps.start(
         location,
         args.alias,
@@ -148,12 +161,15 @@ def _start(args: argparse.Namespace, settings: Settings, location: str) -> int:
         start_offset=args.from_offset,
         start_time_ms=parse_time_ms(args.from_time) if args.from_time else None,
     )
-    assert entry.candidate is not None
+    candidate = entry.candidate
+    if candidate is None:
+        raise ConfigError(f"alias {args.alias!r}: the rollout document has no candidate after start")
     print(f"{args.alias}: {entry.serving.model} serves; {new.model} rolls out in group {new.group_id}")
-    print(f"  starts at {entry.candidate.start_offsets}; rows go to table {new.model.table}")
+    print(f"  starts at {candidate.start_offsets}; rows go to table {new.model.table}")
     if args.spawn > 0:
         pids = spawn_workers(Path(args.config), args.spawn, Path(args.log_dir), new.model.table)
-        steps.add_workers(location, args.alias, pids)
+        recorded = [local_workers.record(pid, Path(args.config)) for pid in pids]
+        steps.add_workers(location, args.alias, recorded, gone=lambda w: local_workers.mismatch(w) is not None)
         print(f"  launched workers {pids} (logs in {args.log_dir})")
     else:
         print(f"  run its workers: embedstream worker --config {args.config}  (Kubernetes: docs/rollout.md)")
@@ -280,25 +296,50 @@ def _retire(args: argparse.Namespace, settings: Settings, location: str) -> int:
     from embedstream.rollout import steps
 
     store = _store(settings)
+    servers = settings.kafka.bootstrap_servers
+
+    def stop(target: Deployed) -> local_workers.Stopped:
+        return local_workers.stop_workers(target.workers, target.worker_pids, target.group_id, servers)
+
     done = steps.retire(
         location,
         args.alias,
         which="candidate" if args.candidate else "previous",
         retention_s=args.retention,
         drop_table=lambda m: store.drop(m.table),
+        stop=stop,
     )
-    if done.retired is not None:
-        print(f"{args.alias}: retired {done.retired}; signalled workers {done.stopped_pids or 'none here'}")
-        print(f"  stop the rest of group {done.group_id}'s workers (Kubernetes: scale its Deployment to 0)")
+    if done.retired is None:
+        print(f"{args.alias}: no {'candidate' if args.candidate else 'earlier version'} to retire")
+    else:
+        signalled = ", ".join(map(str, done.stopped.signalled))
+        print(f"{args.alias}: retired {done.retired}")
+        print(
+            f"  stopped its workers on this host (SIGTERM): {signalled}" if signalled else "  no worker of it runs here"
+        )
+        for pid, why in done.stopped.refused:
+            print(f"  not signalled: pid {pid}: {why}")
+        print(f"  workers of group {done.group_id} elsewhere: stop them there (Kubernetes: scale the Deployment to 0)")
+        if not args.no_unload:
+            print(f"  {triton_models.unload(settings.triton, done.retired.model_name)}")
     for model in done.dropped:
         print(f"  dropped table {model.table}")
+    for model in done.missing:
+        print(f"  {model} had no table {model.table} at {settings.sink.lancedb_uri}: nothing to drop")
     return 0
 
 
 def cmd_upkeep(args: argparse.Namespace) -> int:
     from embedstream.cli_support import stop_on_signals
 
-    store = _store(_settings(args))
+    settings = _settings(args)
+    uri = settings.sink.lancedb_uri
+    if "://" not in uri and not Path(uri).is_dir():  # checked before connecting, which would create it
+        raise ConfigError(f"no LanceDB location {uri}: check --lancedb-uri ([sink] lancedb_uri)")
+    store = _store(settings)
+    if not args.table and not store.table_names():
+        # A mistyped location would otherwise be created empty and "maintained" with success.
+        raise ConfigError(f"no LanceDB tables at {settings.sink.lancedb_uri}: check --lancedb-uri ([sink] lancedb_uri)")
     stop = stop_on_signals()
     while True:
         for name in args.table or store.table_names():

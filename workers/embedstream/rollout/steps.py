@@ -9,8 +9,6 @@ Each is one write of the document, so readers move from one version to the other
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from embedstream.aliases import Alias, Deployed, ModelRef, Retired, RolloutState
 from embedstream.config import KafkaSettings
 from embedstream.errors import ConfigError
 from embedstream.rollout import kafka as rk
+from embedstream.rollout.local_workers import LocalWorker, Stopped
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,10 @@ def start(
     start_time_ms: int | None = None,
     now: float | None = None,
 ) -> Alias:
-    """Name ``new`` the alias's candidate and commit its group's start offsets (unless it has some already)."""
+    """Name ``new`` the alias's candidate and commit its group's start offsets (unless it has some already).
+
+    Again for the same candidate, it changes nothing that was recorded: the start offsets (the status's
+    0 %), the start time and the workers stay, unless ``start_offset`` or ``start_time_ms`` moves the group."""
     state, revision = _edit(location)
     entry = state.aliases.get(alias)
     if entry is None:
@@ -55,13 +57,26 @@ def start(
         raise ConfigError(f"{entry.candidate.model} is being rolled out for {alias!r}: switch to it or retire it first")
     if group == entry.serving.group_id:
         raise ConfigError(f"{new} needs a consumer group of its own; {group!r} is the serving version's")
-    placed = rk.committed_offsets(kafka, group, topics)
-    if not placed or start_offset is not None or start_time_ms is not None:
-        placed = rk.place_group(kafka, group, topics, start_offset=start_offset, start_time_ms=start_time_ms)
     when = time.time() if now is None else now
-    pids = entry.candidate.worker_pids if entry.candidate is not None else []
+    moved = start_offset is not None or start_time_ms is not None
+    again = entry.candidate is not None and entry.candidate.group_id == group and not moved
+    if again and entry.candidate is not None:  # the same rollout: its progress is measured from where it began
+        entry.record("start", new, "again: start offsets and progress kept", when)
+        state.aliases[alias] = entry
+        save(location, state, revision)
+        return entry
+    placed = rk.committed_offsets(kafka, group, topics)
+    if not placed or moved:
+        placed = rk.place_group(kafka, group, topics, start_offset=start_offset, start_time_ms=start_time_ms)
+    old = entry.candidate
     entry.candidate = Deployed(
-        model=new, group_id=group, topics=list(topics), start_offsets=placed, worker_pids=pids, started_at=when
+        model=new,
+        group_id=group,
+        topics=list(topics),
+        start_offsets=placed,
+        workers=old.workers if old is not None else [],
+        worker_pids=old.worker_pids if old is not None else [],
+        started_at=when,
     )
     entry.record("start", new, f"group {group} from {placed}", when)
     state.aliases[alias] = entry
@@ -69,13 +84,17 @@ def start(
     return entry
 
 
-def add_workers(location: str, alias: str, pids: Sequence[int]) -> None:
-    """Record processes ``rollout start --spawn`` launched for the candidate, so ``retire`` can stop them."""
+def add_workers(
+    location: str, alias: str, workers: Sequence[LocalWorker], gone: Callable[[LocalWorker], bool] | None = None
+) -> None:
+    """Record processes ``rollout start --spawn`` launched for the candidate, so ``retire`` can stop them;
+    recorded ones that are gone (``gone``: exited, or their pid is another process now) are dropped."""
     state, revision = _edit(location)
     candidate = state.alias(alias).candidate
     if candidate is None:
         raise ConfigError(f"alias {alias!r} has no rollout under way")
-    candidate.worker_pids = [*candidate.worker_pids, *pids]
+    kept = [w for w in candidate.workers if gone is None or not gone(w)]
+    candidate.workers = [*kept, *workers]
     save(location, state, revision)
 
 
@@ -120,6 +139,12 @@ def progress(
 
 def _candidate(entry: Alias, alias: str) -> Deployed:
     if entry.candidate is None:
+        if entry.previous is not None:
+            raise ConfigError(
+                f"alias {alias!r} has no rollout under way: {entry.serving.model} serves and {entry.previous.model} "
+                f"is kept; `embedstream rollout rollback` moves readers to {entry.previous.model}, "
+                "`embedstream rollout start` begins a new rollout"
+            )
         raise ConfigError(f"alias {alias!r} has no rollout under way (start one with `embedstream rollout start`)")
     return entry.candidate
 
@@ -173,24 +198,13 @@ def rollback(location: str, alias: str, now: float | None = None) -> Alias:
     return entry
 
 
-def stop_pids(pids: Sequence[int]) -> list[int]:
-    """SIGTERM to each process still there (a worker finishes its in-flight batches); the ones signalled."""
-    stopped = []
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        stopped.append(pid)
-    return stopped
-
-
 @dataclass(frozen=True)
 class Retirement:
     retired: ModelRef | None
-    stopped_pids: list[int]
+    stopped: Stopped
     group_id: str | None
-    dropped: list[ModelRef]
+    dropped: list[ModelRef]  # tables dropped
+    missing: list[ModelRef]  # versions past their retention that had no table to drop
 
 
 def retire(
@@ -200,7 +214,7 @@ def retire(
     which: Literal["previous", "candidate"] = "previous",
     retention_s: float,
     drop_table: Callable[[ModelRef], bool],
-    stop: Callable[[Sequence[int]], list[int]] = stop_pids,
+    stop: Callable[[Deployed], Stopped],
     now: float | None = None,
 ) -> Retirement:
     """Retire the kept previous version (or abandon the candidate): stop its local workers, keep its table
@@ -209,25 +223,25 @@ def retire(
     state, revision = _edit(location)
     entry = state.alias(alias)
     target = entry.previous if which == "previous" else entry.candidate
-    stopped: list[int] = []
+    stopped = Stopped([], [])
     if target is not None:
-        stopped = stop(target.worker_pids)
+        stopped = stop(target)
         entry.retired.append(Retired(model=target.model, retired_at=when, drop_after=when + retention_s))
         entry.record("retire", target.model, f"{which}; table kept until {when + retention_s:.0f}", when)
         if which == "previous":
             entry.previous = None
         else:
             entry.candidate = None
-    dropped = []
+    dropped: list[ModelRef] = []
+    missing: list[ModelRef] = []
     live = {d.model for d in (entry.serving, entry.previous, entry.candidate) if d is not None}
     for r in entry.retired:
         if not r.dropped and when >= r.drop_after and r.model not in live:
-            drop_table(r.model)
+            (dropped if drop_table(r.model) else missing).append(r.model)
             r.dropped = True
-            dropped.append(r.model)
-            entry.record("drop", r.model, "", when)
+            entry.record("drop", r.model, "" if r.model in dropped else "no table", when)
     save(location, state, revision)
-    return Retirement(target.model if target else None, stopped, target.group_id if target else None, dropped)
+    return Retirement(target.model if target else None, stopped, target.group_id if target else None, dropped, missing)
 
 
 def describe(entry: Alias) -> dict[str, Any]:

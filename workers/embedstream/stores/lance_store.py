@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 # gets one once ``optimize_interval_s`` has passed since its last, so a slow stream is kept compact too.
 OPTIMIZE_EVERY = 64
 OPTIMIZE_INTERVAL_S = 300.0
+# How often the fragment and unindexed-row gauges are read from the tables the sink writes: on the first
+# write to a table, then at most this often, whichever process compacted it last (`embedstream upkeep`).
+HEALTH_INTERVAL_S = 15.0
 # How long ``close`` waits for an index build under way; an unfinished build commits nothing, and
 # the next sink to write the table starts it again.
 INDEX_JOIN_S = 30.0
@@ -93,6 +96,7 @@ class LanceStore:
         self._schemas: dict[str, pa.Schema] = {}  # per table: existing, or the first admitted rows'
         self._indexed: set[str] = set()
         self._announced: set[str] = set()
+        self._health_read_at: dict[str, float] = {}
         # Index builds run beside the writes: building IVF-PQ over 10,000 x 1,280 took ~15 s here, which
         # in the write path held the sink's acknowledgement (and its commit) that long. Lance commits
         # the index and concurrent merges independently; rows merged meanwhile are found by a flat scan.
@@ -177,6 +181,7 @@ class LanceStore:
         health = TableHealth(name, rows, int(stats["fragment_stats"]["num_fragments"]), bool(vector_indices), unindexed)
         metrics.LANCEDB_FRAGMENTS.labels(name).set(health.fragments)
         metrics.LANCEDB_UNINDEXED_ROWS.labels(name).set(health.unindexed_rows)
+        self._health_read_at[name] = self._clock()
         return health
 
     def upkeep(self, name: str) -> UpkeepReport:
@@ -239,6 +244,8 @@ class LanceStore:
             # Not while an index is built: a compaction rewrites the fragments the build reads.
             if self._optimize_due(name) and not self.index_builds():
                 self.upkeep(name)
+            elif self._clock() - self._health_read_at.get(name, -HEALTH_INTERVAL_S) >= HEALTH_INTERVAL_S:
+                self.health(name)  # sets the gauges
         except Exception as exc:
             log.warning("LanceDB upkeep of %s failed (%s); will try again", name, exc)
 

@@ -49,8 +49,17 @@ def sample_messages(modality: str, count: int, bad_every: int = 0) -> list[tuple
         from embedstream.training import synthetic
 
         signal = synthetic.labelled_signal(count, 32, seed=21)
-        return [
-            (f"sample-{i:06d}".encode(), json.dumps({"series_id": "plant-7", "values": w.tolist()}).encode())
-            for i, w in enumerate(signal.windows())
-        ][:count]
+        messages = []
+        for i, w in enumerate(signal.windows()):
+            # Each window's own time span: a window's row id is its series and start, so windows sent in
+            # the same millisecond would otherwise share one row.
+            start = synthetic.START_MS + i * 32 * synthetic.STEP_MS
+            doc = {
+                "series_id": "plant-7",
+                "values": w.tolist(),
+                "start_ms": start,
+                "end_ms": start + 31 * synthetic.STEP_MS,
+            }
+            messages.append((f"sample-{i:06d}".encode(), json.dumps(doc).encode()))
+        return messages[:count]
     raise ValueError(f"no samples for modality {modality!r}; one of {', '.join(MODALITIES)}")

@@ -84,6 +84,11 @@ class ChildProcess:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once it has exited (negative: killed by that signal); None while it runs."""
+        return self._proc.poll() if self._proc is not None else None
+
     def wait_until(self, ready: Callable[[], bool], timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -109,6 +109,11 @@ class LocalTriton:
             "--metrics-address=127.0.0.1",
             f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
+            # Explicit model control, as compose and Kubernetes run Triton: every model in the repository is
+            # loaded at start, and a model exported later (a rollout's new version) is loaded through the
+            # repository API by `rollout start`, not by a restart.
+            "--model-control-mode=explicit",
+            "--load-model=*",
             "--exit-on-error=true",
             # A local server has no clients worth waiting 30 s for at shutdown.
             "--exit-timeout-secs=3",

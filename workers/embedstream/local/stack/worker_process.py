@@ -88,6 +88,10 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self._proc.alive()
 
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
     def terminate(self, timeout_s: float = 30.0) -> None:
         self._proc.stop(timeout_s=timeout_s)
 
