@@ -499,3 +499,20 @@ def test_registry_auth_and_tls_reach_the_client_config_and_secrets_stay_out_of_d
     assert conf["bearer.auth.token"] == "tok" and conf["bearer.auth.credentials.source"] == "STATIC"
     with pytest.raises(Exception, match=r"registry\.url"):
         load_settings(input={"format": "protobuf"})
+
+
+def test_registry_errors_say_what_was_wrong():
+    """A value too short for a frame, and a record whose schema is of another format than input.format."""
+    client = registry()
+    decoder = RecordDecoder(text_settings("avro").input, client)
+    short = decoder(b"\x00\x00\x01", TOPIC)
+    assert isinstance(short, Refused) and short.reason == "not_registry_framed"
+    assert short.message.startswith("not a schema-registry record: 3 byte(s), fewer than the 5 of its frame")
+    for fmt, kind in (("json_schema", "JSON"), ("protobuf", "PROTOBUF")):
+        value = text_serializer(fmt, client)("r", "a sentence", 7)  # registered as a schema of that format
+        out = decoder(value, TOPIC)
+        assert isinstance(out, Refused) and out.reason == "undecodable_record", out
+        assert f"is of type {kind}; input.format is avro (type AVRO)" in out.message, out.message
+    avro = text_serializer("avro", client)("r", "a sentence", 7)
+    out = RecordDecoder(text_settings("json_schema").input, client)(avro, TOPIC)
+    assert isinstance(out, Refused) and "is of type AVRO; input.format is json_schema (type JSON)" in out.message

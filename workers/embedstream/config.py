@@ -250,13 +250,24 @@ class FetchSettings(_Frozen):
 
     enabled: bool = False
     allowed_schemes: tuple[Literal["s3", "https", "http"], ...] = ("s3", "https")
-    # Host names (exact, or ".example.com" for its subdomains) for http(s); empty: none.
+    # Host names (exact, or ".example.com" for its subdomains) for http(s), each optionally with a port
+    # ("images.example.com:8443": that port only; without one, any port); empty: none.
     allowed_hosts: tuple[str, ...] = ()
     # S3 buckets; empty: none.
     allowed_buckets: tuple[str, ...] = ()
     # Networks (CIDR) let through the refused ranges, e.g. a private object store's ["10.1.2.0/24"].
     allowed_networks: tuple[str, ...] = ()
+    # A wall-clock bound on one try (connect, headers and body together, checked as bytes arrive); a
+    # reference takes at most (retries + 1) x timeout_s + the backoffs between tries.
     timeout_s: float = Field(default=10.0, gt=0)
+    # How long the stream is held for an http(s) host that does not answer, before its references are
+    # dead-lettered as fetch_unavailable (redrive them once it is back): 60 s rides out a restart of
+    # an origin without letting one host named by the data stop the stream for longer. The S3 endpoint
+    # is the operator's own store and is held until it answers, as the schema registry is.
+    max_hold_s: float = Field(default=60.0, ge=0)
+    # A CA bundle (PEM) trusted for https references besides the system's and certifi's (a private CA);
+    # SSL_CERT_FILE / SSL_CERT_DIR in the environment are honoured too.
+    ca_file: Path | None = None
     max_object_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     concurrency: int = Field(default=16, ge=1, le=256)
     max_bytes_in_flight: int = Field(default=64 * 1024 * 1024, ge=1)

@@ -42,6 +42,8 @@ Reason = Literal[
     "fetch_timeout",
     "fetch_too_large",
     "fetch_refused",
+    "fetch_tls",
+    "fetch_unavailable",
     "fetch_failed",
 ]
 REASONS: tuple[str, ...] = Reason.__args__  # type: ignore[attr-defined]

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Failed:
-    reason: str  # fetch_not_found | fetch_forbidden | fetch_timeout | fetch_too_large | fetch_refused | fetch_failed
+    # fetch_not_found | fetch_forbidden | fetch_timeout | fetch_too_large | fetch_refused | fetch_tls |
+    # fetch_unavailable | fetch_failed
+    reason: str
     message: str
     error_class: str = "FetchError"
 

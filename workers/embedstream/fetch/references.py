@@ -68,16 +68,26 @@ def check_allowed(ref: Reference, settings: FetchSettings) -> None:
         if ref.bucket not in settings.allowed_buckets:
             raise Refused(f"bucket {ref.bucket!r} is not in fetch.allowed_buckets")
         return
-    if not host_allowed(ref.host, settings.allowed_hosts):
-        raise Refused(f"host {ref.host!r} is not in fetch.allowed_hosts")
+    if not host_allowed(ref.host, settings.allowed_hosts, ref.port):
+        raise Refused(f"host {ref.host!r} port {ref.port} is not in fetch.allowed_hosts")
 
 
-def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+def host_allowed(host: str, allowed: tuple[str, ...], port: int | None = None) -> bool:
+    """Whether ``host`` (and ``port``, where an entry names one: ``images.example.com:8443``) is allowed."""
     host = host.lower().rstrip(".")
     for entry in allowed:
         entry = entry.lower().rstrip(".")
-        if entry.startswith(".") and (host.endswith(entry) and len(host) > len(entry)):
+        name, _, entry_port = entry.rpartition(":") if _has_port(entry) else (entry, "", "")
+        if entry_port and port is not None and int(entry_port) != port:
+            continue
+        if name.startswith(".") and (host.endswith(name) and len(host) > len(name)):
             return True
-        if host == entry:
+        if host == name:
             return True
     return False
+
+
+def _has_port(entry: str) -> bool:
+    """``host:port`` (an IPv6 literal has colons of its own: ``[::1]:8443`` or a bare ``::1``)."""
+    head, sep, tail = entry.rpartition(":")
+    return bool(sep) and tail.isdigit() and (":" not in head or head.endswith("]"))

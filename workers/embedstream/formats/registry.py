@@ -127,9 +127,7 @@ class RecordDecoder:
 
         schema_id = schema_id_of(value)
         if schema_id is None:
-            first = f"0x{value[0]:02x}" if value else "nothing"
-            why = f"not a schema-registry record: starts with {first}, not magic byte 0 and a 4-byte schema id"
-            return Refused("not_registry_framed", why, "SerializationError")
+            return Refused("not_registry_framed", _not_framed(value), "SerializationError")
         try:
             decoded = self._deserializer(value, SerializationContext(topic, MessageField.VALUE))
         except Exception as exc:
@@ -158,7 +156,35 @@ class RecordDecoder:
             return RegistryDown(
                 f"schema registry did not answer for schema id {schema_id}: {type(exc).__name__}: {exc}"
             )
+        other = self._other_format(schema_id)
+        if other is not None:
+            # A deserializer handed a schema of another format fails with whatever it tripped on
+            # ("unhashable type: 'dict'", "Invalid base64-encoded string"): name the mismatch instead.
+            expected = _FORMATS[self.format]
+            why = f"schema id {schema_id} is of type {other}; input.format is {self.format} (type {expected})"
+            return Refused("undecodable_record", why, type(exc).__name__)
         return Refused("undecodable_record", f"schema id {schema_id}: {_short(exc)}", type(exc).__name__)
+
+    def _other_format(self, schema_id: int) -> str | None:
+        """The schema's type where it is not this decoder's format (the client caches schemas by id)."""
+        try:
+            kind = (self.client.get_schema(schema_id).schema_type or "AVRO").upper()
+        except Exception:
+            return None
+        return kind if kind != _FORMATS[self.format] else None
+
+
+# input.format -> the registry's schemaType (Avro is the registry's default, often left out).
+_FORMATS = {"avro": "AVRO", "protobuf": "PROTOBUF", "json_schema": "JSON"}
+
+
+def _not_framed(value: bytes) -> str:
+    if len(value) < HEADER_BYTES:
+        return (
+            f"not a schema-registry record: {len(value)} byte(s), fewer than the {HEADER_BYTES} of its frame "
+            "(magic byte 0 and a 4-byte schema id)"
+        )
+    return f"not a schema-registry record: starts with 0x{value[0]:02x}, not magic byte 0 and a 4-byte schema id"
 
 
 def _unreachable(exc: BaseException) -> bool:
