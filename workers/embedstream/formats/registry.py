@@ -128,10 +128,11 @@ class RecordDecoder:
         schema_id = schema_id_of(value)
         if schema_id is None:
             return Refused("not_registry_framed", _not_framed(value), "SerializationError")
+        ctx = SerializationContext(topic, MessageField.VALUE)
         try:
-            decoded = self._deserializer(value, SerializationContext(topic, MessageField.VALUE))
+            decoded = self._deserializer(value, ctx)
         except Exception as exc:
-            return self._classify(exc, schema_id)
+            return self._classify(exc, schema_id, ctx)
         return Record(schema_id, decoded)
 
     def ready(self) -> bool:
@@ -142,7 +143,7 @@ class RecordDecoder:
             return not _unreachable(exc)
         return True
 
-    def _classify(self, exc: Exception, schema_id: int) -> Decoded:
+    def _classify(self, exc: Exception, schema_id: int, ctx: Any) -> Decoded:
         from confluent_kafka.schema_registry.error import SchemaRegistryError
 
         if isinstance(exc, SchemaRegistryError):
@@ -156,7 +157,7 @@ class RecordDecoder:
             return RegistryDown(
                 f"schema registry did not answer for schema id {schema_id}: {type(exc).__name__}: {exc}"
             )
-        other = self._other_format(schema_id)
+        other = self._other_format(schema_id, ctx)
         if other is not None:
             # A deserializer handed a schema of another format fails with whatever it tripped on
             # ("unhashable type: 'dict'", "Invalid base64-encoded string"): name the mismatch instead.
@@ -165,10 +166,12 @@ class RecordDecoder:
             return Refused("undecodable_record", why, type(exc).__name__)
         return Refused("undecodable_record", f"schema id {schema_id}: {_short(exc)}", type(exc).__name__)
 
-    def _other_format(self, schema_id: int) -> str | None:
-        """The schema's type where it is not this decoder's format (the client caches schemas by id)."""
+    def _other_format(self, schema_id: int, ctx: Any) -> str | None:
+        """The schema's type where it is not this decoder's format. Asked under the subject the deserializer
+        used, so the client answers from the cache it filled: no second request for a schema id."""
         try:
-            kind = (self.client.get_schema(schema_id).schema_type or "AVRO").upper()
+            subject = self._conf["subject.name.strategy"](ctx, None)
+            kind = (self.client.get_schema(schema_id, subject_name=subject).schema_type or "AVRO").upper()
         except Exception:
             return None
         return kind if kind != _FORMATS[self.format] else None
