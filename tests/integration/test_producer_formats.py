@@ -198,6 +198,130 @@ def test_images_by_reference_equal_inline_and_failures_are_dead_lettered(lane, o
     assert rows[b"env"]["id"] == "enveloped" and rows[b"env"]["source_uri"] == "s3://photos/img/3"
 
 
+def test_broken_origins_never_stop_the_stream_and_a_host_back_is_redriven(lane, object_store, tmp_path):
+    """Among good references: an origin that never sends headers, one that trickles its body, a port
+    nothing listens on, https to a plain-HTTP port and a self-signed origin. Each ends as a dead letter
+    with its reason within its bound; the held host is let go after fetch.max_hold_s; once it is back,
+    `dlq redrive` embeds its references once each; nothing is missing."""
+    import shutil
+    import ssl
+    import subprocess
+
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    from embedstream.cli import main
+    from embedstream.local.stack.process import free_port
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command line for a self-signed certificate")
+    s3 = boto3.session.Session().client(
+        "s3", endpoint_url=object_store.location.endpoint, region_name="us-east-1",
+        config=Config(signature_version=UNSIGNED),
+    )  # fmt: skip
+    n = 30
+    for i in range(n):
+        s3.put_object(Bucket="photos", Key=f"good/{i}", Body=encode(render(i, (200, 150)), "JPEG"))
+    stop = threading.Event()
+
+    class Broken(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            return None
+
+        def do_GET(self):
+            if self.path.startswith("/img/"):
+                body = encode(render(int(self.path.rsplit("/", 1)[1]), (200, 150)), "PNG")
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            if self.path == "/trickle":
+                self.send_response(200)
+                self.send_header("Content-Length", "9000")
+                self.end_headers()
+                while not stop.wait(0.1):
+                    try:
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                return
+            stop.wait(60)  # /slow-headers: nothing at all
+
+    cert, key = tmp_path / "origin.pem", tmp_path / "origin.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "2", "-subj", "/CN=127.0.0.2", "-addext", "subjectAltName=IP:127.0.0.2"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    plain = _serve("127.0.0.2", Broken)
+    tls = _Quiet(("127.0.0.2", 0), Broken)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    tls.socket = context.wrap_socket(tls.socket, server_side=True)
+    threading.Thread(target=tls.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    plain_port, tls_port, down_port = plain.server_address[1], tls.server_address[1], free_port()
+    hold_s, timeout_s = 4.0, 1.0
+    settings = lane.settings.model_copy(
+        update={
+            "fetch": load_settings(
+                fetch={
+                    "enabled": True, "allowed_schemes": ["s3", "http", "https"], "allowed_buckets": ["photos"],
+                    "allowed_hosts": ["127.0.0.2"], "allowed_networks": ["127.0.0.2/32"],
+                    "s3_endpoint_url": object_store.location.endpoint, "s3_region": "us-east-1",
+                    "timeout_s": timeout_s, "retries": 1, "retry_backoff_s": 0.1, "max_hold_s": hold_s,
+                }
+            ).fetch
+        }
+    )  # fmt: skip
+    good = [(f"good-{i}".encode(), f"s3://photos/good/{i}".encode()) for i in range(n)]
+    good += [(f"http-{i}".encode(), f"http://127.0.0.2:{plain_port}/img/{i}".encode()) for i in range(5)]
+    bad = {
+        b"slow-headers": (f"http://127.0.0.2:{plain_port}/slow-headers", "fetch_timeout"),
+        b"trickle": (f"http://127.0.0.2:{plain_port}/trickle", "fetch_timeout"),
+        b"wrong-port": (f"http://127.0.0.2:{down_port}/img/1", "fetch_unavailable"),
+        b"https-to-http": (f"https://127.0.0.2:{plain_port}/img/2", "fetch_tls"),
+        b"self-signed": (f"https://127.0.0.2:{tls_port}/img/3", "fetch_tls"),
+    }
+    third = len(good) // 3
+    stream = [*good[:third], *((k, v.encode()) for k, (v, _) in bad.items()), *good[third:]]
+    produce(lane.bootstrap, settings.kafka.input_topic, stream)
+    began = time.monotonic()
+    env = {"AWS_ACCESS_KEY_ID": "reader", "AWS_SECRET_ACCESS_KEY": "reader-secret", "AWS_EC2_METADATA_DISABLED": "true"}
+    with mock.patch.dict(os.environ, env):
+        worker = WorkerProcess(settings, lane.workdir).start()
+    back: _Quiet | None = None
+    try:
+        result = read_until_complete(settings, [k for k, _ in stream], timeout_s=180)
+        took = time.monotonic() - began
+        counts = accounting([k for k, _ in stream], result)
+        reasons = {d.key: d.reason for d in result.dead_letters}
+        print(f"broken origins: {counts}, all accounted for {took:.1f} s after the worker started")
+        assert counts["missing"] == 0 and counts["duplicates"] == 0, counts
+        assert reasons == {k: reason for k, (_, reason) in bad.items()}, reasons
+        # The held host let go after max_hold_s; every other case within its own bound.
+        assert took < 120, took
+        # The host comes back: its dead letters, redriven, are embedded once each.
+        back = _Quiet(("127.0.0.2", down_port), Broken)
+        threading.Thread(target=back.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        assert main(["dlq", "redrive", settings.kafka.dead_letter_topic, "--to", settings.kafka.input_topic,
+                     "--reason", "fetch_unavailable", "--bootstrap", lane.bootstrap]) == 0  # fmt: skip
+        again = read_until_complete(settings, [*(k for k, _ in stream), b"wrong-port"], timeout_s=120)
+        rows = [r for r in again.table().to_pylist() if r["key"] == b"wrong-port"]
+        assert len(rows) == 1 and rows[0]["source_uri"] == bad[b"wrong-port"][0], rows
+    finally:
+        stop.set()
+        worker.terminate()
+        for server in (plain, tls, back):
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+
+
 # -- schema-registry records --------------------------------------------------------------------------
 
 
