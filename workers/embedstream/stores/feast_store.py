@@ -43,6 +43,7 @@ class FeastStore:
         self.repo = repo
         self._store = _import_feast().FeatureStore(repo_path=str(repo))
         self._views: dict[str, list[str] | None] = {}  # view name -> feature columns (None: not in the repo)
+        self._announced: set[str] = set()
 
     def admit(self, table: pa.Table) -> pa.Table | Refusal:
         """Raises StoreUnavailable when the registry cannot be read."""
@@ -73,6 +74,9 @@ class FeastStore:
             except Exception as exc:  # admitted rows: a failure is the store's, not theirs
                 raise StoreUnavailable(f"Feast online write to {name!r} ({self.repo}) failed: {exc}") from exc
             written += rows.num_rows
+            if name not in self._announced:  # once per view and process: a user sees where rows go
+                self._announced.add(name)
+                log.info("stored the first %d rows in Feast feature view %s (%s)", rows.num_rows, name, self.repo)
         return written
 
     def online_vectors(self, modality: str, keys: list[tuple[str, str, str]]) -> list[list[float] | None]:
