@@ -313,6 +313,17 @@ def test_broken_origins_never_stop_the_stream_and_a_host_back_is_redriven(lane, 
         again = read_until_complete(settings, [*(k for k, _ in stream), b"wrong-port"], timeout_s=120)
         rows = [r for r in again.table().to_pylist() if r["key"] == b"wrong-port"]
         assert len(rows) == 1 and rows[0]["source_uri"] == bad[b"wrong-port"][0], rows
+        # The same good references again, on the running worker with no broken origin among them.
+        control = [(b"control-" + k, v) for k, v in good]
+        produce(lane.bootstrap, settings.kafka.input_topic, control)
+        began = time.monotonic()
+        keys = [*(k for k, _ in stream), b"wrong-port", *(k for k, _ in control)]
+        read_until_complete(settings, keys, timeout_s=120)
+        print(
+            f"{len(good)} good references: all accounted for {took:.1f} s after the worker started, with the "
+            f"broken origins among them (hold {hold_s:g} s, timeout {timeout_s:g} s x 2 tries); "
+            f"{time.monotonic() - began:.1f} s on the running worker without them"
+        )
     finally:
         stop.set()
         worker.terminate()
