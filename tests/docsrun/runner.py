@@ -214,8 +214,9 @@ def _wait_patterns(reason: str) -> list[str]:
     return [p.strip() for p in reason.split("wait", 1)[1].split(" and ")] if reason.startswith("wait") else []
 
 
-def run_doc(blocks: Sequence[Block], space: Workspace, timeout_s: float = 600.0) -> list[Outcome]:
-    """Every runnable block of one doc, in order; background blocks stopped after the last one."""
+def run_doc(blocks: Sequence[Block], space: Workspace, timeout_s: float = 600.0, reap: bool = True) -> list[Outcome]:
+    """Every runnable block of one doc, in order; background blocks stopped after the last one, and (``reap``)
+    whatever else the doc's blocks left running."""
     outcomes: list[Outcome] = []
     background: list[Running] = []
     try:
@@ -238,7 +239,8 @@ def run_doc(blocks: Sequence[Block], space: Workspace, timeout_s: float = 600.0)
     finally:
         for running in reversed(background):
             outcomes.append(running.interrupt())
-        stop_leftovers(space.run_id)
+        if reap:
+            stop_leftovers(space.run_id)
     return outcomes
 
 
