@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .blocks import ROOT, Block
 
@@ -120,35 +121,29 @@ class Workspace:
             env["DOCS_RUN_PYTHON"] = block.text
         return env
 
+    def _process(self, block: Block) -> dict[str, Any]:
+        """How a block's bash starts, run to the end or in the background: output merged, in its own session."""
+        return {
+            "args": self.argv(block),
+            "cwd": self.path,
+            "env": self._env(block),
+            "stdout": subprocess.PIPE,
+            "stderr": subprocess.STDOUT,
+            "text": True,
+            "start_new_session": True,
+        }
+
     def run(self, block: Block, timeout_s: float) -> Outcome:
         started = time.monotonic()
         try:
-            done = subprocess.run(
-                self.argv(block),
-                cwd=self.path,
-                env=self._env(block),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                timeout=timeout_s,
-                start_new_session=True,
-            )
+            done = subprocess.run(**self._process(block), timeout=timeout_s)
             return Outcome(block, done.returncode, done.stdout, time.monotonic() - started)
         except subprocess.TimeoutExpired as exc:
             out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
             return Outcome(block, 124, out + f"\n(timed out after {timeout_s:.0f} s)", time.monotonic() - started)
 
     def start(self, block: Block) -> Running:
-        proc = subprocess.Popen(
-            self.argv(block),
-            cwd=self.path,
-            env=self._env(block),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        return Running(block, proc, time.monotonic())
+        return Running(block, subprocess.Popen(**self._process(block)), time.monotonic())
 
 
 @dataclass
